@@ -1,0 +1,296 @@
+"""Checkpoints: weights files for people and tools, and the resumable training state.
+
+``best.pt`` / ``last.pt`` hold plain data: the unwrapped state dict (no ``module.`` prefix),
+the resolved config, the label map, input-size settings, metrics, epoch and library versions.
+``torch.load(path, weights_only=True)`` reads them.
+
+The resumable state is a directory ``checkpoints/step_NNNNNNNN`` with the model, optimizer,
+scheduler and gradient-scaler state, the training position (epoch, batch, step, best score,
+W&B run id) and, per process, every RNG state (python, numpy, torch, CUDA), all as tensors and
+plain containers, so it too loads with ``weights_only=True``; no pickled Python objects. It is
+written to a temporary directory and renamed into place, so a crash mid-write leaves the
+previous state intact; ``find_resumable`` skips states that are incomplete or unreadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_DIR = "checkpoints"
+COMPLETE = "COMPLETE.json"
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file, flush + fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__}
+
+
+def weights_payload(
+    state_dict: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    label_map: dict[str, list],
+    metrics: dict[str, float],
+    epoch: int,
+    step: int,
+) -> dict[str, Any]:
+    """The content of best.pt / last.pt (plain data only)."""
+    model_cfg = config.get("model", {})
+    return {
+        "format": "detector.weights/1",
+        "model": {k.removeprefix("module."): v.detach().cpu() for k, v in state_dict.items()},
+        "model_config": model_cfg,
+        "config": config,
+        "label_map": label_map,
+        "input": {
+            "min_size": model_cfg.get("min_size"),
+            "max_size": model_cfg.get("max_size"),
+            "scale": "images are float RGB in [0, 1]; the model normalises and resizes them itself",
+        },
+        "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        "epoch": int(epoch),
+        "step": int(step),
+        "versions": versions(),
+    }
+
+
+# -- RNG states as plain tensors -----------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG this process uses, as tensors and plain values (weights_only-loadable)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
+    state = {
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- resumable state ---------------------------------------------------------------------------------
+
+
+def save_state(
+    run_dir: str | Path,
+    accelerator: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    position: dict[str, Any],
+    keep: int,
+) -> Path | None:
+    """Save a resumable state; every process must call it (each writes its own RNG state).
+
+    Args:
+        run_dir: the run directory.
+        accelerator: the run's Accelerator (process index, barriers, scaler).
+        model, optimizer, scheduler: the training objects.
+        position: epoch, batch (within the epoch), step, best score, W&B id...: plain values.
+        keep: how many states to keep (older ones are deleted).
+
+    Returns:
+        The state directory (on the main process).
+    """
+    root = Path(run_dir) / STATE_DIR
+    name = f"step_{int(position['step']):08d}"
+    final, tmp = root / name, root / f".tmp-{name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    atomic_save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        scaler = getattr(accelerator, "scaler", None)
+        atomic_save(
+            {
+                "model": accelerator.unwrap_model(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "position": position,
+            },
+            tmp / "state.pt",
+        )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = sorted(p.name for p in tmp.iterdir())
+        atomic_write_text(
+            json.dumps({"files": files, "num_processes": accelerator.num_processes, **_jsonable(position)}),
+            tmp / COMPLETE,
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in list_states(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final if accelerator.is_main_process else None
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def list_states(run_dir: str | Path) -> list[Path]:
+    """Complete state directories, oldest first."""
+    root = Path(run_dir) / STATE_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / COMPLETE).is_file())
+
+
+class CheckpointError(RuntimeError):
+    """A resumable state that cannot be used."""
+
+
+def load_state_files(state_dir: str | Path, process_index: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a state directory (weights_only); raises CheckpointError on any damage."""
+    state_dir = Path(state_dir)
+    try:
+        meta = json.loads((state_dir / COMPLETE).read_text())
+        state = torch.load(state_dir / "state.pt", map_location="cpu", weights_only=True)
+        rng_file = state_dir / f"rng_{process_index}.pt"
+        rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
+    except Exception as exc:  # truncated zip, bad json, pickled objects...
+        raise CheckpointError(f"{state_dir}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    if rng is None and meta.get("num_processes", 1) > process_index:
+        raise CheckpointError(f"{state_dir}: missing rng_{process_index}.pt")
+    return state, rng or {}
+
+
+def find_resumable(run_dir: str | Path, process_index: int, log=print) -> tuple[Path, dict, dict] | None:
+    """The newest readable state in the run directory, skipping damaged ones (with a warning)."""
+    for state_dir in reversed(list_states(run_dir)):
+        try:
+            state, rng = load_state_files(state_dir, process_index)
+            return state_dir, state, rng
+        except CheckpointError as exc:
+            log(f"warning: {exc}; trying an older state")
+    return None
+
+
+def restore(state: dict[str, Any], rng: dict[str, Any], accelerator: Any, model, optimizer, scheduler) -> dict:
+    """Load a state into the training objects; returns the training position."""
+    accelerator.unwrap_model(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if rng:
+        set_rng_state(rng)
+    return dict(state["position"])
+
+
+# -- helpers the training script calls -----------------------------------------------------------
+
+
+def is_better(value: float | None, best: float | None, mode: str) -> bool:
+    """Does value improve on best (max or min)? NaN and missing values never do."""
+    if value is None or value != value:
+        return False
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+def save_weights(path: Path, accelerator: Any, model, cfg, label_map, metrics: dict, epoch: int, step: int) -> None:
+    """Write a weights file (best.pt / last.pt) from the main process, atomically."""
+    from detector.config import to_dict
+
+    if accelerator.is_main_process:
+        state = accelerator.unwrap_model(model).state_dict()
+        atomic_save(weights_payload(state, to_dict(cfg), label_map.to_dict(), metrics, epoch, step), path)
+    accelerator.wait_for_everyone()
+
+
+def save_last(run_dir: Path, accelerator: Any, model, cfg, label_map, metrics: dict, epoch: int, step: int) -> None:
+    save_weights(Path(run_dir) / "last.pt", accelerator, model, cfg, label_map, metrics, epoch, step)
+
+
+def resume(spec: str, run_dir: Path, accelerator: Any, model, optimizer, scheduler, log=print) -> dict[str, Any]:
+    """Restore training from ``train.resume``: "auto" (newest valid state in the run directory,
+    or a fresh start when there is none) or the path of a state directory.
+
+    Raises:
+        CheckpointError: an explicit path that cannot be used.
+    """
+    if spec == "auto":
+        found = find_resumable(run_dir, accelerator.process_index, log)
+        if found is None:
+            log(f"train.resume=auto: no saved state in {Path(run_dir) / STATE_DIR}; starting fresh")
+            return {}
+        state_dir, state, rng = found
+    else:
+        state_dir = Path(spec)
+        if not (state_dir / COMPLETE).is_file():
+            raise CheckpointError(f"train.resume={spec}: not a complete state directory (no {COMPLETE})")
+        state, rng = load_state_files(state_dir, accelerator.process_index)
+    position = restore(state, rng, accelerator, model, optimizer, scheduler)
+    log(f"resumed from {state_dir}: epoch {position['epoch'] + 1}, batch {position['batch']}, step {position['step']}")
+    return position

@@ -1,0 +1,306 @@
+"""One typed, frozen configuration for a run: YAML file + ``key=value`` overrides.
+
+The schema is a tree of frozen dataclasses. OmegaConf merges the YAML file and the command-line
+overrides onto it, so unknown keys and values of the wrong type are errors that name the key.
+Runtime state (epoch, step, best score) never lives here: it lives in local variables and in
+the checkpoint.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used, with the key at fault."""
+
+
+def _default_train_augment() -> list[Any]:
+    # Flip + photometric jitter: cheap next to JPEG decoding, and safe for most datasets.
+    return [
+        {"HorizontalFlip": {"p": 0.5}},
+        {"ColorJitter": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02, "p": 0.5}},
+    ]
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    annotations: str | None = None  # COCO json
+    images: str | None = None  # image root; file_name in the json is relative to it
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The built-in demo dataset, generated into ``root`` on first use when ``enabled``."""
+
+    enabled: bool = False
+    root: str = "data/demo"
+    num_train: int = 384
+    num_val: int = 96
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BboxConfig:
+    min_visibility: float = 0.3  # a box cropped to less than this fraction of itself is dropped
+    min_area: float = 1.0  # px^2 after augmentation
+    clip: bool = True
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: SplitConfig = field(default_factory=SplitConfig)
+    val: SplitConfig = field(default_factory=SplitConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # What to do with invalid annotations: stop with a report, or clip/drop them and count.
+    on_invalid: Literal["error", "repair"] = "error"
+    # Undecodable image files found while training: stop, or skip the image and count it.
+    on_corrupt_image: Literal["error", "skip"] = "error"
+    drop_empty: bool = False  # drop training images without annotations (they are negatives)
+    allow_outside_root: bool = False  # allow absolute file_name or paths with '..'
+    check_images: bool = True  # read every image header at start-up (size, EXIF orientation)
+    # Decode JPEGs at reduced scale (PIL draft) when they are larger than the model input.
+    draft_decode: bool = True
+    num_workers: int = 2
+    aspect_ratio_grouping: bool = True
+    augment: list[Any] = field(default_factory=_default_train_augment)  # train pipeline
+    val_augment: list[Any] = field(default_factory=list)
+    bbox: BboxConfig = field(default_factory=BboxConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "fasterrcnn_mobilenet_v3_large_fpn"
+    weights: str | None = "DEFAULT"  # DEFAULT | null | a weights file | one of our best.pt
+    weights_backbone: str | None = None  # backbone-only pretrained weights (DEFAULT | null)
+    trainable_backbone_layers: int | None = None
+    min_size: int | None = None  # shorter side the model resizes to; null: the model's own default
+    max_size: int | None = None  # cap on the longer side; null: the model's own default
+    # Anchor sizes per FPN level (one list per level); null: the model's own default.
+    anchor_sizes: list[list[int]] | None = None
+    box_detections_per_img: int = 100
+    box_score_thresh: float = 0.05
+    box_batch_size_per_image: int = 512
+    rpn_batch_size_per_image: int = 256
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    # Only for our own ResNet-FPN builders (fasterrcnn_resnet18_fpn, _resnet34_fpn):
+    returned_layers: list[int] | None = None  # ResNet stages fed to the FPN; null: [1, 2, 3, 4]
+    fpn_channels: int = 256
+    representation_size: int = 1024  # width of the box head's two MLP layers
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.02  # at reference_batch_size; scaled linearly with the global batch
+    reference_batch_size: int = 16
+    scale_lr: bool = True
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    norm_weight_decay: float = 0.0  # norm layers and biases
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    warmup_steps: int = 100
+    warmup_factor: float = 0.001
+    milestones: list[float] = field(default_factory=lambda: [0.67, 0.89])  # fractions of the run
+    gamma: float = 0.1
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 12
+    batch_size: int = 4  # per process
+    grad_accum_steps: int = 1
+    clip_grad_norm: float | None = None
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 42
+    resume: str | None = None  # auto | PATH | null
+    checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
+    keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 20  # stop after this many non-finite losses in a row
+    time_limit_minutes: float = 0.0  # 0: no limit; else stop (with a checkpoint) after this long
+    threads: int = 0  # torch intra-op threads per process; 0 leaves torch's default
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_epochs: int = 1
+    batch_size: int = 4  # per process
+    backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
+    best_metric: str = "val/mAP"
+    best_mode: Literal["max", "min"] = "max"
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    enabled: bool = False
+    project: str = "detector"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] = "online"
+    log_checkpoint: bool = False
+    num_images: int = 8
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_every_steps: int = 10
+    plots: bool = True
+    num_plot_images: int = 8
+    progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    output_dir: str = "runs/exp"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        sub = f.default_factory() if callable(f.default_factory) else None  # type: ignore[misc]
+        if is_dataclass(sub):
+            keys.extend(_all_keys(type(sub), key + "."))
+    return keys
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(exc).splitlines()[0]
+    hint = ""
+    if "not in" in msg or "Key" in type(exc).__name__:
+        close = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
+        if not close:  # a typo in the last part only: compare with siblings
+            parent, _, leaf = key.rpartition(".")
+            sibs = [k for k in _all_keys(Config) if k.rpartition(".")[0] == parent]
+            close = difflib.get_close_matches(f"{parent}.{leaf}".strip("."), sibs, n=1, cutoff=0.3)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+    return ConfigError(f"{source}: bad value for '{key}': {msg}")
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the run's configuration.
+
+    Args:
+        path: a YAML file, or None for the defaults.
+        overrides: ``key=value`` strings (dotted keys) applied after the file.
+
+    Returns:
+        The frozen, validated Config.
+
+    Raises:
+        ConfigError: on a missing file, an unknown key or a value of the wrong type.
+    """
+    schema = OmegaConf.structured(Config)
+    OmegaConf.set_readonly(schema, False)
+    merged: DictConfig = schema
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # YAML syntax errors come in many types
+            raise ConfigError(f"{path}: cannot parse YAML: {exc}") from exc
+        try:
+            merged = OmegaConf.merge(merged, loaded)
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, str(path)) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, f"override '{item}'") from None
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, str(path or "config")) from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that types alone cannot express; raises ConfigError naming the key."""
+    checks = [
+        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
+        (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.optim.reference_batch_size >= 1, "optim.reference_batch_size must be >= 1"),
+        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+        (0 < cfg.optim.warmup_factor <= 1, "optim.warmup_factor must be in (0, 1]"),
+        (len(cfg.optim.betas) == 2, "optim.betas must hold two numbers"),
+        (all(0 < m < 1 for m in cfg.optim.milestones), "optim.milestones are fractions in (0, 1)"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (
+            cfg.model.min_size is None or cfg.model.max_size is None or cfg.model.min_size <= cfg.model.max_size,
+            "model.min_size must be <= model.max_size",
+        ),
+        (cfg.eval.best_metric.startswith("val/"), "eval.best_metric must name a val/ metric"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if not cfg.data.synthetic.enabled:
+        for split in ("train", "val"):
+            s = getattr(cfg.data, split)
+            if not s.annotations or not s.images:
+                raise ConfigError(
+                    f"data.{split}.annotations and data.{split}.images must be set "
+                    f"(e.g. data.{split}.annotations=path/to/{split}.json data.{split}.images=path/to/images)"
+                )
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain Python data (for checkpoints, W&B and config.yaml)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict`` output (e.g. from a checkpoint), tolerating new keys."""
+    schema = OmegaConf.structured(Config)
+    OmegaConf.set_readonly(schema, False)
+    known = set(_all_keys(Config))
+
+    def prune(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if key not in known:
+                continue
+            out[k] = (
+                prune(v, key + ".") if isinstance(v, dict) and key + "." in {kk[: len(key) + 1] for kk in known} else v
+            )
+        return out
+
+    return OmegaConf.to_object(OmegaConf.merge(schema, prune(data)))  # type: ignore[return-value]
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))

@@ -1,0 +1,99 @@
+"""Data: COCO index and dataset, Albumentations pipelines, samplers, the demo dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from detector.config import Config, DataConfig
+from detector.data.coco import CocoDetection, CocoIndex, DatasetError, LabelMap
+from detector.data.images import scan_images
+from detector.data.synthetic import ensure_dataset
+from detector.data.transforms import build_transform
+
+__all__ = ["CocoDetection", "CocoIndex", "DatasetError", "LabelMap", "Splits", "build_datasets", "load_splits"]
+
+
+@dataclass
+class Splits:
+    """The validated train and val indexes and their image roots."""
+
+    train: CocoIndex
+    val: CocoIndex
+    train_root: Path
+    val_root: Path
+
+
+def check_files(index: CocoIndex, root: Path, cfg: DataConfig, progress: Callable | None = None) -> list[str]:
+    """Find missing/unreadable images and size mismatches (all of them) before training.
+
+    Returns the problems; raises DatasetError when any is fatal under the config's settings.
+    """
+    names = [index.file_name(i) for i in range(len(index))]
+    sizes = None
+    if cfg.check_images:
+        import numpy as np
+
+        sizes = np.stack([index.widths, index.heights], axis=1)
+    found = scan_images(root, names, sizes, read_headers=cfg.check_images, progress=progress)
+    problems: list[str] = []
+    if found["missing"]:
+        listed = "\n".join(f"  - {p}" for _, p in found["missing"])
+        raise DatasetError(
+            f"{index.path}: {len(found['missing'])} of {len(index)} image files are missing under {root}:\n{listed}"
+        )
+    for kind, setting in (
+        ("unreadable", cfg.on_corrupt_image == "skip"),
+        ("size_mismatch", cfg.on_invalid == "repair"),
+    ):
+        items = found[kind]
+        if items and not setting:
+            listed = "\n".join(f"  - {m}" for _, m in items[:20])
+            more = f"\n  ... and {len(items) - 20} more" if len(items) > 20 else ""
+            fix = "data.on_corrupt_image=skip" if kind == "unreadable" else "data.on_invalid=repair (drops them)"
+            raise DatasetError(
+                f"{index.path}: {len(items)} image(s) {kind.replace('_', ' ')}:\n{listed}{more}\n(set {fix})"
+            )
+        problems.extend(m for _, m in items)
+    bad = sorted({i for kind in ("unreadable", "size_mismatch") for i, _ in found[kind]})
+    if bad:
+        index.drop_images(bad, "images unreadable or of another size than the json says dropped")
+    return problems
+
+
+def load_splits(cfg: Config, log: Callable[[str], None] = print, progress: Callable | None = None) -> Splits:
+    """Validate both splits (generating the demo data first when configured).
+
+    The label map comes from the training split; the validation split is read with it.
+    """
+    d = cfg.data
+    if d.synthetic.enabled:
+        s = d.synthetic
+        paths = ensure_dataset(s.root, s.num_train, s.num_val, s.seed)
+        train_ann, val_ann = paths["train"], paths["val"]
+        train_root, val_root = Path(s.root) / "train", Path(s.root) / "val"
+    else:
+        train_ann, val_ann = Path(d.train.annotations), Path(d.val.annotations)  # type: ignore[arg-type]
+        train_root, val_root = Path(d.train.images), Path(d.val.images)  # type: ignore[arg-type]
+    opts = {"on_invalid": d.on_invalid, "allow_outside_root": d.allow_outside_root}
+    train = CocoIndex(train_ann, drop_empty=d.drop_empty, **opts)
+    val = CocoIndex(val_ann, label_map=train.label_map, **opts)
+    for index, root in ((train, train_root), (val, val_root)):
+        for problem in check_files(index, root, d, progress):
+            log(f"warning: {problem}")
+        log(index.summary())
+    return Splits(train, val, train_root, val_root)
+
+
+def build_datasets(
+    splits: Splits, cfg: DataConfig, model_size: tuple[int, int] | None
+) -> tuple[CocoDetection, CocoDetection]:
+    """Train and val datasets with their Albumentations pipelines."""
+    train_tf = build_transform(cfg.augment, cfg.bbox, "data.augment")
+    val_tf = build_transform(cfg.val_augment, cfg.bbox, "data.val_augment") if cfg.val_augment else None
+    size = model_size if cfg.draft_decode else None
+    return (
+        CocoDetection(splits.train, splits.train_root, train_tf, size, cfg.on_corrupt_image),
+        CocoDetection(splits.val, splits.val_root, val_tf, size, cfg.on_corrupt_image),
+    )

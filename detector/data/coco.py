@@ -1,0 +1,545 @@
+"""COCO detection data: a validated, compact index and the dataset that reads images through it.
+
+``CocoIndex`` parses and validates a COCO json once and keeps what training needs in numpy
+arrays (no Python list of dicts), so DataLoader workers do not grow by copy-on-read.
+``LabelMap`` maps the dataset's category ids to the contiguous labels 1..K the model uses, and
+back. ``CocoDetection`` decodes images (EXIF, modes, reduced-scale JPEG decoding), applies the
+Albumentations pipeline and returns ``(uint8 image CHW, target)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import ImageFile
+
+from detector.data.images import ImageDecodeError, load_image
+from detector.data.transforms import apply
+
+try:  # orjson parses large exports several times faster; json is the fallback
+    import orjson
+
+    def _read_json(path: Path) -> Any:
+        return orjson.loads(path.read_bytes())
+
+except ImportError:  # pragma: no cover - orjson is a declared dependency
+    import json
+
+    def _read_json(path: Path) -> Any:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a grey stripe
+BOX_TOLERANCE = 1.0  # px a box may overhang the image before it counts as outside
+MAX_LISTED = 20  # problems spelled out in an error message; all are counted
+
+
+class DatasetError(ValueError):
+    """Bad dataset input, with the file and the json location or image at fault."""
+
+
+@dataclass
+class Report:
+    """What loading found: problems by kind (with examples) and what was repaired or dropped."""
+
+    source: str
+    problems: list[str] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, kind: str, where: str, message: str) -> None:
+        self.counts[kind] += 1
+        self.problems.append(f"{where}: {message}")
+
+    def summary_lines(self) -> list[str]:
+        return [f"  {kind}: {n}" for kind, n in sorted(self.counts.items())]
+
+    def raise_if_any(self, hint: str = "") -> None:
+        if not self.problems:
+            return
+        shown = "\n".join(f"  - {p}" for p in self.problems[:MAX_LISTED])
+        more = f"\n  ... and {len(self.problems) - MAX_LISTED} more" if len(self.problems) > MAX_LISTED else ""
+        kinds = ", ".join(f"{k}: {n}" for k, n in sorted(self.counts.items()))
+        raise DatasetError(f"{self.source}: {len(self.problems)} problem(s) ({kinds})\n{shown}{more}{hint}")
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Dataset category ids <-> contiguous model labels 1..K (0 is the background)."""
+
+    category_ids: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        """K, the number of object classes (the model has K + 1 outputs with the background)."""
+        return len(self.category_ids)
+
+    def to_labels(self, category_ids: np.ndarray) -> np.ndarray:
+        """Category ids -> labels 1..K; ids not in the map give 0."""
+        lookup = {c: i + 1 for i, c in enumerate(self.category_ids)}
+        return np.array([lookup.get(int(c), 0) for c in category_ids], dtype=np.int64)
+
+    def to_category_ids(self, labels: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Labels 1..K -> the dataset's category ids."""
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.size and (labels.min() < 1 or labels.max() > self.num_classes):
+            raise ValueError(f"labels must be in 1..{self.num_classes}, got {labels.min()}..{labels.max()}")
+        return np.asarray(self.category_ids, dtype=np.int64)[labels - 1] if labels.size else labels
+
+    def to_dict(self) -> dict[str, list]:
+        return {"category_ids": list(self.category_ids), "names": list(self.names)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, list]) -> LabelMap:
+        return cls(tuple(int(c) for c in d["category_ids"]), tuple(str(n) for n in d["names"]))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _safe_relpath(name: str) -> bool:
+    p = PurePosixPath(name)
+    return not (p.is_absolute() or ".." in p.parts or (len(name) > 1 and name[1] == ":"))
+
+
+class CocoIndex:
+    """A validated COCO detection file held in flat numpy arrays.
+
+    Attributes:
+        image_ids, widths, heights: one entry per image (json order).
+        ann_start: offsets; annotations of image i are rows ann_start[i]:ann_start[i+1].
+        boxes: (N, 4) float32 xyxy; category_ids, iscrowd, areas: per annotation.
+        label_map: category ids <-> labels 1..K.
+        report: problems found and what was repaired, dropped or counted.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        on_invalid: str = "error",
+        label_map: LabelMap | None = None,
+        drop_empty: bool = False,
+        allow_outside_root: bool = False,
+    ) -> None:
+        """Parse and validate a COCO detection json.
+
+        Args:
+            path: the annotation file.
+            on_invalid: "error" stops with a report of every problem; "repair" clips boxes that
+                overhang the image, drops what cannot be repaired, and counts both.
+            label_map: the training split's map, for a validation split; None derives it here.
+            drop_empty: drop images without annotations (they are valid negatives otherwise).
+            allow_outside_root: accept absolute file names and names with '..'.
+
+        Raises:
+            DatasetError: naming the file, the json location and the id of every problem.
+        """
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DatasetError(f"annotation file not found: {self.path}")
+        try:
+            data = _read_json(self.path)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"{self.path}: not valid JSON: {exc}") from None
+        self.report = Report(str(self.path))
+        self.repairs: Counter = Counter()
+        if not isinstance(data, dict):
+            raise DatasetError(f"{self.path}: top level must be an object with images, annotations, categories")
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(data.get(key), list):
+                got = "missing" if key not in data else type(data[key]).__name__
+                raise DatasetError(f"{self.path}: '{key}' must be a list ({got})")
+        self.info = data.get("info") if isinstance(data.get("info"), dict) else {}
+        repair = on_invalid == "repair"
+        cats = self._parse_categories(data["categories"])
+        img_ids, widths, heights, names = self._parse_images(data["images"], allow_outside_root, repair)
+        rows = self._parse_annotations(data["annotations"], img_ids, widths, heights, cats, repair)
+        del data
+        # Problems that cannot be repaired, or any problem in "error" mode, stop here.
+        self.report.raise_if_any(
+            "" if repair else "\n(set data.on_invalid=repair to clip boxes and drop what cannot be repaired)"
+        )
+        ann_img, ann_cat, ann_box, ann_crowd, ann_area = rows
+        used = set(ann_cat.tolist())
+        if label_map is None:
+            label_map, self.dropped_categories = _derive_label_map(cats, self._supercategories, used)
+        else:
+            self.dropped_categories = []
+        self.label_map = label_map
+        known = np.isin(ann_cat, np.asarray(label_map.category_ids, dtype=np.int64))
+        if not known.all():
+            for c, n in Counter(ann_cat[~known].tolist()).items():
+                self.repairs[f"annotations of category {c} ({cats.get(c, '?')}) unknown to the label map dropped"] += n
+            ann_img, ann_cat, ann_box, ann_crowd, ann_area = (
+                a[known] for a in (ann_img, ann_cat, ann_box, ann_crowd, ann_area)
+            )
+        # Group annotations by image (stable: json order within an image).
+        order = np.argsort(ann_img, kind="stable")
+        counts = np.bincount(ann_img, minlength=len(img_ids))
+        keep_img = np.ones(len(img_ids), dtype=bool)
+        if drop_empty:
+            keep_img = counts > 0
+            if (~keep_img).any():
+                self.repairs["images without annotations dropped (data.drop_empty)"] += int((~keep_img).sum())
+        keep_ann = keep_img[ann_img[order]]
+        order = order[keep_ann]
+        self.image_ids = img_ids[keep_img]
+        self.widths = widths[keep_img]
+        self.heights = heights[keep_img]
+        self.ann_start = np.concatenate([[0], np.cumsum(counts[keep_img])]).astype(np.int64)
+        self.boxes = ann_box[order].astype(np.float32)
+        self.category_ids = ann_cat[order]
+        self.labels = label_map.to_labels(self.category_ids)
+        self.iscrowd = ann_crowd[order]
+        self.areas = ann_area[order].astype(np.float32)
+        self._set_names([n for n, k in zip(names, keep_img) if k])
+
+    # -- parsing -------------------------------------------------------------------------------
+
+    def _parse_categories(self, items: list) -> dict[int, str]:
+        cats: dict[int, str] = {}
+        supers: dict[int, str] = {}
+        for i, c in enumerate(items):
+            where = f"categories[{i}]"
+            if not isinstance(c, dict) or not _is_int(c.get("id")):
+                self.report.add("bad category", where, "needs an integer 'id'")
+                continue
+            if c["id"] in cats:
+                self.report.add("duplicate category id", where, f"category id {c['id']} appears twice")
+                continue
+            name = c.get("name")
+            cats[c["id"]] = str(name) if name is not None else f"class_{c['id']}"
+            supers[c["id"]] = str(c.get("supercategory", ""))
+        self._supercategories = supers
+        if not cats and not self.report.problems:
+            self.report.add("no categories", "categories", "the list is empty")
+        return cats
+
+    def _parse_images(self, items: list, allow_outside: bool, repair: bool):
+        ids, ws, hs, names = [], [], [], []
+        seen: set[int] = set()
+        for i, im in enumerate(items):
+            if not isinstance(im, dict):
+                self.report.add("bad image", f"images[{i}]", "must be an object")
+                continue
+            iid = im.get("id")
+            where = f"images[{i}] (id {iid})"
+            if not _is_int(iid):
+                self.report.add("bad image", where, "needs an integer 'id'")
+                continue
+            if iid in seen:
+                if repair:
+                    self.repairs["duplicate image entries dropped (first kept)"] += 1
+                else:
+                    self.report.add("duplicate image id", where, f"image id {iid} appears more than once")
+                continue
+            name, w, h = im.get("file_name"), im.get("width"), im.get("height")
+            if not isinstance(name, str) or not name:
+                self.report.add("bad image", where, "needs a 'file_name' string")
+                continue
+            name = name.replace("\\", "/")
+            if not allow_outside and not _safe_relpath(name):
+                self.report.add(
+                    "file_name outside image root",
+                    where,
+                    f"file_name '{name}' is absolute or contains '..' (set data.allow_outside_root=true to allow)",
+                )
+                continue
+            if not (_is_num(w) and _is_num(h) and w > 0 and h > 0):
+                self.report.add("bad image size", where, f"width/height must be positive numbers, got {w!r}/{h!r}")
+                continue
+            seen.add(iid)
+            ids.append(iid)
+            ws.append(int(round(w)))
+            hs.append(int(round(h)))
+            names.append(name)
+        return (np.asarray(ids, dtype=np.int64), np.asarray(ws, np.int32), np.asarray(hs, np.int32), names)
+
+    def _parse_annotations(self, items, img_ids, widths, heights, cats, repair):
+        id_to_idx = {int(i): k for k, i in enumerate(img_ids.tolist())}
+        n = len(items)
+        out_img = np.empty(n, np.int64)
+        out_cat = np.empty(n, np.int64)
+        out_box = np.empty((n, 4), np.float64)
+        out_crowd = np.empty(n, bool)
+        out_area = np.empty(n, np.float64)
+        seen_ids: set = set()
+        k = 0
+        rep = self.report
+        for i, a in enumerate(items):
+            if not isinstance(a, dict):
+                rep.add("bad annotation", f"annotations[{i}]", "must be an object")
+                continue
+            aid = a.get("id")
+            where = f"annotations[{i}] (id {aid})"
+            if aid is None:
+                if not repair:
+                    rep.add("annotation without id", where, "has no 'id'")
+                    continue
+                self.repairs["annotations without id (kept)"] += 1
+            elif aid in seen_ids:
+                if not repair:
+                    rep.add("duplicate annotation id", where, f"annotation id {aid} appears more than once")
+                    continue
+                self.repairs["duplicate annotation ids (kept, renumbered)"] += 1
+            else:
+                seen_ids.add(aid)
+            img = id_to_idx.get(a.get("image_id"))  # type: ignore[arg-type]
+            if img is None:
+                if repair:
+                    self.repairs["annotations of unknown images dropped"] += 1
+                else:
+                    rep.add("unknown image", where, f"image_id {a.get('image_id')!r} is not in 'images'")
+                continue
+            cat = a.get("category_id")
+            if not _is_int(cat) or cat not in cats:
+                if repair:
+                    self.repairs["annotations of unknown categories dropped"] += 1
+                else:
+                    rep.add("unknown category", where, f"category_id {cat!r} is not in 'categories'")
+                continue
+            bbox = a.get("bbox")
+            if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_num(v) for v in bbox)):
+                if repair:
+                    self.repairs["annotations with a malformed bbox dropped"] += 1
+                else:
+                    rep.add("bad bbox", where, f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+                continue
+            x, y, w, h = (float(v) for v in bbox)
+            if w <= 0 or h <= 0:
+                if repair:
+                    self.repairs["annotations with zero or negative width/height dropped"] += 1
+                else:
+                    rep.add("empty bbox", where, f"bbox width and height must be > 0, got {bbox}")
+                continue
+            W, H = float(widths[img]), float(heights[img])
+            x1, y1, x2, y2 = x, y, x + w, y + h
+            area = a.get("area")
+            area = float(area) if _is_num(area) and area > 0 else w * h
+            if x1 < -BOX_TOLERANCE or y1 < -BOX_TOLERANCE or x2 > W + BOX_TOLERANCE or y2 > H + BOX_TOLERANCE:
+                if not repair:
+                    rep.add(
+                        "bbox outside image",
+                        where,
+                        f"bbox {bbox} (xyxy {x1:g},{y1:g},{x2:g},{y2:g}) leaves the {int(W)}x{int(H)} image",
+                    )
+                    continue
+                self.repairs["boxes clipped to the image"] += 1
+            elif x1 < 0 or y1 < 0 or x2 > W or y2 > H:
+                self.repairs[f"boxes overhanging the image by <= {BOX_TOLERANCE:g} px clipped"] += 1
+            cx1, cy1, cx2, cy2 = max(0.0, x1), max(0.0, y1), min(W, x2), min(H, y2)
+            if cx2 - cx1 < 1 or cy2 - cy1 < 1:
+                if repair:
+                    self.repairs["boxes outside the image (nothing left after clipping) dropped"] += 1
+                else:
+                    rep.add("bbox outside image", where, f"bbox {bbox} lies outside the {int(W)}x{int(H)} image")
+                continue
+            if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+                area = (cx2 - cx1) * (cy2 - cy1)
+            crowd = a.get("iscrowd", 0)
+            out_img[k], out_cat[k] = img, cat
+            out_box[k] = (cx1, cy1, cx2, cy2)
+            out_crowd[k] = bool(crowd)
+            out_area[k] = area
+            k += 1
+        return out_img[:k], out_cat[:k], out_box[:k], out_crowd[:k], out_area[:k]
+
+    def drop_images(self, positions: Sequence[int], reason: str) -> None:
+        """Remove images (by position) and their annotations, counting them under ``reason``."""
+        if not len(positions):
+            return
+        keep = np.ones(len(self), dtype=bool)
+        keep[np.asarray(positions, dtype=np.int64)] = False
+        counts = np.diff(self.ann_start)
+        ann_keep = np.repeat(keep, counts)
+        names = [self.file_name(i) for i in np.flatnonzero(keep)]
+        self.image_ids, self.widths, self.heights = self.image_ids[keep], self.widths[keep], self.heights[keep]
+        for attr in ("boxes", "category_ids", "labels", "iscrowd", "areas"):
+            setattr(self, attr, getattr(self, attr)[ann_keep])
+        self.ann_start = np.concatenate([[0], np.cumsum(counts[keep])]).astype(np.int64)
+        self._set_names(names)
+        self.repairs[reason] += int((~keep).sum())
+
+    def _set_names(self, names: list[str]) -> None:
+        encoded = [n.encode("utf-8") for n in names]
+        self._name_buf = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+        self._name_off = np.concatenate([[0], np.cumsum([len(e) for e in encoded])]).astype(np.int64)
+
+    # -- access --------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_annotations(self) -> int:
+        return len(self.boxes)
+
+    def file_name(self, i: int) -> str:
+        return bytes(self._name_buf[self._name_off[i] : self._name_off[i + 1]]).decode("utf-8")
+
+    def annotations(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(boxes xyxy float32 (n, 4), labels 1..K (n,), iscrowd (n,)) of image i."""
+        s, e = self.ann_start[i], self.ann_start[i + 1]
+        return self.boxes[s:e], self.labels[s:e], self.iscrowd[s:e]
+
+    def aspect_ratios(self) -> np.ndarray:
+        return self.widths.astype(np.float32) / self.heights.astype(np.float32)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels[~self.iscrowd], minlength=self.label_map.num_classes + 1)
+        return {name: int(counts[i + 1]) for i, name in enumerate(self.label_map.names)}
+
+    def to_coco_gt(self) -> dict[str, Any]:
+        """A COCO ground-truth dict for COCOeval, with the dataset's own image and category ids.
+
+        Annotation ids are renumbered from 1: pycocotools treats a match to annotation id 0 as
+        "unmatched", which would score a perfect detection of it as a false positive.
+        """
+        images = [
+            {"id": int(i), "width": int(w), "height": int(h), "file_name": self.file_name(k)}
+            for k, (i, w, h) in enumerate(zip(self.image_ids, self.widths, self.heights))
+        ]
+        img_of_ann = np.repeat(self.image_ids, np.diff(self.ann_start))
+        xywh = self.boxes.astype(np.float64).copy()
+        xywh[:, 2:] -= xywh[:, :2]
+        annotations = [
+            {
+                "id": k + 1,
+                "image_id": int(img_of_ann[k]),
+                "category_id": int(self.category_ids[k]),
+                "bbox": [float(v) for v in xywh[k]],
+                "area": float(self.areas[k]),
+                "iscrowd": int(self.iscrowd[k]),
+            }
+            for k in range(len(xywh))
+        ]
+        categories = [{"id": c, "name": n} for c, n in zip(self.label_map.category_ids, self.label_map.names)]
+        return {"info": dict(self.info), "images": images, "annotations": annotations, "categories": categories}
+
+    def summary(self, images_root: str | Path | None = None) -> str:
+        """A few lines for the console: counts, per-class annotations, what was repaired."""
+        n_empty = int((np.diff(self.ann_start) == 0).sum())
+        lines = [
+            f"{self.path}: {len(self)} images ({n_empty} without objects), "
+            f"{self.num_annotations} annotations ({int(self.iscrowd.sum())} crowd), "
+            f"{self.label_map.num_classes} classes"
+        ]
+        counts = self.class_counts()
+        lines.append("  per class: " + ", ".join(f"{n}={c}" for n, c in counts.items()))
+        for c, name in self.dropped_categories:
+            lines.append(f"  unused placeholder category {c} '{name}' left out of the classes")
+        for what, n in sorted(self.repairs.items()):
+            lines.append(f"  repaired: {what}: {n}")
+        return "\n".join(lines)
+
+
+def _derive_label_map(
+    cats: dict[int, str], supers: dict[int, str], used: set[int]
+) -> tuple[LabelMap, list[tuple[int, str]]]:
+    """Contiguous labels for the categories, in id order.
+
+    An unused category whose name is the supercategory of other categories is Roboflow's
+    dataset-level placeholder, not a class: it is left out (and reported). Other unused
+    categories stay, so that the label map matches what the user declared.
+    """
+    parent_names = {s for c, s in supers.items() if s and s != cats[c]}
+    keep, dropped = [], []
+    for cid in sorted(cats):
+        if cid not in used and cats[cid] in parent_names:
+            dropped.append((cid, cats[cid]))
+        else:
+            keep.append(cid)
+    return LabelMap(tuple(keep), tuple(cats[c] for c in keep)), dropped
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Images and targets of a CocoIndex, decoded and augmented.
+
+    Items are ``(image, target)``: image a uint8 tensor (3, H, W) (the float conversion happens
+    where the model runs), target a dict with ``boxes`` float32 (n, 4) xyxy, ``labels`` int64
+    (n,) in 1..K (crowd annotations left out), ``index``, ``image_id``, ``scale`` (the decoded
+    size over the json size, to map predictions back) and ``dropped`` (boxes that degenerated
+    under augmentation). A key may be ``(index, seed)``: the augmentation of that item is then a
+    pure function of the seed, whatever worker or process draws it.
+    """
+
+    def __init__(
+        self,
+        index: CocoIndex,
+        images_root: str | Path,
+        transform: Any = None,
+        model_size: tuple[int, int] | None = None,
+        on_corrupt_image: str = "error",
+    ) -> None:
+        """Args:
+        index: the validated annotations.
+        images_root: folder that file names are relative to.
+        transform: an Albumentations pipeline (see data.transforms), or None.
+        model_size: (min_size, max_size) of the model's resize; JPEGs larger than that are
+            decoded at reduced scale (never below it). None decodes at full size.
+        on_corrupt_image: "error" raises naming the file; "skip" returns None (the collate
+            function drops it and counts it).
+        """
+        self.index = index
+        self.root = str(images_root)
+        self.transform = transform
+        self.model_size = model_size
+        self.on_corrupt_image = on_corrupt_image
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.root, self.index.file_name(i))
+
+    def _decode_size(self, i: int) -> tuple[int, int] | None:
+        if self.model_size is None:
+            return None
+        w, h = int(self.index.widths[i]), int(self.index.heights[i])
+        scale = min(self.model_size[0] / min(w, h), self.model_size[1] / max(w, h))
+        return (math.ceil(w * scale), math.ceil(h * scale)) if scale < 1 else None
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]] | None:
+        i, seed = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), None)
+        try:
+            arr, sx, sy = load_image(self.path(i), self._decode_size(i))
+        except ImageDecodeError as exc:
+            if self.on_corrupt_image == "skip":
+                return None
+            raise DatasetError(f"{exc} (set data.on_corrupt_image=skip to skip such images)") from None
+        boxes, labels, crowd = self.index.annotations(i)
+        boxes, labels = boxes[~crowd], labels[~crowd]
+        h0, w0 = arr.shape[:2]
+        if sx != 1.0 or sy != 1.0:
+            boxes = boxes * np.array([sx, sy, sx, sy], dtype=np.float32)
+        boxes = np.clip(boxes, 0, [w0, h0, w0, h0]).astype(np.float32)
+        arr, boxes, labels = apply(self.transform, arr, boxes, labels, seed)
+        h1, w1 = arr.shape[:2]
+        wh = boxes[:, 2:] - boxes[:, :2]
+        ok = np.isfinite(boxes).all(1) & (wh >= 1.0).all(1)
+        dropped = int(len(crowd) - int(crowd.sum()) - int(ok.sum()))
+        image = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        target = {
+            "boxes": torch.from_numpy(boxes[ok]).reshape(-1, 4),
+            "labels": torch.from_numpy(labels[ok]).reshape(-1),
+            "index": i,
+            "image_id": int(self.index.image_ids[i]),
+            # decoded size / json size, times any resize the pipeline made
+            "scale": (sx * w1 / w0, sy * h1 / h0),
+            "dropped": dropped,
+        }
+        return image, target

@@ -1,0 +1,331 @@
+"""The loops: ``train_one_epoch`` and ``evaluate``, plain functions that return metric dicts.
+
+Validation computes the loss and the detections in one pass over the backbone
+(``loss_and_detections``), and gives the same numbers on 1 or N processes: the validation
+batches do not depend on the number of processes, nothing is padded, and the per-batch results
+are gathered and reduced in batch order on the main process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
+from torch import nn
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+from detector.data.coco import LabelMap
+from detector.evaluation import CocoResult, detections_to_coco, evaluate_coco, flat_metrics
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+def to_device(
+    images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """uint8 images -> float [0, 1] on the device (the conversion happens here, not in workers)."""
+    imgs = [im.to(device, non_blocking=True).float().div_(255.0) for im in images]
+    tgts = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+    return imgs, tgts
+
+
+def _zero_loss(model: nn.Module) -> torch.Tensor:
+    # A graph through every parameter with value 0: keeps DDP's gradient all-reduce in step
+    # when a process has nothing to train on (a batch whose images were all undecodable).
+    return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)  # type: ignore[return-value]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: torch.utils.data.DataLoader,
+    accelerator: Accelerator,
+    *,
+    epoch: int,
+    start_batch: int,
+    grad_accum_steps: int,
+    clip_grad_norm: float | None,
+    max_nonfinite_steps: int,
+    nonfinite_in_row: int = 0,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Train over this process's shard of one epoch (from ``start_batch`` when resuming).
+
+    Args:
+        model, optimizer: as returned by ``accelerator.prepare``.
+        scheduler: a per-optimizer-step schedule (stepped here, not by Accelerate).
+        loader: batches of (images, targets, skipped) for this process.
+        accelerator: the run's Accelerator (autocast, backward, reductions).
+        epoch: the epoch number (for the records).
+        start_batch: batches of this epoch already trained before a resume.
+        grad_accum_steps: micro-batches per optimizer step.
+        clip_grad_norm: max gradient norm, or None.
+        max_nonfinite_steps: raise NonFiniteLossError after this many skipped steps in a row.
+        nonfinite_in_row: the count carried over from the previous epoch.
+        should_stop: polled every step (preemption signal, time limit); every process stops
+            at the same step when any process asks to.
+        on_step: called after every optimizer step with the step's record (logging and
+            mid-epoch checkpoints).
+        progress: an optional tqdm bar to advance.
+
+    Returns:
+        Mean losses over the epoch, lr, images/s, counters, and ``batch`` (where it stopped)
+        and ``stopped`` (True when should_stop ended it early).
+    """
+    model.train()
+    n_batches = start_batch + len(loader)
+    sums: dict[str, float] = defaultdict(float)
+    counted = 0
+    images_seen = 0
+    skipped_images = dropped_boxes = nonfinite_total = 0
+    window_bad = False
+    stopped = False
+    batch_i = start_batch
+    t0 = time.perf_counter()
+    for batch_i, (images, targets, skipped) in enumerate(loader, start=start_batch):
+        window_start = (batch_i // grad_accum_steps) * grad_accum_steps
+        window_len = min(grad_accum_steps, n_batches - window_start)
+        sync = batch_i + 1 == window_start + window_len
+        imgs, tgts = to_device(images, targets, accelerator.device)
+        ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+        with ctx:
+            with accelerator.autocast():
+                loss_dict = model(imgs, tgts) if imgs else {"loss_empty": _zero_loss(model)}
+            loss = sum(loss_dict.values())
+            # One all-reduce carries the loss parts, the finite flag and the stop request.
+            parts = torch.stack([v.detach().float() for v in loss_dict.values()])
+            flags = torch.tensor(
+                [float(not torch.isfinite(loss)), float(should_stop()), float(len(imgs))], device=parts.device
+            )
+            reduced = accelerator.reduce(torch.cat([parts * len(imgs), flags]), reduction="sum")
+            nonfinite = bool(reduced[-3] > 0)
+            if nonfinite:
+                window_bad = True
+            else:
+                accelerator.backward(loss / window_len)
+        n_global = float(reduced[-1])
+        images_seen += int(n_global)
+        skipped_images += skipped
+        dropped_boxes += sum(int(t["dropped"]) for t in targets)
+        if not nonfinite and n_global > 0:
+            for k, v in zip(loss_dict, reduced[: len(loss_dict)].tolist()):
+                sums[k] += v
+            counted += n_global
+        if sync:
+            record: dict[str, Any] = {"epoch": epoch, "batch": batch_i + 1}
+            if window_bad:
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite_total += 1
+                nonfinite_in_row += 1
+                record["train/nonfinite_steps"] = nonfinite_total
+                accelerator.print(
+                    f"warning: non-finite loss at epoch {epoch} batch {batch_i}: step skipped "
+                    f"({nonfinite_in_row} in a row, limit {max_nonfinite_steps})"
+                )
+                if nonfinite_in_row >= max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{nonfinite_in_row} non-finite losses in a row (train.max_nonfinite_steps="
+                        f"{max_nonfinite_steps}); lower optim.lr, check the data, or use "
+                        "train.clip_grad_norm / mixed_precision=no"
+                    )
+            else:
+                nonfinite_in_row = 0
+                if clip_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                optimizer.step()
+                if not accelerator.optimizer_step_was_skipped:  # fp16 scaler found inf grads
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_bad = False
+            record["lr"] = optimizer.param_groups[0]["lr"]
+            if n_global > 0 and not nonfinite:
+                record.update({f"train/{k}": v / n_global for k, v in zip(loss_dict, reduced.tolist())})
+                record["train/loss"] = sum(reduced[: len(loss_dict)].tolist()) / n_global
+            if progress is not None:
+                progress.set_postfix(loss=f"{record.get('train/loss', float('nan')):.3f}", lr=f"{record['lr']:.2e}")
+            if on_step is not None:
+                on_step(record)
+            if reduced[-2] > 0:  # someone asked to stop: every process stops here
+                stopped = True
+        if progress is not None:
+            progress.update(1)
+        if stopped:
+            break
+    elapsed = time.perf_counter() - t0
+    out: dict[str, Any] = {f"train/{k}": v / max(counted, 1) for k, v in sums.items()}
+    out["train/loss"] = sum(sums.values()) / max(counted, 1)
+    out.update(
+        {
+            "lr": optimizer.param_groups[0]["lr"],
+            "train/images_per_s": images_seen / max(elapsed, 1e-9),
+            "train/skipped_images": skipped_images,
+            "train/dropped_boxes": dropped_boxes,
+            "train/nonfinite_steps": nonfinite_total,
+            "nonfinite_in_row": nonfinite_in_row,
+            "batch": batch_i + 1 if images_seen or start_batch < n_batches else start_batch,
+            "stopped": stopped,
+        }
+    )
+    return out
+
+
+def loss_and_detections(
+    model: nn.Module,
+    images: list[torch.Tensor],
+    targets: list[dict[str, torch.Tensor]] | None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Validation losses and detections of a Faster R-CNN (eval mode) with one backbone pass.
+
+    The backbone runs under ``autocast``; the RPN and box heads, box decoding and
+    post-processing run in float32, so that boxes are not rounded to bf16's 8-bit mantissa.
+    The losses use the test-time proposals (what the model will see when it is used); their
+    random anchor/proposal sampling follows the caller's RNG state.
+
+    Args:
+        model: an unwrapped torchvision GeneralizedRCNN with an RPN (Faster R-CNN), in eval mode.
+        images: float images in [0, 1].
+        targets: boxes and labels per image, or None for detections only.
+        autocast: a context manager factory for the backbone (mixed precision).
+
+    Returns:
+        (losses, detections): loss parts as in training, and per-image boxes/labels/scores in
+        the input images' coordinates.
+    """
+    original_sizes = [tuple(im.shape[-2:]) for im in images]
+    with autocast():
+        image_list, targets_t = model.transform(images, targets)
+        features = model.backbone(image_list.tensors)
+    with torch.autocast(device_type=image_list.tensors.device.type, enabled=False):
+        features = {k: v.float() for k, v in features.items()}
+        image_list.tensors = image_list.tensors.float()
+        rpn = model.rpn
+        feats = list(features.values())
+        objectness, deltas = rpn.head(feats)
+        anchors = rpn.anchor_generator(image_list, feats)
+        num_anchors_per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+        boxes, _ = rpn.filter_proposals(proposals, objectness, image_list.image_sizes, num_anchors_per_level)
+        heads = model.roi_heads
+        detections, _ = heads(features, boxes, image_list.image_sizes)
+        detections = model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+        losses: dict[str, torch.Tensor] = {}
+        if targets_t is not None:
+            labels, matched = rpn.assign_targets_to_anchors(anchors, targets_t)
+            reg_targets = rpn.box_coder.encode(matched, anchors)
+            loss_obj, loss_rpn = rpn.compute_loss(objectness, deltas, labels, reg_targets)
+            props, _, cls_labels, box_targets = heads.select_training_samples(boxes, targets_t)
+            feats_roi = heads.box_head(heads.box_roi_pool(features, props, image_list.image_sizes))
+            class_logits, box_regression = heads.box_predictor(feats_roi)
+            loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, cls_labels, box_targets)
+            losses = {
+                "loss_classifier": loss_cls,
+                "loss_box_reg": loss_box,
+                "loss_objectness": loss_obj,
+                "loss_rpn_box_reg": loss_rpn,
+            }
+    return losses, detections
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    batch_ids: list[int],
+    accelerator: Accelerator,
+    label_map: LabelMap,
+    gt: dict[str, Any],
+    *,
+    backend: str = "pycocotools",
+    seed: int = 0,
+    progress: Any = None,
+) -> tuple[dict[str, float], CocoResult, list[dict[str, Any]]]:
+    """Validation loss and COCOeval metrics, identical for any number of processes.
+
+    Args:
+        model: the (possibly wrapped) model; evaluated unwrapped, in eval mode.
+        loader: this process's validation batches (see EvalBatchSampler).
+        batch_ids: the global position of each of this process's batches.
+        accelerator: for autocast, gathering and broadcasting.
+        label_map: labels -> dataset category ids.
+        gt: the COCO ground truth (CocoIndex.to_coco_gt()).
+        backend: "pycocotools" or "faster_coco_eval".
+        seed: seeds the loss's anchor/proposal sampling per batch (reproducible, and the
+            training RNG stream is left untouched).
+        progress: optional tqdm bar.
+
+    Returns:
+        (metrics, coco_result, results): val/loss (+ parts), val/<stat> and val/AP/<class>;
+        the full CocoResult; the COCO result rows. Every process gets the same values.
+    """
+    net = accelerator.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    local: list[tuple[int, int, dict[str, float], list[dict[str, Any]], int]] = []
+    with torch.random.fork_rng(devices=[]):
+        for batch_id, (images, targets, skipped) in zip(batch_ids, loader):
+            torch.manual_seed(seed * 1_000_003 + batch_id)
+            imgs, tgts = to_device(images, targets, accelerator.device)
+            if imgs:
+                losses, dets = loss_and_detections(net, imgs, tgts, accelerator.autocast)
+                rows = detections_to_coco(dets, targets, label_map)
+            else:
+                losses, rows = {}, []
+            local.append((batch_id, len(imgs), {k: float(v) for k, v in losses.items()}, rows, skipped))
+            if progress is not None:
+                progress.update(1)
+    net.train(was_training)
+    gathered = gather_object(local) if accelerator.num_processes > 1 else local
+    payload: list[Any] = [None]
+    if accelerator.is_main_process:
+        gathered = sorted(gathered, key=lambda r: r[0])
+        n_total = sum(r[1] for r in gathered)
+        loss_sums: dict[str, float] = defaultdict(float)
+        for _, n, losses, _, _ in gathered:
+            for k, v in losses.items():
+                loss_sums[k] += v * n
+        metrics = {f"val/{k}": v / max(n_total, 1) for k, v in loss_sums.items()}
+        metrics["val/loss"] = sum(loss_sums.values()) / max(n_total, 1) if loss_sums else math.nan
+        results = [row for r in gathered for row in r[3]]
+        coco = evaluate_coco(gt, results, backend)
+        metrics.update(flat_metrics(coco))
+        metrics["val/images"] = n_total
+        metrics["val/skipped_images"] = sum(r[4] for r in gathered)
+        payload = [(metrics, coco, results)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(payload, from_process=0)
+    metrics, coco, results = payload[0]
+    return metrics, coco, results
+
+
+def param_checksum(model: nn.Module) -> float:
+    """A cheap fingerprint of the weights (for logs and tests)."""
+    return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+
+
+def predict_batches(
+    model: nn.Module, batches: list[list[torch.Tensor]], device: torch.device
+) -> list[list[dict[str, np.ndarray]]]:
+    """Plain float32 inference of a model over batches of float images (no losses)."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for images in batches:
+            _, dets = loss_and_detections(model, [im.to(device) for im in images], None)
+            out.append([{k: v.cpu().numpy() for k, v in d.items()} for d in dets])
+    return out

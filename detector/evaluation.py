@@ -1,0 +1,157 @@
+"""COCO evaluation: detections -> COCO results (dataset ids, xywh) -> COCOeval stats.
+
+pycocotools is the reference; faster-coco-eval is an opt-in backend with the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from detector.data.coco import LabelMap
+
+STAT_NAMES = (
+    "mAP",
+    "mAP50",
+    "mAP75",
+    "mAP_small",
+    "mAP_medium",
+    "mAP_large",
+    "AR1",
+    "AR10",
+    "AR100",
+    "AR_small",
+    "AR_medium",
+    "AR_large",
+)
+
+
+@dataclass
+class CocoResult:
+    """What COCOeval gave: the 12 stats by name, per-class AP and the PR curves at IoU 0.5."""
+
+    stats: dict[str, float]
+    per_class_ap: dict[str, float] = field(default_factory=dict)  # AP@[.5:.95] by class name, -1 if no GT
+    per_class_ap50: dict[str, float] = field(default_factory=dict)
+    pr50: np.ndarray | None = None  # (K, 101) precision at the 101 recall thresholds, IoU 0.5
+    recall_thresholds: np.ndarray | None = None
+    num_detections: int = 0
+
+
+def detections_to_coco(
+    detections: list[dict[str, torch.Tensor]], targets: list[dict[str, Any]], label_map: LabelMap
+) -> list[dict[str, Any]]:
+    """Model outputs -> COCO result rows with the dataset's image and category ids.
+
+    Args:
+        detections: per image, ``boxes`` (xyxy, in the decoded image's pixels), ``labels``
+            (1..K), ``scores``.
+        targets: the matching targets (``image_id`` and ``scale`` are used to map back).
+        label_map: labels -> category ids.
+    """
+    rows: list[dict[str, Any]] = []
+    for det, tgt in zip(detections, targets):
+        boxes = det["boxes"].detach().float().cpu().numpy().astype(np.float64)
+        if not len(boxes):
+            continue
+        sx, sy = tgt.get("scale", (1.0, 1.0))
+        boxes = boxes / np.array([sx, sy, sx, sy])
+        boxes[:, 2:] -= boxes[:, :2]
+        cats = label_map.to_category_ids(det["labels"].cpu().numpy())
+        scores = det["scores"].detach().float().cpu().numpy()
+        image_id = int(tgt["image_id"])
+        rows.extend(
+            {
+                "image_id": image_id,
+                "category_id": int(c),
+                "bbox": [round(float(v), 3) for v in b],
+                "score": round(float(s), 5),
+            }
+            for b, c, s in zip(boxes, cats, scores)
+        )
+    return rows
+
+
+def _backend(name: str):
+    if name == "faster_coco_eval":
+        try:
+            from faster_coco_eval import COCO, COCOeval_faster
+        except ImportError:
+            raise RuntimeError(
+                "eval.backend=faster_coco_eval needs the faster-coco-eval package: pip install faster-coco-eval"
+            ) from None
+        return COCO, COCOeval_faster
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    return COCO, COCOeval
+
+
+def coco_gt(gt: dict[str, Any], backend: str = "pycocotools") -> Any:
+    """A COCO ground-truth object from a dict (quietly)."""
+    COCO, _ = _backend(backend)
+    obj = COCO()
+    obj.dataset = {**gt, "info": gt.get("info") or {"description": "ground truth"}}
+    with contextlib.redirect_stdout(io.StringIO()):
+        obj.createIndex()
+    return obj
+
+
+def evaluate_coco(gt: dict[str, Any] | Any, results: list[dict[str, Any]], backend: str = "pycocotools") -> CocoResult:
+    """Score COCO result rows against ground truth with COCOeval (bbox).
+
+    Args:
+        gt: a COCO ground-truth dict (e.g. CocoIndex.to_coco_gt()) or a COCO object.
+        results: COCO result rows (image_id, category_id, bbox xywh, score).
+        backend: "pycocotools" (reference) or "faster_coco_eval".
+
+    Returns:
+        The 12 stats; no detections at all gives zeros rather than pycocotools' IndexError.
+    """
+    gt_obj = coco_gt(gt, backend) if isinstance(gt, dict) else gt
+    cat_ids = sorted(gt_obj.getCatIds())
+    names = [gt_obj.cats[c].get("name", str(c)) for c in cat_ids]
+    if not results:
+        zeros = {n: 0.0 for n in STAT_NAMES}
+        return CocoResult(
+            zeros,
+            {n: 0.0 for n in names},
+            {n: 0.0 for n in names},
+            np.zeros((len(names), 101)),
+            np.linspace(0, 1, 101),
+            0,
+        )
+    _, COCOeval = _backend(backend)
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt_obj = gt_obj.loadRes(results)
+        ev = COCOeval(gt_obj, dt_obj, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = {n: float(v) for n, v in zip(STAT_NAMES, ev.stats)}
+    precision = np.asarray(ev.eval["precision"])  # (T, R, K, A, M)
+    eval_cats = list(ev.params.catIds)
+
+    def ap(p: np.ndarray) -> float:
+        p = p[p > -1]
+        return float(p.mean()) if p.size else -1.0
+
+    per_class, per_class50, pr50 = {}, {}, []
+    for name, c in zip(names, cat_ids):
+        k = eval_cats.index(c)
+        per_class[name] = ap(precision[:, :, k, 0, -1])
+        per_class50[name] = ap(precision[0, :, k, 0, -1])
+        pr50.append(np.clip(precision[0, :, k, 0, -1], 0, None))
+    return CocoResult(stats, per_class, per_class50, np.asarray(pr50), np.asarray(ev.params.recThrs), len(results))
+
+
+def flat_metrics(result: CocoResult, prefix: str = "val/") -> dict[str, float]:
+    """The stats (and per-class AP) as one flat dict, e.g. val/mAP, val/mAP50, val/AP/<class>."""
+    out = {f"{prefix}{k}": v for k, v in result.stats.items()}
+    out.update({f"{prefix}AP/{k}": v for k, v in result.per_class_ap.items()})
+    return out

@@ -1,0 +1,68 @@
+"""Optimizer and learning-rate schedule.
+
+The peak learning rate is ``optim.lr`` at ``optim.reference_batch_size`` and scales linearly
+with the global batch (processes x batch x accumulation steps). Norm layers and biases get
+``optim.norm_weight_decay`` (0 by default). The schedule is a per-step LambdaLR: linear warmup,
+then cosine, multistep or constant, so that it resumes exactly from its state dict.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from detector.config import OptimConfig
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The peak learning rate for a global batch size (linear scaling rule)."""
+    return cfg.lr * global_batch / cfg.reference_batch_size if cfg.scale_lr else cfg.lr
+
+
+def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float) -> list[dict]:
+    """Two groups: weights with decay; norm-layer parameters and biases with norm_weight_decay."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            is_norm = isinstance(module, _NORMS) or "FrozenBatchNorm" in type(module).__name__
+            (no_decay if is_norm or name == "bias" else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": norm_weight_decay},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD (momentum, nesterov) or AdamW over the model's trainable parameters."""
+    groups = param_groups(model, cfg.weight_decay, cfg.norm_weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.betas[0], cfg.betas[1]))
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of the peak lr at an optimizer step (0-based)."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    if step < warmup:
+        alpha = step / warmup
+        return cfg.warmup_factor * (1 - alpha) + alpha
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "multistep":
+        passed = sum(step >= int(m * total_steps) for m in cfg.milestones)
+        return cfg.gamma**passed
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    """Per-step schedule: warmup, then cosine / multistep / constant."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))

@@ -1,0 +1,128 @@
+"""Process-level set-up of a run: the Accelerator, the run directory, signals, progress bars."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from detector.config import Config, TrainConfig, save_yaml
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a resumable state
+EXIT_NONFINITE = 3  # stopped after too many non-finite losses in a row
+PREEMPTED_MARKER = "PREEMPTED"  # written in the run directory (accelerate launch maps exit codes to 1)
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The Accelerator from the config; the launch config decides processes and devices.
+
+    mixed_precision is taken from the run config (no, fp16, bf16); fp16 needs a GPU, bf16 runs on
+    CPU too. Each process seeds its RNGs with seed + process index.
+    """
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1)
+    set_seed(cfg.seed + accelerator.process_index)
+    return accelerator
+
+
+def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """Create the run directory and write the resolved config into it."""
+    run_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 (preemption) or a time limit; polled by the training loop."""
+
+    def __init__(self, time_limit_minutes: float = 0.0) -> None:
+        self.signal: int | None = None
+        self.deadline = time.monotonic() + time_limit_minutes * 60 if time_limit_minutes > 0 else None
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __call__(self) -> bool:
+        return self.signal is not None or (self.deadline is not None and time.monotonic() > self.deadline)
+
+    def reason(self) -> str:
+        if self.signal is not None:
+            return f"signal {signal.Signals(self.signal).name}"
+        return "time limit"
+
+
+def progress(enabled: bool, **kwargs: Any) -> Any:
+    """A tqdm bar on the main process (a no-op object elsewhere)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not enabled, dynamic_ncols=True, file=sys.stderr, **kwargs)
+
+
+def world_info(accelerator: Accelerator) -> str:
+    return (
+        f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
+        f"mixed precision {accelerator.mixed_precision}, {torch.get_num_threads()} thread(s) each, "
+        f"pid {os.getpid()}"
+    )
+
+
+def preempted(run_dir: Path, accelerator: Accelerator, reason: str, log) -> int:
+    """After saving the state on a stop request: leave a marker and return EXIT_PREEMPTED."""
+    if accelerator.is_main_process:
+        (run_dir / PREEMPTED_MARKER).write_text(reason + "\n")
+    log(f"stopped by {reason}; state saved in {run_dir / 'checkpoints'}. Resume with train.resume=auto.")
+    return EXIT_PREEMPTED
+
+
+def epoch_line(m: dict[str, Any]) -> str:
+    parts = [f"epoch {m['epoch']}", f"train loss {m.get('train/loss', float('nan')):.4f}"]
+    for key, name in (("val/loss", "val loss"), ("val/mAP", "mAP"), ("val/mAP50", "mAP50")):
+        if key in m:
+            parts.append(f"{name} {m[key]:.4f}")
+    parts.append(f"{m.get('train/images_per_s', 0):.1f} img/s")
+    for key, name in (("train/skipped_images", "skipped images"), ("train/dropped_boxes", "boxes dropped by augmentation"),
+                      ("train/nonfinite_steps", "non-finite steps")):  # fmt: skip
+        if m.get(key):
+            parts.append(f"{name} {m[key]}")
+    return " | ".join(parts)
+
+
+def summary_rows(m: dict[str, Any], best: float | None, cfg: Config, run_dir: Path) -> list[tuple[str, str]]:
+    rows = [("epochs", str(m.get("epoch", 0)))]
+    for key in ("train/loss", "val/loss", "val/mAP", "val/mAP50", "val/mAP75"):
+        if key in m:
+            rows.append((f"last {key}", f"{m[key]:.4f}"))
+    if best is not None:
+        rows.append((f"best {cfg.eval.best_metric}", f"{best:.4f}"))
+    rows += [("best weights", str(run_dir / "best.pt")), ("metrics", str(run_dir / "metrics.jsonl"))]
+    return rows
+
+
+def run_main(main) -> int:
+    """Run a tool's main(); known input errors become one clear message (no stack trace)."""
+    from detector.checkpoint import CheckpointError
+    from detector.config import ConfigError
+    from detector.data.coco import DatasetError
+    from detector.models import WeightsError
+
+    try:
+        return main()
+    except (ConfigError, DatasetError, WeightsError, CheckpointError) as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        return 2

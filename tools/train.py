@@ -1,0 +1,129 @@
+"""Train a detector: one straight path from config to checkpoints.
+
+accelerate launch tools/train.py --config configs/frcnn.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from detector import checkpoint, config, data, engine, optim, runtime  # noqa: E402
+from detector.data.loader import EvalBatchSampler, TrainBatchSampler, build_loader, steps_per_epoch  # noqa: E402
+from detector.models import build_model, model_input_size  # noqa: E402
+from detector.report import epoch_report  # noqa: E402
+from detector.tracking import RunLogger, summary_table  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML config file")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3")
+    args = ap.parse_args(argv)
+    cfg = config.load(args.config, args.overrides)
+
+    # -- setup -----------------------------------------------------------------------------------
+    accelerator = runtime.build_accelerator(cfg.train)
+    log, main_proc = accelerator.print, accelerator.is_main_process
+    run_dir = runtime.prepare_run_dir(cfg, accelerator)
+    log(f"run directory {run_dir}; {runtime.world_info(accelerator)}")
+
+    # -- build: data, model, optimizer ---------------------------------------------------------------
+    splits = data.load_splits(cfg, log)
+    label_map = splits.train.label_map
+    model = build_model(cfg.model, label_map.num_classes, list(label_map.names), log)
+    train_ds, val_ds = data.build_datasets(splits, cfg.data, model_input_size(model))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    train_sampler = TrainBatchSampler(
+        splits.train.aspect_ratios(), cfg.train.batch_size, cfg.train.seed, world, rank, cfg.data.aspect_ratio_grouping
+    )
+    val_sampler = EvalBatchSampler(splits.val.aspect_ratios(), cfg.eval.batch_size, world, rank)
+    train_loader = build_loader(train_ds, train_sampler, cfg.data.num_workers, cfg.train.seed)
+    val_loader = build_loader(val_ds, val_sampler, cfg.data.num_workers, cfg.train.seed)
+    global_batch = world * cfg.train.batch_size * cfg.train.grad_accum_steps
+    lr = optim.scaled_lr(cfg.optim, global_batch)
+    optimizer = optim.build_optimizer(model, cfg.optim, lr)
+    total_steps = cfg.train.epochs * steps_per_epoch(train_sampler, cfg.train.grad_accum_steps)
+    scheduler = optim.build_scheduler(optimizer, cfg.optim, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    log(f"global batch {global_batch} -> lr {lr:.4g}; {total_steps} optimizer steps over {cfg.train.epochs} epochs")
+
+    # -- resume --------------------------------------------------------------------------------------
+    pos = {"epoch": 0, "batch": 0, "step": 0, "best": None, "wandb_id": None, "nonfinite_in_row": 0}
+    if cfg.train.resume:
+        pos.update(checkpoint.resume(cfg.train.resume, run_dir, accelerator, model, optimizer, scheduler, log))
+    logger = RunLogger(run_dir, enabled=main_proc)
+    pos["wandb_id"] = logger.start_wandb(cfg.logging.wandb, config.to_dict(cfg), pos["wandb_id"], log)
+    stop = runtime.StopFlag(cfg.train.time_limit_minutes)
+    gt = splits.val.to_coco_gt()
+
+    def on_step(record: dict) -> None:  # logging and mid-epoch checkpoints
+        pos["step"] += 1
+        pos["batch"] = record["batch"]
+        if pos["step"] % cfg.logging.log_every_steps == 0:
+            logger.log(record, "step", pos["step"])
+        if cfg.train.checkpoint_every_steps and pos["step"] % cfg.train.checkpoint_every_steps == 0:
+            checkpoint.save_state(run_dir, accelerator, model, optimizer, scheduler, pos, cfg.train.keep_checkpoints)
+
+    # -- loop ----------------------------------------------------------------------------------------
+    metrics: dict = {}
+    for epoch in range(pos["epoch"], cfg.train.epochs):
+        train_sampler.set_epoch(epoch, pos["batch"])
+        bar = runtime.progress(
+            main_proc and cfg.logging.progress, total=len(train_sampler), desc=f"epoch {epoch + 1}/{cfg.train.epochs}"
+        )
+        try:
+            stats = engine.train_one_epoch(
+                model, optimizer, scheduler, train_loader, accelerator,
+                epoch=epoch, start_batch=pos["batch"], grad_accum_steps=cfg.train.grad_accum_steps,
+                clip_grad_norm=cfg.train.clip_grad_norm, max_nonfinite_steps=cfg.train.max_nonfinite_steps,
+                nonfinite_in_row=pos["nonfinite_in_row"], should_stop=stop, on_step=on_step, progress=bar,
+            )  # fmt: skip
+        except engine.NonFiniteLossError as exc:
+            checkpoint.save_last(run_dir, accelerator, model, cfg, label_map, metrics, epoch, pos["step"])
+            log(f"error: {exc}. {run_dir / 'last.pt'} holds the last good weights.")
+            return runtime.EXIT_NONFINITE
+        finally:
+            bar.close()
+        pos["nonfinite_in_row"] = stats.pop("nonfinite_in_row")
+        if stats.pop("stopped"):  # preempted: save where we are, exit for the scheduler to requeue
+            checkpoint.save_state(run_dir, accelerator, model, optimizer, scheduler, pos, cfg.train.keep_checkpoints)
+            return runtime.preempted(run_dir, accelerator, stop.reason(), log)
+        pos["epoch"], pos["batch"] = epoch + 1, 0
+        metrics = {"epoch": epoch + 1, **stats}
+        if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
+            bar = runtime.progress(
+                main_proc and cfg.logging.progress, total=len(val_sampler), desc="evaluate", leave=False
+            )
+            val, coco, _ = engine.evaluate(
+                model, val_loader, val_sampler.batch_ids(), accelerator, label_map, gt,
+                backend=cfg.eval.backend, seed=cfg.train.seed, progress=bar,
+            )  # fmt: skip
+            bar.close()
+            metrics.update(val)
+            if checkpoint.is_better(val.get(cfg.eval.best_metric), pos["best"], cfg.eval.best_mode):
+                pos["best"] = val[cfg.eval.best_metric]
+                checkpoint.save_weights(
+                    run_dir / "best.pt", accelerator, model, cfg, label_map, metrics, epoch + 1, pos["step"]
+                )
+            if main_proc and cfg.logging.plots:
+                epoch_report(run_dir, accelerator.unwrap_model(model), val_ds, coco, logger, pos["step"],
+                             cfg.logging.num_plot_images, cfg.logging.wandb.num_images, accelerator.device)  # fmt: skip
+        checkpoint.save_last(run_dir, accelerator, model, cfg, label_map, metrics, epoch + 1, pos["step"])
+        checkpoint.save_state(run_dir, accelerator, model, optimizer, scheduler, pos, cfg.train.keep_checkpoints)
+        logger.log(metrics, "epoch", pos["step"])
+        log(runtime.epoch_line(metrics))
+
+    # -- finish --------------------------------------------------------------------------------------
+    if main_proc and cfg.logging.wandb.log_checkpoint and (run_dir / "best.pt").is_file():
+        logger.log_artifact(run_dir / "best.pt", f"best-{run_dir.name}")
+    logger.close()
+    log(summary_table(runtime.summary_rows(metrics, pos["best"], cfg, run_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(runtime.run_main(main))
