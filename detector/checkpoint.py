@@ -54,7 +54,11 @@ def atomic_write_text(text: str, path: str | Path) -> None:
 def versions() -> dict[str, str]:
     import torchvision
 
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__}
+    return {
+        "python": sys.version.split()[0],
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+    }
 
 
 def weights_payload(

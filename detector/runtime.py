@@ -28,9 +28,20 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1)
+    accelerator = make_accelerator(cfg.mixed_precision)
     set_seed(cfg.seed + accelerator.process_index)
     return accelerator
+
+
+def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+    """An Accelerator; several processes without CUDA use gloo on the CPU.
+
+    Launched torchrun-style (LOCAL_RANK set) on a machine without CUDA, Accelerate would fall
+    back to one process per launcher unless told to use the CPU: we tell it, so that
+    ``launch/cpu2.yaml`` (and torchrun) give a real multi-process CPU run.
+    """
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mixed_precision, cpu=distributed and not torch.cuda.is_available())
 
 
 def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:

@@ -9,6 +9,7 @@ Albumentations pipeline and returns ``(uint8 image CHW, target)``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
@@ -26,16 +27,18 @@ from detector.data.transforms import apply
 
 try:  # orjson parses large exports several times faster; json is the fallback
     import orjson
-
-    def _read_json(path: Path) -> Any:
-        return orjson.loads(path.read_bytes())
-
 except ImportError:  # pragma: no cover - orjson is a declared dependency
-    import json
+    orjson = None
 
-    def _read_json(path: Path) -> Any:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+
+def _read_json(path: Path) -> Any:
+    raw = path.read_bytes()
+    if orjson is not None:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass  # json also takes what Python tools write (NaN, Infinity): try it before failing
+    return json.loads(raw)
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a grey stripe
@@ -153,7 +156,7 @@ class CocoIndex:
             raise DatasetError(f"annotation file not found: {self.path}")
         try:
             data = _read_json(self.path)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
             raise DatasetError(f"{self.path}: not valid JSON: {exc}") from None
         self.report = Report(str(self.path))
         self.repairs: Counter = Counter()

@@ -1,0 +1,143 @@
+"""Predictor: load a best.pt and detect objects in images (paths, PIL images, arrays or tensors)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from detector.config import from_dict
+from detector.data.coco import LabelMap
+from detector.data.images import load_image, to_rgb_array
+from detector.engine import loss_and_detections
+from detector.models import build_model, read_checkpoint
+
+ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
+
+
+def load_model(path: str | Path, **model_overrides: Any) -> tuple[torch.nn.Module, LabelMap, dict[str, Any]]:
+    """Rebuild the model of a weights file (best.pt / last.pt) and load its weights.
+
+    Args:
+        path: the weights file (read with weights_only=True).
+        model_overrides: model.* settings to change (e.g. box_score_thresh).
+
+    Returns:
+        (model in eval mode, label map, the checkpoint's data without the weights).
+    """
+    data = read_checkpoint(path)
+    if "label_map" not in data or "model" not in data:
+        raise ValueError(f"{path} is not a detector weights file (no label map); use one written by tools/train.py")
+    label_map = LabelMap.from_dict(data["label_map"])
+    cfg = from_dict({"model": data.get("model_config", {})}).model
+    cfg = replace(cfg, weights=None, weights_backbone=None, **model_overrides)
+    model = build_model(cfg, label_map.num_classes, list(label_map.names))
+    model.load_state_dict(data["model"])
+    model.eval()
+    meta = {k: v for k, v in data.items() if k != "model"}
+    return model, label_map, meta
+
+
+@dataclass
+class Detections:
+    """Detections of one image, in its pixel coordinates (xyxy)."""
+
+    boxes: np.ndarray  # (n, 4) float32
+    labels: np.ndarray  # (n,) int64, 1..K
+    names: list[str]
+    scores: np.ndarray  # (n,) float32
+    category_ids: np.ndarray  # (n,) the dataset's own category ids
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+class Predictor:
+    """Detect objects with a trained checkpoint.
+
+    Example:
+        >>> p = Predictor.from_checkpoint("runs/demo/best.pt")
+        >>> dets = p.predict(["a.jpg", "b.jpg"])
+        >>> dets[0].boxes, dets[0].names, dets[0].scores
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, label_map: LabelMap, device: str | torch.device = "cpu", batch_size: int = 4
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.label_map = label_map
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        score_threshold: float | None = None,
+        batch_size: int = 4,
+    ) -> Predictor:
+        """Load best.pt (or last.pt); device defaults to CUDA when there is one."""
+        overrides = {"box_score_thresh": score_threshold} if score_threshold is not None else {}
+        model, label_map, _ = load_model(path, **overrides)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(model, label_map, device, batch_size)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.label_map.names)
+
+    @staticmethod
+    def to_tensor(image: ImageInput) -> torch.Tensor:
+        """Any supported input as a float (3, H, W) tensor in [0, 1].
+
+        Paths are decoded with EXIF orientation; numpy arrays are HWC (uint8 or float in [0, 1]);
+        tensors are CHW (uint8, or float in [0, 1]).
+        """
+        if isinstance(image, (str, Path)):
+            arr, _, _ = load_image(image)
+            return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255)
+        if isinstance(image, Image.Image):
+            return torch.from_numpy(to_rgb_array(image).copy()).permute(2, 0, 1).float().div_(255)
+        if isinstance(image, np.ndarray):
+            arr = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+            t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+            return t.float().div_(255) if t.dtype == torch.uint8 else t.float()
+        if isinstance(image, torch.Tensor):
+            t = image if image.ndim == 3 else image.unsqueeze(0).expand(3, -1, -1)
+            return t.float().div(255) if t.dtype == torch.uint8 else t.float()
+        raise TypeError(f"unsupported image type {type(image).__name__}")
+
+    @torch.no_grad()
+    def predict(self, images: ImageInput | Sequence[ImageInput]) -> list[Detections]:
+        """Detect objects in one image or a list of them (float32; batches of batch_size)."""
+        if isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor)) and not (
+            isinstance(images, torch.Tensor) and images.ndim == 4
+        ):
+            images = [images]
+        out: list[Detections] = []
+        for batch in _chunks(list(images), self.batch_size):
+            tensors = [self.to_tensor(im).to(self.device) for im in batch]
+            _, dets = loss_and_detections(self.model, tensors, None)
+            for d in dets:
+                labels = d["labels"].cpu().numpy().astype(np.int64)
+                out.append(
+                    Detections(
+                        boxes=d["boxes"].cpu().numpy().astype(np.float32),
+                        labels=labels,
+                        names=[self.label_map.names[i - 1] for i in labels],
+                        scores=d["scores"].cpu().numpy().astype(np.float32),
+                        category_ids=self.label_map.to_category_ids(labels),
+                    )
+                )
+        return out
+
+
+def _chunks(items: list, n: int) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]

@@ -1,0 +1,118 @@
+"""Evaluate a checkpoint on a COCO dataset, or score an existing COCO results file.
+
+    accelerate launch tools/evaluate.py --checkpoint best.pt --annotations A --images I [--batch-size N] [--output metrics.json]
+    python tools/evaluate.py --predictions results.json --annotations A [--images I] [--output metrics.json]
+
+Prints the 12 COCO stats and a per-class AP table; --output writes them as one flat JSON object;
+--results writes the model's COCO results json; --plots DIR writes the PR curves and AP bars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detector import runtime  # noqa: E402
+from detector.data.coco import CocoDetection, CocoIndex, DatasetError, _read_json  # noqa: E402
+from detector.evaluation import CocoResult, evaluate_coco, flat_metrics  # noqa: E402
+
+
+def report(result: CocoResult) -> str:
+    lines = [f"{k:>11}: {v:.4f}" for k, v in result.stats.items()]
+    lines.append(f"{'class':>20}  {'AP':>7}  {'AP50':>7}")
+    lines += [f"{n:>20}  {result.per_class_ap[n]:7.4f}  {result.per_class_ap50[n]:7.4f}" for n in result.per_class_ap]
+    return "\n".join(lines)
+
+
+def score_file(args) -> dict:
+    gt = CocoIndex(args.annotations, on_invalid=args.on_invalid)
+    rows = _read_json(Path(args.predictions))
+    if isinstance(rows, dict) and "annotations" in rows:
+        rows = rows["annotations"]
+    if not isinstance(rows, list):
+        raise DatasetError(f"{args.predictions}: expected a list of COCO results (image_id, category_id, bbox, score)")
+    known = set(gt.image_ids.tolist())
+    unknown = sum(1 for r in rows if r.get("image_id") not in known)
+    if unknown:
+        raise DatasetError(f"{args.predictions}: {unknown} result(s) name images that are not in {args.annotations}")
+    result = evaluate_coco(gt.to_coco_gt(), rows, args.backend)
+    print(report(result))
+    return {"metrics": flat_metrics(result, prefix=""), "result": result}
+
+
+def evaluate_checkpoint(args) -> dict | None:
+    from detector.data.loader import EvalBatchSampler, build_loader
+    from detector.engine import evaluate
+    from detector.inference import load_model
+    from detector.models import model_input_size
+
+    if not args.images:
+        raise DatasetError("--images is needed with --checkpoint")
+    accelerator = runtime.make_accelerator()
+    overrides = {"box_score_thresh": args.score_threshold} if args.score_threshold is not None else {}
+    model, label_map, meta = load_model(args.checkpoint, **overrides)
+    index = CocoIndex(args.annotations, label_map=label_map, on_invalid=args.on_invalid)
+    accelerator.print(index.summary())
+    ds = CocoDetection(index, args.images, None, model_input_size(model))
+    sampler = EvalBatchSampler(
+        index.aspect_ratios(), args.batch_size, accelerator.num_processes, accelerator.process_index
+    )
+    loader = build_loader(ds, sampler, args.num_workers)
+    model = model.to(accelerator.device)
+    bar = runtime.progress(accelerator.is_main_process, total=len(sampler), desc="evaluate")
+    metrics, result, rows = evaluate(
+        model,
+        loader,
+        sampler.batch_ids(),
+        accelerator,
+        label_map,
+        index.to_coco_gt(),
+        backend=args.backend,
+        progress=bar,
+    )
+    bar.close()
+    if not accelerator.is_main_process:
+        return None
+    print(report(result))
+    print(f"{'val loss':>11}: {metrics['val/loss']:.6f}")
+    if args.results:
+        Path(args.results).write_text(json.dumps(rows))
+    flat = {k.removeprefix("val/"): v for k, v in metrics.items()}
+    return {"metrics": flat, "result": result}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="best.pt / last.pt written by tools/train.py")
+    src.add_argument("--predictions", help="a COCO results json to score (no model needed)")
+    ap.add_argument("--annotations", required=True, help="COCO ground-truth json")
+    ap.add_argument("--images", help="image root (needed with --checkpoint)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--score-threshold", type=float, help="override the checkpoint's box_score_thresh")
+    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--backend", choices=["pycocotools", "faster_coco_eval"], default="pycocotools")
+    ap.add_argument("--on-invalid", choices=["error", "repair"], default="error")
+    ap.add_argument("--output", help="write the stats as one flat JSON object")
+    ap.add_argument("--results", help="write the model's detections as a COCO results json")
+    ap.add_argument("--plots", help="folder for the PR curves and per-class AP plots")
+    args = ap.parse_args(argv)
+    out = score_file(args) if args.predictions else evaluate_checkpoint(args)
+    if out is None:  # not the main process
+        return 0
+    if args.output:
+        Path(args.output).write_text(json.dumps(out["metrics"], indent=1))
+    if args.plots:
+        from detector.plots import plot_per_class_ap, plot_pr
+
+        plot_pr(out["result"], Path(args.plots) / "pr_curves.png")
+        plot_per_class_ap(out["result"], Path(args.plots) / "per_class_ap.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(runtime.run_main(main))
