@@ -23,7 +23,8 @@ def test_run_directory(trained_run):
     for key in ("val/mAP", "val/mAP50", "val/mAP75", "val/AR100", "val/loss", "train/loss", "lr"):
         assert key in epochs[-1], key
     assert any(r["kind"] == "step" and "train/loss_classifier" in r for r in records)
-    rows = list(csv.DictReader(open(trained_run / "results.csv")))
+    with open(trained_run / "results.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2] and "val/mAP50" in rows[0]
     ckpt = torch.load(trained_run / "best.pt", weights_only=True)
     assert ckpt["label_map"] == {"category_ids": [3, 7, 12], "names": ["circle", "square", "triangle"]}

@@ -145,9 +145,9 @@ def ensure_dataset(root: str | Path, num_train: int, num_val: int, seed: int) ->
     root = Path(root)
     stamp = root / "SETTINGS.json"
     want = {"num_train": num_train, "num_val": num_val, "seed": seed, "version": 1}
-    if stamp.is_file() and json.loads(stamp.read_text()) == want:
-        if (root / "train.json").is_file() and (root / "val.json").is_file():
-            return {"train": root / "train.json", "val": root / "val.json"}
+    complete = (root / "train.json").is_file() and (root / "val.json").is_file()
+    if complete and stamp.is_file() and json.loads(stamp.read_text()) == want:
+        return {"train": root / "train.json", "val": root / "val.json"}
     paths = make_dataset(root, num_train, num_val, seed)
     stamp.write_text(json.dumps(want))
     return paths
