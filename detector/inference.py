@@ -101,12 +101,12 @@ class Predictor:
         """
         if isinstance(image, (str, Path)):
             arr, _, _ = load_image(image)
-            return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255)
+            return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(255)
         if isinstance(image, Image.Image):
             return torch.from_numpy(to_rgb_array(image).copy()).permute(2, 0, 1).float().div_(255)
         if isinstance(image, np.ndarray):
             arr = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
-            t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+            t = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)
             return t.float().div_(255) if t.dtype == torch.uint8 else t.float()
         if isinstance(image, torch.Tensor):
             t = image if image.ndim == 3 else image.unsqueeze(0).expand(3, -1, -1)

@@ -49,6 +49,10 @@ MAX_LISTED = 20  # problems spelled out in an error message; all are counted
 class DatasetError(ValueError):
     """Bad dataset input, with the file and the json location or image at fault."""
 
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
 
 @dataclass
 class Report:
@@ -71,7 +75,9 @@ class Report:
         shown = "\n".join(f"  - {p}" for p in self.problems[:MAX_LISTED])
         more = f"\n  ... and {len(self.problems) - MAX_LISTED} more" if len(self.problems) > MAX_LISTED else ""
         kinds = ", ".join(f"{k}: {n}" for k, n in sorted(self.counts.items()))
-        raise DatasetError(f"{self.source}: {len(self.problems)} problem(s) ({kinds})\n{shown}{more}{hint}")
+        raise DatasetError(
+            f"{self.source}: {len(self.problems)} problem(s) ({kinds})\n{shown}{more}{hint}", list(self.problems)
+        )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,151 @@
+"""Export a trained detector to TorchScript or ONNX, with a parity check against eager PyTorch.
+
+ONNX: Faster R-CNN exports reliably at a fixed input size, so the exported graph takes one
+float image (3, H, W) in [0, 1] of exactly the size given at export time; it resizes and
+normalises internally like the eager model and returns boxes (n, 4, xyxy in input pixels),
+labels (n, 1..K) and scores (n). TorchScript keeps the eager model's interface
+(a list of images of any size in, ``(losses, detections)`` out).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from detector.data.coco import LabelMap
+
+OPSET = 17
+
+
+@dataclass
+class Parity:
+    """How the exported model agrees with eager PyTorch on sample images."""
+
+    images: int
+    detections: int  # eager detections above the score threshold, summed over images
+    labels_equal: bool
+    max_box_diff: float  # px
+    max_score_diff: float
+
+    def ok(self, box_tol: float) -> bool:
+        return self.labels_equal and self.max_box_diff <= box_tol
+
+
+def export_onnx(model: torch.nn.Module, path: str | Path, size: tuple[int, int], opset: int = OPSET) -> Path:
+    """Write an ONNX graph for images of (height, width) = size."""
+    model.eval()
+    example = torch.rand(3, *size)
+    path = Path(path)
+    torch.onnx.export(
+        model,
+        ([example],),
+        str(path),
+        opset_version=opset,
+        dynamo=False,  # the TorchScript-based exporter handles torchvision's detection ops
+        input_names=["image"],
+        output_names=["boxes", "labels", "scores"],
+    )
+    return path
+
+
+def export_torchscript(model: torch.nn.Module, path: str | Path) -> Path:
+    model.eval()
+    scripted = torch.jit.script(model)
+    path = Path(path)
+    scripted.save(str(path))
+    return path
+
+
+def metadata(label_map: LabelMap, size: tuple[int, int] | None, fmt: str, model: torch.nn.Module) -> dict[str, Any]:
+    t = model.transform
+    return {
+        "format": fmt,
+        "class_names": list(label_map.names),
+        "category_ids": list(label_map.category_ids),
+        "labels": "1..K index class_names (0 is the background)",
+        "input": {
+            "layout": "float32 RGB (3, H, W) in [0, 1]",
+            "size_hw": list(size) if size else "any",
+            "normalisation": {"mean": list(t.image_mean), "std": list(t.image_std), "applied_inside_model": True},
+            "model_resize": {"min_size": int(t.min_size[-1]), "max_size": int(t.max_size)},
+        },
+        "outputs": ["boxes (n, 4) xyxy in input pixels", "labels (n,)", "scores (n,)"],
+        "opset": OPSET if fmt == "onnx" else None,
+    }
+
+
+def _match(eager: dict[str, np.ndarray], other: tuple[np.ndarray, np.ndarray, np.ndarray], thresh: float):
+    keep_e = eager["scores"] >= thresh
+    boxes_o, labels_o, scores_o = other
+    keep_o = scores_o >= thresh
+    be, le, se = eager["boxes"][keep_e], eager["labels"][keep_e], eager["scores"][keep_e]
+    bo, lo, so = boxes_o[keep_o], labels_o[keep_o], scores_o[keep_o]
+    if len(le) != len(lo) or not np.array_equal(le, lo):
+        return False, float("inf"), float("inf"), len(le)
+    if not len(le):
+        return True, 0.0, 0.0, 0
+    return True, float(np.abs(be - bo).max()), float(np.abs(se - so).max()), len(le)
+
+
+def check_parity(
+    model: torch.nn.Module,
+    images: list[torch.Tensor],
+    run_exported,
+    score_threshold: float = 0.3,
+) -> Parity:
+    """Compare eager detections with an exported model's on the same images.
+
+    Args:
+        model: the eager model (eval mode).
+        images: float (3, H, W) images in [0, 1].
+        run_exported: image -> (boxes, labels, scores) numpy arrays.
+        score_threshold: detections below it are not compared (near-ties there can flip).
+    """
+    labels_ok, box_diff, score_diff, count = True, 0.0, 0.0, 0
+    with torch.no_grad():
+        for img in images:
+            det = model([img])[0]
+            eager = {k: v.numpy() for k, v in det.items()}
+            same, bd, sd, n = _match(eager, run_exported(img), score_threshold)
+            labels_ok &= same
+            box_diff, score_diff, count = max(box_diff, bd), max(score_diff, sd), count + n
+    return Parity(len(images), count, labels_ok, box_diff, score_diff)
+
+
+def onnx_runner(path: str | Path):
+    """image tensor -> (boxes, labels, scores) with ONNX Runtime on the CPU."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise RuntimeError("the ONNX check needs onnxruntime: pip install 'detector[export]'") from None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(img: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        boxes, labels, scores = session.run(None, {name: img.numpy().astype(np.float32)})
+        return boxes, labels.astype(np.int64), scores
+
+    return run
+
+
+def torchscript_runner(path: str | Path):
+    scripted = torch.jit.load(str(path))
+
+    def run(img: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            _, dets = scripted([img])
+        d = dets[0]
+        return d["boxes"].numpy(), d["labels"].numpy(), d["scores"].numpy()
+
+    return run
+
+
+def write_metadata(meta: dict[str, Any], model_path: str | Path) -> Path:
+    path = Path(str(model_path) + ".json")
+    path.write_text(json.dumps(meta, indent=1))
+    return path

@@ -1,0 +1,91 @@
+"""Image decoding: modes, EXIF orientation, reduced-scale JPEG decoding, corrupt files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detector.data.coco import CocoDetection, CocoIndex, DatasetError
+from detector.data.images import ImageDecodeError, load_image, oriented_size, scan_images
+
+from .conftest import write_coco
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "LA", "1"])
+def test_modes_become_rgb(tmp_path, mode):
+    im = Image.new("RGB", (20, 10), (200, 100, 50)).convert(mode)
+    path = tmp_path / ("x.png" if mode != "CMYK" else "x.jpg")
+    im.save(path)
+    arr, sx, sy = load_image(path)
+    assert arr.shape == (10, 20, 3) and arr.dtype == np.uint8 and (sx, sy) == (1.0, 1.0)
+
+
+def test_16bit_is_scaled_not_clipped(tmp_path):
+    data = np.full((8, 8), 65535 // 2, dtype=np.uint16)
+    Image.fromarray(data).save(tmp_path / "g16.png")
+    arr, _, _ = load_image(tmp_path / "g16.png")
+    assert arr.shape == (8, 8, 3) and 120 <= arr[0, 0, 0] <= 135  # mid-grey, not saturated white
+
+
+def _exif_jpeg(path, orientation: int, size=(40, 20)):
+    im = Image.new("RGB", size, (0, 0, 0))
+    im.paste((255, 0, 0), (0, 0, 10, 10))  # a red mark in the top-left corner as stored
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    im.save(path, exif=exif.tobytes(), quality=95)
+
+
+def test_exif_orientation_applied(tmp_path):
+    _exif_jpeg(tmp_path / "r.jpg", 6)  # stored 40x20, displayed rotated 90 degrees clockwise
+    arr, _, _ = load_image(tmp_path / "r.jpg")
+    assert arr.shape[:2] == (40, 20)  # now portrait
+    assert arr[2, -3, 0] > 200 and arr[-3, 2, 0] < 50  # the mark moved to the top-right
+    assert oriented_size(tmp_path / "r.jpg") == (20, 40)
+
+
+def test_size_mismatch_found_at_scan(tmp_path):
+    _exif_jpeg(tmp_path / "r.jpg", 6)
+    found = scan_images(tmp_path, ["r.jpg", "gone.jpg"], np.array([[40, 20], [5, 5]]))
+    assert [p for _, p in found["missing"]] == [str(tmp_path / "gone.jpg")]
+    assert "decoded size 20x40 (EXIF orientation applied) differs from the json's 40x20" in found["size_mismatch"][0][1]
+
+
+def test_draft_decoding_halves_and_reports_scale(tmp_path):
+    Image.new("RGB", (1600, 1200), (10, 20, 30)).save(tmp_path / "big.jpg")
+    arr, sx, sy = load_image(tmp_path / "big.jpg", min_size=(700, 520))
+    assert arr.shape[:2] == (600, 800) and (sx, sy) == (0.5, 0.5)  # 1/2 scale >= requested
+    arr, sx, _ = load_image(tmp_path / "big.jpg", min_size=(1500, 1100))
+    assert arr.shape[:2] == (1200, 1600) and sx == 1.0  # never below the requested size
+
+
+def test_dataset_scales_boxes_with_draft_decoding(tmp_path):
+    Image.new("RGB", (1600, 1200)).save(tmp_path / "big.jpg")
+    ann = write_coco(
+        tmp_path / "a.json",
+        [{"id": 1, "file_name": "big.jpg", "width": 1600, "height": 1200}],
+        [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [400, 200, 800, 600]}],
+        [{"id": 1, "name": "x"}],
+    )
+    ds = CocoDetection(CocoIndex(ann), tmp_path, model_size=(300, 400))
+    image, target = ds[0]
+    assert image.shape == (3, 300, 400) and image.dtype.is_floating_point is False
+    np.testing.assert_allclose(target["boxes"].numpy(), [[100, 50, 300, 200]])
+    assert target["scale"] == (0.25, 0.25)
+
+
+def test_corrupt_image_error_or_skip(tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
+    data = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "bad.jpg").write_bytes(data[: len(data) // 3])  # truncated
+    with pytest.raises(ImageDecodeError, match="bad.jpg"):
+        load_image(tmp_path / "bad.jpg")
+    ann = write_coco(
+        tmp_path / "a.json",
+        [{"id": 1, "file_name": "bad.jpg", "width": 64, "height": 64}],
+        [],
+        [{"id": 1, "name": "x"}],
+    )
+    with pytest.raises(DatasetError, match=r"bad.jpg.*data.on_corrupt_image=skip"):
+        CocoDetection(CocoIndex(ann), tmp_path)[0]
+    assert CocoDetection(CocoIndex(ann), tmp_path, on_corrupt_image="skip")[0] is None

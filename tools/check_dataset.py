@@ -1,0 +1,111 @@
+"""Report on a COCO detection dataset before training on it.
+
+    python tools/check_dataset.py ANNOTATIONS IMAGES [--draw N --output DIR]
+
+Prints counts, the class histogram, the box size distribution, every problem in the json (with
+its location) and every missing, unreadable or mis-sized image; --draw N writes N images with
+their boxes as PNG files into DIR. Exit code 1 when problems were found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from detector import runtime  # noqa: E402
+from detector.data.coco import CocoDetection, CocoIndex, DatasetError  # noqa: E402
+from detector.data.images import scan_images  # noqa: E402
+from detector.plots import draw_detections  # noqa: E402
+
+
+def box_stats(index: CocoIndex) -> list[str]:
+    if not index.num_annotations:
+        return ["  no boxes"]
+    wh = index.boxes[:, 2:] - index.boxes[:, :2]
+    area = index.areas
+    lines = [
+        f"  COCO size ranges (by area): small (<32^2) {int((area < 32**2).sum())}, "
+        f"medium {int(((area >= 32**2) & (area < 96**2)).sum())}, large (>=96^2) {int((area >= 96**2).sum())}"
+    ]
+    for name, v in (("width", wh[:, 0]), ("height", wh[:, 1]), ("aspect w/h", wh[:, 0] / wh[:, 1])):
+        q = np.percentile(v, [0, 5, 50, 95, 100])
+        lines.append(f"  {name:>10}: min {q[0]:.1f}  p5 {q[1]:.1f}  median {q[2]:.1f}  p95 {q[3]:.1f}  max {q[4]:.1f}")
+    per_image = np.diff(index.ann_start)
+    lines.append(f"  boxes per image: mean {per_image.mean():.1f}, max {per_image.max()}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("annotations")
+    ap.add_argument("images")
+    ap.add_argument("--draw", type=int, default=0, help="draw N images with their boxes")
+    ap.add_argument("--output", default="dataset_check", help="folder for the drawings")
+    args = ap.parse_args(argv)
+
+    problems: list[str] = []
+    try:
+        CocoIndex(args.annotations)
+    except DatasetError as exc:
+        if not exc.problems:
+            raise
+        problems = exc.problems
+    index = CocoIndex(args.annotations, on_invalid="repair")  # what training with on_invalid=repair would use
+    print(index.summary())
+    print("box sizes:")
+    print("\n".join(box_stats(index)))
+    print("class histogram:")
+    counts = index.class_counts()
+    peak = max(counts.values(), default=1) or 1
+    for name, n in counts.items():
+        print(f"  {name:>20} {n:7d} {'#' * round(40 * n / peak)}")
+    sizes = np.stack([index.widths, index.heights], axis=1)
+    bar = runtime.progress(True, desc="reading image headers", unit="img")
+    found = scan_images(
+        args.images,
+        [index.file_name(i) for i in range(len(index))],
+        sizes,
+        progress=lambda it, total: _wrap(bar, it, total),
+    )
+    bar.close()
+    problems += [f"missing image file: {p}" for _, p in found["missing"]]
+    problems += [m for kind in ("unreadable", "size_mismatch") for _, m in found[kind]]
+    print(f"problems: {len(problems)}")
+    for p in problems:
+        print(f"  - {p}")
+    if args.draw:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        ds = CocoDetection(index, args.images)
+        missing = {i for i, _ in found["missing"]} | {i for i, _ in found["unreadable"]}
+        drawn = 0
+        for i in range(len(index)):
+            if drawn >= args.draw:
+                break
+            if i in missing:
+                continue
+            image, target = ds[i]
+            boxes, labels, crowd = index.annotations(i)
+            img = draw_detections(image, torch.from_numpy(boxes), labels.tolist(), index.label_map.names)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(out / f"{Path(index.file_name(i)).stem}.png")
+            drawn += 1
+        print(f"drew {drawn} image(s) into {out}")
+    return 1 if problems else 0
+
+
+def _wrap(bar, iterable, total):
+    bar.reset(total=total)
+    for item in iterable:
+        bar.update(1)
+        yield item
+
+
+if __name__ == "__main__":
+    sys.exit(runtime.run_main(main))

@@ -1,0 +1,92 @@
+"""Export a checkpoint to ONNX or TorchScript and check it against eager PyTorch.
+
+    python tools/export.py --checkpoint best.pt --format onnx|torchscript --output FILE [--size H W] [--samples IMG ...]
+
+ONNX graphs take one float RGB image (3, H, W) in [0, 1] of the export size (default: the
+model's min_size x a 4:3 width). A metadata file FILE.json is written beside the model (class
+names, input size, normalisation). The check runs both on sample images and fails (exit 1)
+when labels differ or boxes differ by more than --box-tolerance pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from detector import export, runtime  # noqa: E402
+from detector.inference import Predictor, load_model  # noqa: E402
+
+
+def sample_images(paths: list[str], size: tuple[int, int] | None, checkpoint_cfg: dict) -> list[torch.Tensor]:
+    """Sample images at the export size: given files, else the training run's val images."""
+    if not paths:
+        val = checkpoint_cfg.get("data", {}).get("val", {})
+        root = Path(val.get("images") or "")
+        syn = checkpoint_cfg.get("data", {}).get("synthetic", {})
+        if syn.get("enabled"):
+            root = Path(syn["root"]) / "val"
+        paths = [str(p) for p in sorted(root.glob("*"))[:4]] if root.is_dir() else []
+    images = [Predictor.to_tensor(p) for p in paths]
+    if not images:  # nothing to look at: noise still checks that the graphs compute the same thing
+        images = [torch.rand(3, *(size or (320, 320)), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    if size is not None:
+        images = [torch.nn.functional.interpolate(im[None], size=size, mode="bilinear")[0] for im in images]
+    return images
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="ONNX input size (fixed)")
+    ap.add_argument("--samples", nargs="*", default=[], help="images for the parity check")
+    ap.add_argument("--score-threshold", type=float, default=0.3, help="detections compared in the check")
+    ap.add_argument("--box-tolerance", type=float, default=1.0, help="max box difference in pixels")
+    args = ap.parse_args(argv)
+
+    model, label_map, meta = load_model(args.checkpoint)
+    size = None
+    if args.format == "onnx":
+        t = model.transform
+        size = (
+            tuple(args.size)
+            if args.size
+            else (int(t.min_size[-1]), min(int(t.max_size), round(t.min_size[-1] * 4 / 3)))
+        )
+        path = export.export_onnx(model, args.output, size)
+        runner = export.onnx_runner(path)
+    else:
+        path = export.export_torchscript(model, args.output)
+        runner = export.torchscript_runner(path)
+    info = export.metadata(label_map, size, args.format, model)
+    images = sample_images(args.samples, size, meta.get("config", {}))
+    parity = export.check_parity(model, images, runner, args.score_threshold)
+    info["parity"] = {
+        **parity.__dict__,
+        "box_tolerance_px": args.box_tolerance,
+        "score_threshold": args.score_threshold,
+    }
+    meta_path = export.write_metadata(info, path)
+    print(f"wrote {path} and {meta_path}")
+    print(
+        f"parity on {parity.images} image(s), {parity.detections} detection(s) >= {args.score_threshold}: "
+        f"labels equal {parity.labels_equal}, max box diff {parity.max_box_diff:.4f} px, "
+        f"max score diff {parity.max_score_diff:.2e}"
+    )
+    if not parity.ok(args.box_tolerance):
+        print(
+            f"error: the exported model disagrees with eager PyTorch (tolerance {args.box_tolerance} px)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(runtime.run_main(main))

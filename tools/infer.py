@@ -1,0 +1,114 @@
+"""Detect objects in images with a trained checkpoint.
+
+    python tools/infer.py --checkpoint best.pt [--score-threshold T] [--output DIR] INPUT...
+
+INPUT may be image files, folders (searched recursively) or glob patterns. Writes to DIR the
+images with boxes, class names and scores drawn, and results.json: COCO-format results
+(image_id = position in images.json, category_id = the dataset's own ids, bbox xywh) plus
+images.json mapping image ids to files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from detector import runtime  # noqa: E402
+from detector.data.images import ImageDecodeError  # noqa: E402
+from detector.inference import Predictor  # noqa: E402
+from detector.plots import draw_detections  # noqa: E402
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def collect(inputs: list[str]) -> list[Path]:
+    """Expand files, folders and globs into a sorted, de-duplicated list of image files."""
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTS)
+        elif p.is_file():
+            found.append(p)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"no such file, folder or glob match: {item}")
+            found += [m for m in matches if m.suffix.lower() in IMAGE_EXTS]
+    return list(dict.fromkeys(found))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="+", help="image files, folders or globs")
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--score-threshold", type=float, default=0.5)
+    ap.add_argument("--output", default="predictions", help="folder for drawn images and results.json")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--no-draw", action="store_true", help="only write results.json")
+    args = ap.parse_args(argv)
+
+    try:
+        files = collect(args.inputs)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not files:
+        print("error: no images found in the inputs", file=sys.stderr)
+        return 2
+    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.score_threshold, args.batch_size)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    results, images, failed = [], [], []
+    bar = runtime.progress(True, total=len(files), desc="infer", unit="img")
+    for start in range(0, len(files), args.batch_size):
+        batch, tensors = [], []
+        for f in files[start : start + args.batch_size]:
+            try:
+                tensors.append(predictor.to_tensor(f))
+                batch.append(f)
+            except ImageDecodeError as exc:
+                failed.append(str(exc))
+        for f, img, det in zip(batch, tensors, predictor.predict(tensors) if tensors else []):
+            image_id = len(images)
+            images.append({"id": image_id, "file_name": str(f), "height": img.shape[1], "width": img.shape[2]})
+            for b, c, s in zip(det.boxes.tolist(), det.category_ids.tolist(), det.scores.tolist()):
+                results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": int(c),
+                        "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                        "score": s,
+                    }
+                )
+            if not args.no_draw:
+                drawn = draw_detections(
+                    (img * 255).round().to(torch.uint8),
+                    torch.from_numpy(det.boxes),
+                    det.labels,
+                    predictor.class_names,
+                    det.scores,
+                )
+                Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out / f"{image_id:05d}_{f.stem}.png")
+        bar.update(len(files[start : start + args.batch_size]))
+    bar.close()
+    (out / "results.json").write_text(json.dumps(results))
+    (out / "images.json").write_text(json.dumps({"images": images, "categories": [
+        {"id": c, "name": n} for c, n in zip(predictor.label_map.category_ids, predictor.class_names)]}))  # fmt: skip
+    print(f"{len(images)} image(s), {len(results)} detection(s) >= {args.score_threshold} -> {out}")
+    for message in failed:
+        print(f"warning: skipped {message}", file=sys.stderr)
+    return 1 if failed and not images else 0
+
+
+if __name__ == "__main__":
+    sys.exit(runtime.run_main(main))
