@@ -53,7 +53,11 @@ def launch(
         cmd += ["--num_processes", str(nproc), "--main_process_port", str(_free_port())]
     cmd += [str(ROOT / "tools" / script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    env.update(kw.pop("env", {}))
+    for k, v in kw.pop("env", {}).items():  # None unsets a variable
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, **kw)
 
 
