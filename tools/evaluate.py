@@ -75,6 +75,8 @@ def evaluate_checkpoint(args) -> dict | None:
         progress=bar,
     )
     bar.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     if not accelerator.is_main_process:
         return None
     print(report(result))

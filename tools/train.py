@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.log_artifact(run_dir / "best.pt", f"best-{run_dir.name}")
     logger.close()
     log(summary_table(runtime.summary_rows(metrics, pos["best"], cfg, run_dir)))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return 0
 
 

@@ -28,3 +28,5 @@ if acc.is_main_process:
     unpadded = len(TrainBatchSampler(index.aspect_ratios(), 3, seed=5).global_batches(0)[0])
     padded = sum(len(b) for b in batches[unpadded:])  # images of the batches repeated to pad
     Path(out).write_text(json.dumps({"num_images": len(index), "padded": padded, **seen}))
+acc.wait_for_everyone()
+acc.end_training()  # tear the process group down together (gloo aborts otherwise)
