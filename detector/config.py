@@ -124,11 +124,12 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 42
     resume: str | None = None  # auto | PATH | null
-    checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
+    checkpoint_every_steps: int = 0  # also save a resumable state every N optimizer steps (0: off)
+    checkpoint_every_epochs: int = 1  # save a resumable state every N epochs (and always at the end)
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 20  # stop after this many non-finite losses in a row
     time_limit_minutes: float = 0.0  # 0: no limit; else stop (with a checkpoint) after this long
-    threads: int = 0  # torch intra-op threads per process; 0 leaves torch's default
+    threads: int = 0  # torch intra-op threads per process; 0: the usable CPUs / processes on this machine
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,7 @@ def validate(cfg: Config) -> None:
         (all(0 < m < 1 for m in cfg.optim.milestones), "optim.milestones are fractions in (0, 1)"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (cfg.train.checkpoint_every_epochs >= 1, "train.checkpoint_every_epochs must be >= 1"),
         (
             cfg.model.min_size is None or cfg.model.max_size is None or cfg.model.min_size <= cfg.model.max_size,
             "model.min_size must be <= model.max_size",

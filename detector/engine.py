@@ -94,7 +94,7 @@ def train_one_epoch(
     skipped_images = dropped_boxes = nonfinite_total = 0
     window_bad = False
     stopped = False
-    batch_i = start_batch
+    done = start_batch  # batches of this epoch trained, for the records and a resume
     t0 = time.perf_counter()
     for batch_i, (images, targets, skipped) in enumerate(loader, start=start_batch):
         window_start = (batch_i // grad_accum_steps) * grad_accum_steps
@@ -156,11 +156,16 @@ def train_one_epoch(
                 record.update({f"train/{k}": v / n_global for k, v in zip(loss_dict, reduced.tolist())})
                 record["train/loss"] = sum(reduced[: len(loss_dict)].tolist()) / n_global
             if progress is not None:
-                progress.set_postfix(loss=f"{record.get('train/loss', float('nan')):.3f}", lr=f"{record['lr']:.2e}")
+                progress.set_postfix(
+                    loss=f"{record.get('train/loss', float('nan')):.3f}",
+                    lr=f"{record['lr']:.2e}",
+                    img_s=f"{images_seen / max(time.perf_counter() - t0, 1e-9):.1f}",
+                )
             if on_step is not None:
                 on_step(record)
             if reduced[-2] > 0:  # someone asked to stop: every process stops here
                 stopped = True
+        done = batch_i + 1
         if progress is not None:
             progress.update(1)
         if stopped:
@@ -176,7 +181,7 @@ def train_one_epoch(
             "train/dropped_boxes": dropped_boxes,
             "train/nonfinite_steps": nonfinite_total,
             "nonfinite_in_row": nonfinite_in_row,
-            "batch": batch_i + 1 if images_seen or start_batch < n_batches else start_batch,
+            "batch": done,
             "stopped": stopped,
         }
     )

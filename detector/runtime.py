@@ -26,11 +26,23 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     mixed_precision is taken from the run config (no, fp16, bf16); fp16 needs a GPU, bf16 runs on
     CPU too. Each process seeds its RNGs with seed + process index.
     """
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads if cfg.threads > 0 else auto_threads())
     accelerator = make_accelerator(cfg.mixed_precision)
     set_seed(cfg.seed + accelerator.process_index)
     return accelerator
+
+
+def auto_threads() -> int:
+    """The CPUs this process may use, shared among the processes of this machine.
+
+    ``accelerate launch`` without a config pins OMP_NUM_THREADS to physical cores / processes,
+    which on machines with SMT (and on most cloud vCPUs) leaves half the CPU idle.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 epoch_report(run_dir, accelerator.unwrap_model(model), val_ds, coco, logger, pos["step"],
                              cfg.logging.num_plot_images, cfg.logging.wandb.num_images, accelerator.device)  # fmt: skip
         checkpoint.save_last(run_dir, accelerator, model, cfg, label_map, metrics, epoch + 1, pos["step"])
-        checkpoint.save_state(run_dir, accelerator, model, optimizer, scheduler, pos, cfg.train.keep_checkpoints)
+        if (epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or epoch + 1 == cfg.train.epochs:
+            checkpoint.save_state(run_dir, accelerator, model, optimizer, scheduler, pos, cfg.train.keep_checkpoints)
         logger.log(metrics, "epoch", pos["step"])
         log(runtime.epoch_line(metrics))
 
