@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from detector.evaluation import STAT_NAMES
+
 from .conftest import ROOT, TINY, data_overrides, launch
 
 pytestmark = pytest.mark.slow
@@ -56,20 +58,7 @@ def test_one_and_two_processes_evaluate_identically(trained_run, tiny_dataset, t
     # 7 val images with batch 2 on 2 processes: 4 batches, the last one short; no padding counted.
     one = _evaluate(trained_run / "best.pt", tiny_dataset, 1, tmp_path / "one.json", 2)
     two = _evaluate(trained_run / "best.pt", tiny_dataset, 2, tmp_path / "two.json", 2)
-    stats = [
-        "mAP",
-        "mAP50",
-        "mAP75",
-        "mAP_small",
-        "mAP_medium",
-        "mAP_large",
-        "AR1",
-        "AR10",
-        "AR100",
-        "AR_small",
-        "AR_medium",
-        "AR_large",
-    ]
+    stats = list(STAT_NAMES)
     assert set(stats) <= set(one)
     assert one["images"] == two["images"] == 7
     assert one["AR100"] > 0  # detections were made and matched: the comparison is not of zeros
@@ -148,3 +137,15 @@ def test_demo_config_smoke(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "data" / "train.json").is_file()
     assert (tmp_path / "demo" / "best.pt").is_file()
+
+
+def test_bf16_training_on_cpu(tiny_dataset, tmp_path):
+    out = tmp_path / "bf16"
+    res = launch("train.py", ["--config", str(TINY), f"output_dir={out}", "train.epochs=1", "train.mixed_precision=bf16",
+                              "train.grad_accum_steps=2", "train.clip_grad_norm=5.0", *data_overrides(tiny_dataset)])  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "mixed precision bf16" in res.stdout
+    epoch = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in x][-1]
+    assert epoch["train/loss"] == epoch["train/loss"] and epoch["val/loss"] == epoch["val/loss"]  # finite, not NaN
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert all(v.dtype != torch.bfloat16 for v in ckpt["model"].values())  # weights stay float32

@@ -55,7 +55,11 @@ def make_images(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> Pat
             bw, bh = rng.uniform(0.05, 0.3) * size[0], rng.uniform(0.05, 0.3) * size[1]
             anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1 + k % 3, "bbox": [x, y, bw, bh]})
     ann = root / "ann.json"
-    ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in (1, 2, 3)]}))
+    ann.write_text(
+        json.dumps(
+            {"images": images, "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in (1, 2, 3)]}
+        )
+    )
     return ann
 
 
@@ -104,7 +108,10 @@ def make_big_json(path: Path, n_images: int, n_anns: int, seed: int = 0) -> None
     xy = rng.uniform(0, 400, (n_anns, 2)).round(2)
     wh = rng.uniform(2, 200, (n_anns, 2)).round(2)
     cats = rng.integers(1, 81, n_anns)
-    images = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 640, "height": 640, "license": 1} for i in range(1, n_images + 1)]
+    images = [
+        {"id": i, "file_name": f"{i:012d}.jpg", "width": 640, "height": 640, "license": 1}
+        for i in range(1, n_images + 1)
+    ]
     anns = [
         {"id": k + 1, "image_id": int(img_of[k]), "category_id": int(cats[k]), "iscrowd": 0,
          "bbox": [float(xy[k, 0]), float(xy[k, 1]), float(wh[k, 0]), float(wh[k, 1])],

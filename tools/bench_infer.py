@@ -48,7 +48,9 @@ def main() -> int:
     t = model.transform
     size = (int(t.min_size[-1]), min(int(t.max_size), round(t.min_size[-1] * 4 / 3)))
     files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[: args.n]
-    images = [torch.nn.functional.interpolate(Predictor.to_tensor(f)[None], size=size, mode="bilinear")[0] for f in files]
+    images = [
+        torch.nn.functional.interpolate(Predictor.to_tensor(f)[None], size=size, mode="bilinear")[0] for f in files
+    ]
     result: dict = {"images": len(images), "size_hw": size, "threads": torch.get_num_threads()}
 
     with tempfile.TemporaryDirectory() as tmp:

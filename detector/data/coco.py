@@ -289,6 +289,14 @@ class CocoIndex:
         seen_ids: set = set()
         k = 0
         rep = self.report
+
+        def reject(repaired: str, kind: str, where: str, message: str) -> None:
+            # repair mode drops and counts; error mode reports (and stops after parsing)
+            if repair:
+                self.repairs[repaired] += 1
+            else:
+                rep.add(kind, where, message)
+
         for i, a in enumerate(items):
             if not isinstance(a, dict):
                 rep.add("bad annotation", f"annotations[{i}]", "must be an object")
@@ -309,31 +317,39 @@ class CocoIndex:
                 seen_ids.add(aid)
             img = id_to_idx.get(a.get("image_id"))  # type: ignore[arg-type]
             if img is None:
-                if repair:
-                    self.repairs["annotations of unknown images dropped"] += 1
-                else:
-                    rep.add("unknown image", where, f"image_id {a.get('image_id')!r} is not in 'images'")
+                reject(
+                    "annotations of unknown images dropped",
+                    "unknown image",
+                    where,
+                    f"image_id {a.get('image_id')!r} is not in 'images'",
+                )
                 continue
             cat = a.get("category_id")
             if not _is_int(cat) or cat not in cats:
-                if repair:
-                    self.repairs["annotations of unknown categories dropped"] += 1
-                else:
-                    rep.add("unknown category", where, f"category_id {cat!r} is not in 'categories'")
+                reject(
+                    "annotations of unknown categories dropped",
+                    "unknown category",
+                    where,
+                    f"category_id {cat!r} is not in 'categories'",
+                )
                 continue
             bbox = a.get("bbox")
             if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_num(v) for v in bbox)):
-                if repair:
-                    self.repairs["annotations with a malformed bbox dropped"] += 1
-                else:
-                    rep.add("bad bbox", where, f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+                reject(
+                    "annotations with a malformed bbox dropped",
+                    "bad bbox",
+                    where,
+                    f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}",
+                )
                 continue
             x, y, w, h = (float(v) for v in bbox)
             if w <= 0 or h <= 0:
-                if repair:
-                    self.repairs["annotations with zero or negative width/height dropped"] += 1
-                else:
-                    rep.add("empty bbox", where, f"bbox width and height must be > 0, got {bbox}")
+                reject(
+                    "annotations with zero or negative width/height dropped",
+                    "empty bbox",
+                    where,
+                    f"bbox width and height must be > 0, got {bbox}",
+                )
                 continue
             W, H = float(widths[img]), float(heights[img])
             x1, y1, x2, y2 = x, y, x + w, y + h
@@ -352,10 +368,12 @@ class CocoIndex:
                 self.repairs[f"boxes overhanging the image by <= {BOX_TOLERANCE:g} px clipped"] += 1
             cx1, cy1, cx2, cy2 = max(0.0, x1), max(0.0, y1), min(W, x2), min(H, y2)
             if cx2 - cx1 < 1 or cy2 - cy1 < 1:
-                if repair:
-                    self.repairs["boxes outside the image (nothing left after clipping) dropped"] += 1
-                else:
-                    rep.add("bbox outside image", where, f"bbox {bbox} lies outside the {int(W)}x{int(H)} image")
+                reject(
+                    "boxes outside the image (nothing left after clipping) dropped",
+                    "bbox outside image",
+                    where,
+                    f"bbox {bbox} lies outside the {int(W)}x{int(H)} image",
+                )
                 continue
             if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
                 area = (cx2 - cx1) * (cy2 - cy1)
