@@ -559,7 +559,9 @@ class CocoDetection(torch.utils.data.Dataset):
         wh = boxes[:, 2:] - boxes[:, :2]
         ok = np.isfinite(boxes).all(1) & (wh >= 1.0).all(1)
         dropped = int(len(crowd) - int(crowd.sum()) - int(ok.sum()))
-        image = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        if not arr.flags.writeable:  # PIL's arrays are read-only; torch wants to own writable memory
+            arr = arr.copy()
+        image = torch.from_numpy(arr).permute(2, 0, 1)  # a CHW view: no copy
         target = {
             "boxes": torch.from_numpy(boxes[ok]).reshape(-1, 4),
             "labels": torch.from_numpy(labels[ok]).reshape(-1),
