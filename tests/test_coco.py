@@ -376,3 +376,20 @@ def test_no_predictions_gives_zero(tmp_path):
 def test_write_coco_helper_roundtrip(tmp_path):
     p = write_coco(tmp_path / "x.json", base()["images"], base()["annotations"], CATS)
     assert len(CocoIndex(p)) == 2
+
+
+def test_fast_and_item_by_item_parsers_agree(tiny_dataset, tmp_path, monkeypatch):
+    d = base()
+    d["annotations"][0]["bbox"] = [70.5, 10, 30, 10]  # a small overhang: clipped and counted by both
+    d["annotations"][1]["iscrowd"] = 1
+    del d["annotations"][1]["area"]
+    paths = [tiny_dataset["train"], tmp_path / "ann.json"]
+    paths[1].write_text(json.dumps(d))
+    for path in paths:
+        fast = CocoIndex(path)
+        monkeypatch.setattr(CocoIndex, "_parse_annotations_fast", lambda *a, **k: None)
+        slow = CocoIndex(path)
+        monkeypatch.undo()
+        for attr in ("image_ids", "ann_start", "boxes", "category_ids", "labels", "iscrowd", "areas"):
+            np.testing.assert_array_equal(getattr(fast, attr), getattr(slow, attr), err_msg=attr)
+        assert fast.repairs == slow.repairs

@@ -9,13 +9,14 @@ Albumentations pipeline and returns ``(uint8 image CHW, target)``.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,12 +34,20 @@ except ImportError:  # pragma: no cover - orjson is a declared dependency
 
 def _read_json(path: Path) -> Any:
     raw = path.read_bytes()
-    if orjson is not None:
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            pass  # json also takes what Python tools write (NaN, Infinity): try it before failing
-    return json.loads(raw)
+    # A large export is millions of small objects: the cyclic GC would rescan them again and
+    # again while they are created (3x the parse time at COCO scale). Nothing here is cyclic.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        if orjson is not None:
+            try:
+                return orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                pass  # json also takes what Python tools write (NaN, Infinity): try it before failing
+        return json.loads(raw)
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a grey stripe
@@ -121,8 +130,8 @@ def _is_num(v: Any) -> bool:
 
 
 def _safe_relpath(name: str) -> bool:
-    p = PurePosixPath(name)
-    return not (p.is_absolute() or ".." in p.parts or (len(name) > 1 and name[1] == ":"))
+    """Relative, without '..' components and without a Windows drive (backslashes already '/')."""
+    return not (name.startswith("/") or ".." in name.split("/") or (len(name) > 1 and name[1] == ":"))
 
 
 class CocoIndex:
@@ -176,7 +185,9 @@ class CocoIndex:
         repair = on_invalid == "repair"
         cats = self._parse_categories(data["categories"])
         img_ids, widths, heights, names = self._parse_images(data["images"], allow_outside_root, repair)
-        rows = self._parse_annotations(data["annotations"], img_ids, widths, heights, cats, repair)
+        rows = self._parse_annotations_fast(data["annotations"], img_ids, widths, heights, cats)
+        if rows is None:  # something needs a closer look: the item-by-item parser says what
+            rows = self._parse_annotations(data["annotations"], img_ids, widths, heights, cats, repair)
         del data
         # Problems that cannot be repaired, or any problem in "error" mode, stop here.
         self.report.raise_if_any(
@@ -277,6 +288,65 @@ class CocoIndex:
             hs.append(int(round(h)))
             names.append(name)
         return (np.asarray(ids, dtype=np.int64), np.asarray(ws, np.int32), np.asarray(hs, np.int32), names)
+
+    def _parse_annotations_fast(self, items, img_ids, widths, heights, cats):
+        """Vectorised parsing for files without problems (COCO-scale files load in seconds).
+
+        Returns None as soon as anything looks wrong (a type, a missing key, a duplicate id, an
+        unknown image or category, a bad or outside box): ``_parse_annotations`` then goes item
+        by item and reports or repairs each problem. Boxes overhanging by <= BOX_TOLERANCE are
+        clipped and counted here, as there.
+        """
+        n = len(items)
+        if n == 0:
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 4)), np.empty(0, bool), np.empty(0)
+        try:
+            if not all(type(a) is dict for a in items):
+                return None
+            ids = [a.get("id") for a in items]
+            image_ids = [a.get("image_id") for a in items]
+            cat_ids = [a.get("category_id") for a in items]
+            if not ({type(v) for v in ids} | {type(v) for v in image_ids} | {type(v) for v in cat_ids}) <= {int}:
+                return None
+            boxes = np.array([a.get("bbox") for a in items])
+            crowd = np.array([a.get("iscrowd", 0) for a in items])
+            areas = np.array([a.get("area", 0) for a in items])
+        except (TypeError, ValueError):
+            return None
+        if boxes.shape != (n, 4) or boxes.dtype.kind not in "if" or crowd.dtype.kind not in "biu":
+            return None
+        if areas.dtype.kind not in "iuf":
+            return None
+        if len(set(ids)) != n:
+            return None
+        order = np.argsort(img_ids, kind="stable")
+        sorted_ids = img_ids[order]
+        img_a = np.asarray(image_ids, dtype=np.int64)
+        pos = np.clip(np.searchsorted(sorted_ids, img_a), 0, max(len(sorted_ids) - 1, 0))
+        if not len(sorted_ids) or not np.array_equal(sorted_ids[pos], img_a):
+            return None
+        img = order[pos]
+        cat_a = np.asarray(cat_ids, dtype=np.int64)
+        if not np.isin(cat_a, np.fromiter(cats, np.int64, len(cats))).all():
+            return None
+        boxes = boxes.astype(np.float64)
+        if not np.isfinite(boxes).all() or (boxes[:, 2:] <= 0).any():
+            return None
+        xyxy = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+        size = np.stack([widths[img], heights[img]], axis=1).astype(np.float64)
+        if (xyxy[:, :2] < -BOX_TOLERANCE).any() or (xyxy[:, 2:] > size + BOX_TOLERANCE).any():
+            return None
+        over = (xyxy[:, :2] < 0).any(1) | (xyxy[:, 2:] > size).any(1)
+        clipped = np.concatenate([np.maximum(xyxy[:, :2], 0), np.minimum(xyxy[:, 2:], size)], axis=1)
+        wh = clipped[:, 2:] - clipped[:, :2]
+        if (wh < 1).any():
+            return None
+        areas = areas.astype(np.float64)
+        areas = np.where((areas > 0) & np.isfinite(areas), areas, boxes[:, 2] * boxes[:, 3])
+        areas = np.where(over, wh[:, 0] * wh[:, 1], areas)
+        if over.any():
+            self.repairs[f"boxes overhanging the image by <= {BOX_TOLERANCE:g} px clipped"] += int(over.sum())
+        return img.astype(np.int64), cat_a, clipped, crowd.astype(bool), areas
 
     def _parse_annotations(self, items, img_ids, widths, heights, cats, repair):
         id_to_idx = {int(i): k for k, i in enumerate(img_ids.tolist())}
