@@ -71,8 +71,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def trained_run(tiny_dataset, tmp_path_factory) -> Path:
-    """One tiny training run (1 process, 2 epochs) shared by the tests that need a checkpoint."""
+    """One tiny training run (1 process, 6 epochs: a model that finds some objects) shared by
+    the tests that need a checkpoint."""
     out = tmp_path_factory.mktemp("run")
-    res = launch("train.py", ["--config", str(TINY), f"output_dir={out}", *data_overrides(tiny_dataset)])
+    res = launch(
+        "train.py", ["--config", str(TINY), f"output_dir={out}", "train.epochs=6", *data_overrides(tiny_dataset)]
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return out
