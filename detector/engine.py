@@ -15,7 +15,6 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
@@ -316,21 +315,3 @@ def evaluate(
         broadcast_object_list(payload, from_process=0)
     metrics, coco, results = payload[0]
     return metrics, coco, results
-
-
-def param_checksum(model: nn.Module) -> float:
-    """A cheap fingerprint of the weights (for logs and tests)."""
-    return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
-
-
-def predict_batches(
-    model: nn.Module, batches: list[list[torch.Tensor]], device: torch.device
-) -> list[list[dict[str, np.ndarray]]]:
-    """Plain float32 inference of a model over batches of float images (no losses)."""
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for images in batches:
-            _, dets = loss_and_detections(model, [im.to(device) for im in images], None)
-            out.append([{k: v.cpu().numpy() for k, v in d.items()} for d in dets])
-    return out

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector import runtime  # noqa: E402
-from detector.data.coco import CocoDetection, CocoIndex, DatasetError, _read_json  # noqa: E402
+from detector.data.coco import CocoDetection, CocoIndex, DatasetError, read_json  # noqa: E402
 from detector.evaluation import CocoResult, evaluate_coco, flat_metrics  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def report(result: CocoResult) -> str:
 
 def score_file(args) -> dict:
     gt = CocoIndex(args.annotations, on_invalid=args.on_invalid)
-    rows = _read_json(Path(args.predictions))
+    rows = read_json(Path(args.predictions))
     if isinstance(rows, dict) and "annotations" in rows:
         rows = rows["annotations"]
     if not isinstance(rows, list):

@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - orjson is a declared dependency
     orjson = None
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     raw = path.read_bytes()
     # A large export is millions of small objects: the cyclic GC would rescan them again and
     # again while they are created (3x the parse time at COCO scale). Nothing here is cyclic.
@@ -74,9 +74,6 @@ class Report:
     def add(self, kind: str, where: str, message: str) -> None:
         self.counts[kind] += 1
         self.problems.append(f"{where}: {message}")
-
-    def summary_lines(self) -> list[str]:
-        return [f"  {kind}: {n}" for kind, n in sorted(self.counts.items())]
 
     def raise_if_any(self, hint: str = "") -> None:
         if not self.problems:
@@ -170,7 +167,7 @@ class CocoIndex:
         if not self.path.is_file():
             raise DatasetError(f"annotation file not found: {self.path}")
         try:
-            data = _read_json(self.path)
+            data = read_json(self.path)
         except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
             raise DatasetError(f"{self.path}: not valid JSON: {exc}") from None
         self.report = Report(str(self.path))

@@ -99,11 +99,6 @@ def build_transform(specs: Sequence[Any], bbox: BboxConfig, where: str = "data.a
     return pipeline  # type: ignore[return-value]
 
 
-def to_serializable(pipeline: A.BaseCompose) -> dict[str, Any]:
-    """The pipeline in Albumentations' own dict form (written next to checkpoints)."""
-    return A.to_dict(pipeline)
-
-
 def reseed(pipeline: A.BaseCompose, seed: int) -> None:
     """Seed every transform of the pipeline from one per-sample seed.
 
