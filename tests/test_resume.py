@@ -17,14 +17,14 @@ import torch
 from detector import checkpoint
 from detector.models import WeightsError, read_checkpoint
 
-from .conftest import ROOT, TINY, data_overrides
+from .conftest import ROOT, TINY, _free_port, data_overrides
 
 pytestmark = pytest.mark.slow
 
 
 def _cmd(nproc: int, args: list[str]) -> list[str]:
     cfg = ROOT / "launch" / ("cpu.yaml" if nproc == 1 else "cpu2.yaml")
-    extra = ["--main_process_port", str(29600 + os.getpid() % 200)] if nproc > 1 else []
+    extra = ["--main_process_port", str(_free_port())] if nproc > 1 else []
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), *extra,
             str(ROOT / "tools" / "train.py"), "--config", str(TINY), *args]  # fmt: skip
 
