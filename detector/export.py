@@ -36,6 +36,12 @@ class Parity:
         return self.labels_equal and self.max_box_diff <= box_tol
 
 
+def default_size(model: torch.nn.Module) -> tuple[int, int]:
+    """(height, width) for a fixed-size export: the model's min_size by a 4:3 width (capped)."""
+    t = model.transform
+    return int(t.min_size[-1]), min(int(t.max_size), round(t.min_size[-1] * 4 / 3))
+
+
 def export_onnx(model: torch.nn.Module, path: str | Path, size: tuple[int, int], opset: int = OPSET) -> Path:
     """Write an ONNX graph for images of (height, width) = size."""
     model.eval()

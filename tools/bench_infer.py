@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from detector.engine import loss_and_detections  # noqa: E402
-from detector.export import export_onnx, onnx_runner  # noqa: E402
+from detector.export import default_size, export_onnx, onnx_runner  # noqa: E402
 from detector.inference import Predictor, load_model  # noqa: E402
 
 
@@ -45,8 +45,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8, help="for the validation-cost comparison")
     args = ap.parse_args()
     model, label_map, meta = load_model(args.checkpoint)
-    t = model.transform
-    size = (int(t.min_size[-1]), min(int(t.max_size), round(t.min_size[-1] * 4 / 3)))
+    size = default_size(model)
     files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[: args.n]
     images = [
         torch.nn.functional.interpolate(Predictor.to_tensor(f)[None], size=size, mode="bilinear")[0] for f in files

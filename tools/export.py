@@ -53,12 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     model, label_map, meta = load_model(args.checkpoint)
     size = None
     if args.format == "onnx":
-        t = model.transform
-        size = (
-            tuple(args.size)
-            if args.size
-            else (int(t.min_size[-1]), min(int(t.max_size), round(t.min_size[-1] * 4 / 3)))
-        )
+        size = tuple(args.size) if args.size else export.default_size(model)
         path = export.export_onnx(model, args.output, size)
         runner = export.onnx_runner(path)
     else:

@@ -6,8 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from detector.config import Config, DataConfig
-from detector.data.coco import CocoDetection, CocoIndex, DatasetError, LabelMap
+from detector.data.coco import MAX_LISTED, CocoDetection, CocoIndex, DatasetError, LabelMap
 from detector.data.images import scan_images
 from detector.data.synthetic import ensure_dataset
 from detector.data.transforms import build_transform
@@ -31,11 +33,7 @@ def check_files(index: CocoIndex, root: Path, cfg: DataConfig, progress: Callabl
     Returns the problems; raises DatasetError when any is fatal under the config's settings.
     """
     names = [index.file_name(i) for i in range(len(index))]
-    sizes = None
-    if cfg.check_images:
-        import numpy as np
-
-        sizes = np.stack([index.widths, index.heights], axis=1)
+    sizes = np.stack([index.widths, index.heights], axis=1) if cfg.check_images else None
     found = scan_images(root, names, sizes, read_headers=cfg.check_images, progress=progress)
     problems: list[str] = []
     if found["missing"]:
@@ -49,8 +47,8 @@ def check_files(index: CocoIndex, root: Path, cfg: DataConfig, progress: Callabl
     ):
         items = found[kind]
         if items and not setting:
-            listed = "\n".join(f"  - {m}" for _, m in items[:20])
-            more = f"\n  ... and {len(items) - 20} more" if len(items) > 20 else ""
+            listed = "\n".join(f"  - {m}" for _, m in items[:MAX_LISTED])
+            more = f"\n  ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
             fix = "data.on_corrupt_image=skip" if kind == "unreadable" else "data.on_invalid=repair (drops them)"
             raise DatasetError(
                 f"{index.path}: {len(items)} image(s) {kind.replace('_', ' ')}:\n{listed}{more}\n(set {fix})"

@@ -100,8 +100,13 @@ class LabelMap:
 
     def to_labels(self, category_ids: np.ndarray) -> np.ndarray:
         """Category ids -> labels 1..K; ids not in the map give 0."""
-        lookup = {c: i + 1 for i, c in enumerate(self.category_ids)}
-        return np.array([lookup.get(int(c), 0) for c in category_ids], dtype=np.int64)
+        cats = np.asarray(self.category_ids, dtype=np.int64)
+        ids = np.asarray(category_ids, dtype=np.int64)
+        if not len(cats):
+            return np.zeros(len(ids), dtype=np.int64)
+        order = np.argsort(cats)
+        idx = order[np.searchsorted(cats, ids, sorter=order).clip(max=len(cats) - 1)]
+        return np.where(cats[idx] == ids, idx + 1, 0).astype(np.int64)
 
     def to_category_ids(self, labels: np.ndarray | torch.Tensor) -> np.ndarray:
         """Labels 1..K -> the dataset's category ids."""
@@ -207,23 +212,16 @@ class CocoIndex:
         # Group annotations by image (stable: json order within an image).
         order = np.argsort(ann_img, kind="stable")
         counts = np.bincount(ann_img, minlength=len(img_ids))
-        keep_img = np.ones(len(img_ids), dtype=bool)
-        if drop_empty:
-            keep_img = counts > 0
-            if (~keep_img).any():
-                self.repairs["images without annotations dropped (data.drop_empty)"] += int((~keep_img).sum())
-        keep_ann = keep_img[ann_img[order]]
-        order = order[keep_ann]
-        self.image_ids = img_ids[keep_img]
-        self.widths = widths[keep_img]
-        self.heights = heights[keep_img]
-        self.ann_start = np.concatenate([[0], np.cumsum(counts[keep_img])]).astype(np.int64)
+        self.image_ids, self.widths, self.heights = img_ids, widths, heights
+        self.ann_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.boxes = ann_box[order].astype(np.float32)
         self.category_ids = ann_cat[order]
         self.labels = label_map.to_labels(self.category_ids)
         self.iscrowd = ann_crowd[order]
         self.areas = ann_area[order].astype(np.float32)
-        self._set_names([n for n, k in zip(names, keep_img) if k])
+        self._set_names(names)
+        if drop_empty:
+            self.drop_images(np.flatnonzero(counts == 0), "images without annotations dropped (data.drop_empty)")
 
     # -- parsing -------------------------------------------------------------------------------
 
