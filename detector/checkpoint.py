@@ -277,6 +277,73 @@ def save_last(run_dir: Path, accelerator: Any, model, cfg, label_map, metrics: d
     save_weights(Path(run_dir) / "last.pt", accelerator, model, cfg, label_map, metrics, epoch, step)
 
 
+LAYOUT_KEYS = ("world_size", "batch_size", "grad_accum_steps")
+
+
+def adapt_position(
+    position: dict[str, Any],
+    layout: dict[str, int],
+    steps_per_epoch: int,
+    lr: float,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    log=print,
+) -> dict[str, Any]:
+    """Continue a state saved with another number of processes, batch size or accumulation.
+
+    The position in the epoch is kept in global samples: a state saved mid-epoch after b
+    batches on W processes has consumed the first b * W global batches of that epoch (the
+    global batch list depends only on seed, epoch and per-process batch size), so W' processes
+    skip exactly those. The learning rate becomes the new global batch's, at the same fraction
+    of the run. What cannot be continued exactly stops with a message saying what differs.
+
+    Args:
+        position: the restored training position (with the layout it was saved with).
+        layout: this run's world_size, batch_size (per process) and grad_accum_steps.
+        steps_per_epoch: this run's optimizer steps per epoch per process.
+        lr: this run's scaled peak learning rate.
+        optimizer, scheduler: restored from the state; their lr is set for this run.
+
+    Returns:
+        The position in this run's terms (batch counted in this run's per-process batches).
+
+    Raises:
+        CheckpointError: a mid-epoch state whose batch size or accumulation differs, or whose
+            consumed batches do not divide among the new processes.
+    """
+    old = {k: int(position.get(k, layout[k])) for k in LAYOUT_KEYS}
+    if old == layout:
+        return position
+    what = ", ".join(f"{k} {old[k]} -> {layout[k]}" for k in LAYOUT_KEYS if old[k] != layout[k])
+    batch = int(position["batch"])
+    consumed = batch * old["world_size"]
+    if batch:
+        fix = "resume with the settings the state was saved with, or from a state saved at the end of an epoch"
+        if old["batch_size"] != layout["batch_size"] or old["grad_accum_steps"] != layout["grad_accum_steps"]:
+            raise CheckpointError(
+                f"the state was saved mid-epoch (epoch {position['epoch'] + 1}, batch {batch}) and the run "
+                f"differs ({what}): the rest of that epoch's batches cannot be formed the same way; {fix}"
+            )
+        if consumed % layout["world_size"]:
+            raise CheckpointError(
+                f"the state was saved mid-epoch after {consumed} global batches, which do not divide among "
+                f"{layout['world_size']} processes ({what}); {fix}"
+            )
+        batch = consumed // layout["world_size"]
+    sched_step = int(position["epoch"]) * steps_per_epoch + -(-batch // layout["grad_accum_steps"])
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    scheduler.last_epoch = sched_step
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(sched_step)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    log(
+        f"resumed with another layout ({what}): continuing epoch {position['epoch'] + 1} after {consumed} "
+        f"global batches; peak lr {lr:.4g} for the new global batch, now {optimizer.param_groups[0]['lr']:.4g}"
+    )
+    return {**position, **layout, "batch": batch}
+
+
 def resume(spec: str, run_dir: Path, accelerator: Any, model, optimizer, scheduler, log=print) -> dict[str, Any]:
     """Restore training from ``train.resume``: "auto" (newest valid state in the run directory,
     or a fresh start when there is none) or the path of a state directory.

@@ -59,8 +59,10 @@ class DataConfig:
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig = field(default_factory=SplitConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    # What to do with invalid annotations: stop with a report, or clip/drop them and count.
-    on_invalid: Literal["error", "repair"] = "error"
+    # Boxes and annotations not right as written. clip: clip boxes that overhang the image for
+    # training (evaluation keeps them as written), stop on what cannot be meant; error: also stop
+    # on boxes overhanging > 1 px; repair: clip, and drop what cannot be used. All counted.
+    on_invalid: Literal["error", "clip", "repair"] = "clip"
     # Undecodable image files found while training: stop, or skip the image and count it.
     on_corrupt_image: Literal["error", "skip"] = "error"
     drop_empty: bool = False  # drop training images without annotations (they are negatives)
@@ -109,7 +111,11 @@ class OptimConfig:
     weight_decay: float = 1e-4
     norm_weight_decay: float = 0.0  # norm layers and biases
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
-    warmup_steps: int = 100
+    # Linear warmup: a number of optimizer steps, or null for warmup_fraction of the run's steps
+    # capped at warmup_max_steps (so a short fine-tune is not mostly warmup).
+    warmup_steps: int | None = None
+    warmup_fraction: float = 0.05
+    warmup_max_steps: int = 1000
     warmup_factor: float = 0.001
     milestones: list[float] = field(default_factory=lambda: [0.67, 0.89])  # fractions of the run
     gamma: float = 0.1
@@ -122,7 +128,9 @@ class TrainConfig:
     batch_size: int = 4  # per process
     grad_accum_steps: int = 1
     clip_grad_norm: float | None = None
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # no | fp16 | bf16, or null (default): what the launcher says (`accelerate launch
+    # --mixed_precision` or its config file), else no. A value set in both places must agree.
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     seed: int = 42
     resume: str | None = None  # auto | PATH | null
     checkpoint_every_steps: int = 0  # also save a resumable state every N optimizer steps (0: off)
@@ -138,8 +146,8 @@ class EvalConfig:
     every_epochs: int = 1
     batch_size: int = 4  # per process
     backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
-    best_metric: str = "val/mAP"
-    best_mode: Literal["max", "min"] = "max"
+    best_metric: str = "val/mAP"  # val/loss, val/loss_<part>, val/<COCO stat> or val/AP/<class name>
+    best_mode: Literal["max", "min"] | None = None  # null: min for losses, max for the rest
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,7 @@ class LoggingConfig:
     plots: bool = True
     num_plot_images: int = 8
     progress: bool = True
+    progress_interval_s: float = 30.0  # where stderr is not a terminal: one plain progress line per interval
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -253,7 +262,9 @@ def validate(cfg: Config) -> None:
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.reference_batch_size >= 1, "optim.reference_batch_size must be >= 1"),
-        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+        (cfg.optim.warmup_steps is None or cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0 or null"),
+        (0 <= cfg.optim.warmup_fraction < 1, "optim.warmup_fraction must be in [0, 1)"),
+        (cfg.optim.warmup_max_steps >= 0, "optim.warmup_max_steps must be >= 0"),
         (0 < cfg.optim.warmup_factor <= 1, "optim.warmup_factor must be in (0, 1]"),
         (len(cfg.optim.betas) == 2, "optim.betas must hold two numbers"),
         (all(0 < m < 1 for m in cfg.optim.milestones), "optim.milestones are fractions in (0, 1)"),
@@ -264,11 +275,11 @@ def validate(cfg: Config) -> None:
             cfg.model.min_size is None or cfg.model.max_size is None or cfg.model.min_size <= cfg.model.max_size,
             "model.min_size must be <= model.max_size",
         ),
-        (cfg.eval.best_metric.startswith("val/"), "eval.best_metric must name a val/ metric"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_metric_name(cfg.eval.best_metric)
     if not cfg.data.synthetic.enabled:
         for split in ("train", "val"):
             s = getattr(cfg.data, split)
@@ -277,6 +288,53 @@ def validate(cfg: Config) -> None:
                     f"data.{split}.annotations and data.{split}.images must be set "
                     f"(e.g. data.{split}.annotations=path/to/{split}.json data.{split}.images=path/to/images)"
                 )
+
+
+COCO_STATS = (
+    "mAP",
+    "mAP50",
+    "mAP75",
+    "mAP_small",
+    "mAP_medium",
+    "mAP_large",
+    "AR1",
+    "AR10",
+    "AR100",
+    "AR_small",
+    "AR_medium",
+    "AR_large",
+)
+
+
+def check_metric_name(name: str, class_names: list[str] | None = None) -> None:
+    """Raise ConfigError unless ``name`` is a metric validation reports (eval.best_metric).
+
+    Args:
+        name: e.g. val/mAP, val/loss, val/loss_classifier, val/AP/<class>.
+        class_names: the dataset's classes, to check val/AP/<class> (skipped when None).
+    """
+    fixed = ["val/loss", *(f"val/{s}" for s in COCO_STATS)]
+    if name in fixed or (name.startswith("val/loss_") and len(name) > len("val/loss_")):
+        return
+    if name.startswith("val/AP/"):
+        if class_names is None or name[len("val/AP/") :] in class_names:
+            return
+        close = difflib.get_close_matches(name, [f"val/AP/{c}" for c in class_names], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"eval.best_metric: '{name}' names no class of the dataset{hint}; classes: {class_names}")
+    close = difflib.get_close_matches(name, fixed, n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(
+        f"eval.best_metric: unknown metric '{name}'{hint}; use val/loss, val/loss_<part>, "
+        f"val/<{'|'.join(COCO_STATS)}> or val/AP/<class name>"
+    )
+
+
+def best_mode(cfg: EvalConfig) -> str:
+    """eval.best_mode, or when null: min for loss metrics, max for the rest."""
+    if cfg.best_mode is not None:
+        return cfg.best_mode
+    return "min" if cfg.best_metric.startswith("val/loss") else "max"
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

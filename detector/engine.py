@@ -39,10 +39,53 @@ def to_device(
     return imgs, tgts
 
 
-def _zero_loss(model: nn.Module) -> torch.Tensor:
-    # A graph through every parameter with value 0: keeps DDP's gradient all-reduce in step
-    # when a process has nothing to train on (a batch whose images were all undecodable).
-    return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)  # type: ignore[return-value]
+def _stand_in_batch(
+    last: tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]] | None, device: torch.device
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Something for the model to run on when this process's whole batch failed to decode.
+
+    Every process must run the same forward (DDP's gradient all-reduce) and produce the same
+    loss parts (our one all-reduce per step), so the model never sees an empty batch on one
+    process only: it runs on this process's previous batch (or, before the first, a blank image
+    without objects) and the result is weighted 0 in the gradient and in every mean.
+    """
+    if last is not None:
+        return last
+    blank = torch.zeros(3, 64, 64, device=device)
+    return [blank], [{"boxes": torch.zeros(0, 4, device=device), "labels": torch.zeros(0, dtype=torch.int64,
+                                                                                     device=device)}]  # fmt: skip
+
+
+def sync_buffers(model: nn.Module, accelerator: Accelerator) -> None:
+    """Give every process the main process's buffers (BatchNorm running statistics).
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step each
+    process holds its own running statistics; validation would then blend N different models
+    while best.pt (written by the main process) holds one. After this call the model that is
+    scored is the model that is saved.
+    """
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    for buf in accelerator.unwrap_model(model).buffers():
+        dist.broadcast(buf.data, src=0)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device):
+    """Run a block with the CPU RNG (and this CUDA device's) seeded, restoring them afterwards.
+
+    Only the generators that are forked are seeded: ``torch.manual_seed`` would also reseed
+    every CUDA device, restarting the training sampling stream after each evaluation.
+    """
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def train_one_epoch(
@@ -94,28 +137,35 @@ def train_one_epoch(
     window_bad = False
     stopped = False
     done = start_batch  # batches of this epoch trained, for the records and a resume
+    last_batch = None
     t0 = time.perf_counter()
     for batch_i, (images, targets, skipped) in enumerate(loader, start=start_batch):
         window_start = (batch_i // grad_accum_steps) * grad_accum_steps
         window_len = min(grad_accum_steps, n_batches - window_start)
         sync = batch_i + 1 == window_start + window_len
         imgs, tgts = to_device(images, targets, accelerator.device)
+        n_local = len(imgs)
+        if n_local:
+            last_batch = (imgs, tgts)
+        else:  # every image of this batch failed to decode (data.on_corrupt_image=skip)
+            imgs, tgts = _stand_in_batch(last_batch, accelerator.device)
         ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
         with ctx:
             with accelerator.autocast():
-                loss_dict = model(imgs, tgts) if imgs else {"loss_empty": _zero_loss(model)}
+                loss_dict = model(imgs, tgts)
             loss = sum(loss_dict.values())
             # One all-reduce carries the loss parts, the finite flag and the stop request.
             parts = torch.stack([v.detach().float() for v in loss_dict.values()])
             flags = torch.tensor(
-                [float(not torch.isfinite(loss)), float(should_stop()), float(len(imgs))], device=parts.device
+                [float(n_local > 0 and not torch.isfinite(loss)), float(should_stop()), float(n_local)],
+                device=parts.device,
             )
-            reduced = accelerator.reduce(torch.cat([parts * len(imgs), flags]), reduction="sum")
+            reduced = accelerator.reduce(torch.cat([parts * n_local, flags]), reduction="sum")
             nonfinite = bool(reduced[-3] > 0)
             if nonfinite:
                 window_bad = True
-            else:
-                accelerator.backward(loss / window_len)
+            else:  # a stand-in batch is weighted 0 (nan_to_num: its loss may not be finite)
+                accelerator.backward(loss / window_len if n_local else loss.nan_to_num() * 0.0)
         n_global = float(reduced[-1])
         images_seen += int(n_global)
         skipped_images += skipped
@@ -281,18 +331,18 @@ def evaluate(
     was_training = net.training
     net.eval()
     local: list[tuple[int, int, dict[str, float], list[dict[str, Any]], int]] = []
-    with torch.random.fork_rng(devices=[]):
-        for batch_id, (images, targets, skipped) in zip(batch_ids, loader):
-            torch.manual_seed(seed * 1_000_003 + batch_id)
-            imgs, tgts = to_device(images, targets, accelerator.device)
-            if imgs:
+    sync_buffers(model, accelerator)
+    for batch_id, (images, targets, skipped) in zip(batch_ids, loader):
+        imgs, tgts = to_device(images, targets, accelerator.device)
+        if imgs:
+            with seeded(seed * 1_000_003 + batch_id, accelerator.device):
                 losses, dets = loss_and_detections(net, imgs, tgts, accelerator.autocast)
-                rows = detections_to_coco(dets, targets, label_map)
-            else:
-                losses, rows = {}, []
-            local.append((batch_id, len(imgs), {k: float(v) for k, v in losses.items()}, rows, skipped))
-            if progress is not None:
-                progress.update(1)
+            rows = detections_to_coco(dets, targets, label_map)
+        else:
+            losses, rows = {}, []
+        local.append((batch_id, len(imgs), {k: float(v) for k, v in losses.items()}, rows, skipped))
+        if progress is not None:
+            progress.update(1)
     net.train(was_training)
     gathered = gather_object(local) if accelerator.num_processes > 1 else local
     payload: list[Any] = [None]

@@ -13,22 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from detector.config import COCO_STATS
 from detector.data.coco import LabelMap
 
-STAT_NAMES = (
-    "mAP",
-    "mAP50",
-    "mAP75",
-    "mAP_small",
-    "mAP_medium",
-    "mAP_large",
-    "AR1",
-    "AR10",
-    "AR100",
-    "AR_small",
-    "AR_medium",
-    "AR_large",
-)
+STAT_NAMES = COCO_STATS  # the 12 COCOeval stats, in its order
 
 
 @dataclass
@@ -51,7 +39,8 @@ def detections_to_coco(
     Args:
         detections: per image, ``boxes`` (xyxy, in the decoded image's pixels), ``labels``
             (1..K), ``scores``.
-        targets: the matching targets (``image_id`` and ``scale`` are used to map back).
+        targets: the matching targets: ``image_id``, and ``scale`` (decoded content / json
+            size) and ``size`` (json width, height) to map boxes back and clip them to the image.
         label_map: labels -> category ids.
     """
     rows: list[dict[str, Any]] = []
@@ -61,6 +50,9 @@ def detections_to_coco(
             continue
         sx, sy = tgt.get("scale", (1.0, 1.0))
         boxes = boxes / np.array([sx, sy, sx, sy])
+        if "size" in tgt:  # a reduced-scale decode covers up to one block past the edge
+            w, h = tgt["size"]
+            boxes = np.clip(boxes, 0, [w, h, w, h])
         boxes[:, 2:] -= boxes[:, :2]
         cats = label_map.to_category_ids(det["labels"].cpu().numpy())
         scores = det["scores"].detach().float().cpu().numpy()

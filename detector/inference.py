@@ -9,13 +9,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from detector.config import from_dict
 from detector.data.coco import LabelMap
-from detector.data.images import load_image, to_rgb_array
+from detector.data.images import ImageDecodeError, decode_size, load_image, oriented_size, to_rgb_array
 from detector.engine import loss_and_detections
-from detector.models import build_model, read_checkpoint
+from detector.models import build_model, model_input_size, read_checkpoint
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
@@ -67,12 +67,26 @@ class Predictor:
     """
 
     def __init__(
-        self, model: torch.nn.Module, label_map: LabelMap, device: str | torch.device = "cpu", batch_size: int = 4
+        self,
+        model: torch.nn.Module,
+        label_map: LabelMap,
+        device: str | torch.device = "cpu",
+        batch_size: int = 4,
+        draft_decode: bool = True,
     ) -> None:
+        """Args:
+        model: a detector in eval mode.
+        label_map: labels 1..K <-> the dataset's category ids and names.
+        device: where the model runs.
+        batch_size: images per forward pass.
+        draft_decode: decode image files larger than the model's input at reduced scale, as
+            training and evaluation did (data.draft_decode of the training run).
+        """
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.label_map = label_map
         self.batch_size = batch_size
+        self.draft_decode = draft_decode
 
     @classmethod
     def from_checkpoint(
@@ -84,9 +98,10 @@ class Predictor:
     ) -> Predictor:
         """Load best.pt (or last.pt); device defaults to CUDA when there is one."""
         overrides = {"box_score_thresh": score_threshold} if score_threshold is not None else {}
-        model, label_map, _ = load_model(path, **overrides)
+        model, label_map, meta = load_model(path, **overrides)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model, label_map, device, batch_size)
+        draft = bool(meta.get("config", {}).get("data", {}).get("draft_decode", True))
+        return cls(model, label_map, device, batch_size, draft)
 
     @property
     def class_names(self) -> list[str]:
@@ -113,22 +128,47 @@ class Predictor:
             return t.float().div(255) if t.dtype == torch.uint8 else t.float()
         raise TypeError(f"unsupported image type {type(image).__name__}")
 
+    def prepare(self, image: ImageInput) -> tuple[torch.Tensor, float, tuple[int, int]]:
+        """An input as the model sees it: (float (3, H, W) in [0, 1], content scale, full (w, h)).
+
+        Image files are decoded as training and evaluation decode them (EXIF orientation, and
+        JPEGs larger than the model's input at reduced scale); in-memory images are used as
+        they are.
+        """
+        if isinstance(image, (str, Path)):
+            try:
+                w, h = oriented_size(image)
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+                raise ImageDecodeError(f"cannot decode image {image}: {exc}") from None
+            want = decode_size(w, h, model_input_size(self.model)) if self.draft_decode else None
+            arr, scale, _ = load_image(image, want)
+            t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(255)
+            return t, scale, (w, h)
+        t = self.to_tensor(image)
+        return t, 1.0, (int(t.shape[2]), int(t.shape[1]))
+
     @torch.no_grad()
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> list[Detections]:
-        """Detect objects in one image or a list of them (float32; batches of batch_size)."""
+        """Detect objects in one image or a list of them (float32; batches of batch_size).
+
+        Boxes are in the pixels of the full image (after EXIF orientation for files).
+        """
         if isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor)) and not (
             isinstance(images, torch.Tensor) and images.ndim == 4
         ):
             images = [images]
         out: list[Detections] = []
         for batch in _chunks(list(images), self.batch_size):
-            tensors = [self.to_tensor(im).to(self.device) for im in batch]
+            prepared = [self.prepare(im) for im in batch]
+            tensors = [t.to(self.device) for t, _, _ in prepared]
             _, dets = loss_and_detections(self.model, tensors, None)
-            for d in dets:
+            for d, (_, scale, (w, h)) in zip(dets, prepared):
                 labels = d["labels"].cpu().numpy().astype(np.int64)
+                boxes = d["boxes"].float().cpu().numpy() / scale
+                boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
                 out.append(
                     Detections(
-                        boxes=d["boxes"].cpu().numpy().astype(np.float32),
+                        boxes=boxes,
                         labels=labels,
                         names=[self.label_map.names[i - 1] for i in labels],
                         scores=d["scores"].cpu().numpy().astype(np.float32),

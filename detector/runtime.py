@@ -13,21 +13,47 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from detector.config import Config, TrainConfig, save_yaml
+from detector.config import Config, ConfigError, TrainConfig, save_yaml
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a resumable state
 EXIT_NONFINITE = 3  # stopped after too many non-finite losses in a row
 PREEMPTED_MARKER = "PREEMPTED"  # written in the run directory (accelerate launch maps exit codes to 1)
 
 
+def resolve_mixed_precision(configured: str | None, launcher: str | None) -> str:
+    """One answer for mixed precision from the run config and the launcher.
+
+    ``accelerate launch`` passes its setting (``--mixed_precision`` or the launch config's
+    ``mixed_precision``) as ACCELERATE_MIXED_PRECISION, "no" when it was not set. A run config
+    value of null defers to the launcher; a run config value wins over the launcher's "no";
+    two different precisions are an error rather than one silently ignored.
+
+    Args:
+        configured: train.mixed_precision (no, fp16, bf16 or None).
+        launcher: the launcher's setting (os.environ["ACCELERATE_MIXED_PRECISION"]) or None.
+    """
+    launcher = (launcher or "").lower() or None
+    if configured is None:
+        return launcher or "no"
+    if launcher not in (None, "no", configured):
+        raise ConfigError(
+            f"train.mixed_precision={configured} but the launcher asks for {launcher} "
+            "(accelerate launch --mixed_precision or the launch config): set one of them, or make them agree "
+            "(train.mixed_precision=null takes the launcher's)"
+        )
+    return configured
+
+
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """The Accelerator from the config; the launch config decides processes and devices.
 
-    mixed_precision is taken from the run config (no, fp16, bf16); fp16 needs a GPU, bf16 runs on
-    CPU too. Each process seeds its RNGs with seed + process index.
+    Mixed precision comes from ``resolve_mixed_precision`` (no, fp16, bf16); fp16 needs a GPU,
+    bf16 runs on CPU too. Each process seeds its RNGs with seed + process index.
     """
     torch.set_num_threads(cfg.threads if cfg.threads > 0 else auto_threads())
-    accelerator = make_accelerator(cfg.mixed_precision)
+    accelerator = make_accelerator(
+        resolve_mixed_precision(cfg.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
+    )
     set_seed(cfg.seed + accelerator.process_index)
     return accelerator
 
@@ -89,11 +115,60 @@ class StopFlag:
         return "time limit"
 
 
-def progress(enabled: bool, **kwargs: Any) -> Any:
-    """A tqdm bar on the main process (a no-op object elsewhere)."""
+def progress(enabled: bool, interval: float = 30.0, **kwargs: Any) -> Any:
+    """A progress bar on the main process (a no-op object elsewhere).
+
+    On a terminal it is a tqdm bar. Where stderr is not a terminal (SLURM, CI, ``> train.log``)
+    a redrawn bar would write carriage-return frames into the log, so a plain line is printed
+    every ``interval`` seconds instead, and once at the end.
+    """
     from tqdm.auto import tqdm
 
+    if enabled and not sys.stderr.isatty():
+        return PlainProgress(interval=interval, **kwargs)
     return tqdm(disable=not enabled, dynamic_ncols=True, file=sys.stderr, **kwargs)
+
+
+class PlainProgress:
+    """The part of tqdm's interface the tools use, as plain log lines at a fixed interval."""
+
+    def __init__(self, total: int | None = None, desc: str = "", interval: float = 30.0, unit: str = "it",
+                 **_: Any) -> None:  # fmt: skip
+        self.total, self.desc, self.interval, self.unit = total, desc, interval, unit
+        self.n = 0
+        self.postfix = ""
+        self.start = self.last = time.monotonic()
+        self.closed = False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._print()
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+
+    def reset(self, total: int | None = None) -> None:
+        self.total, self.n = total, 0
+        self.start = self.last = time.monotonic()
+
+    def refresh(self) -> None:
+        pass
+
+    def _print(self) -> None:
+        elapsed = time.monotonic() - self.start
+        done = f"{self.n}/{self.total}" if self.total else str(self.n)
+        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        rate = f"{self.n / elapsed:.2f} {self.unit}/s" if elapsed > 0 else ""
+        extra = f", {self.postfix}" if self.postfix else ""
+        print(f"{self.desc}: {done}{pct}, {rate}, {elapsed:.0f} s{extra}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._print()
 
 
 def world_info(accelerator: Accelerator) -> str:
@@ -132,7 +207,10 @@ def summary_rows(m: dict[str, Any], best: float | None, cfg: Config, run_dir: Pa
             rows.append((f"last {key}", f"{m[key]:.4f}"))
     if best is not None:
         rows.append((f"best {cfg.eval.best_metric}", f"{best:.4f}"))
-    rows += [("best weights", str(run_dir / "best.pt")), ("metrics", str(run_dir / "metrics.jsonl"))]
+    best_file = run_dir / "best.pt"
+    written = best_file.is_file() and best is not None
+    rows.append(("best weights", str(best_file) if written else f"none written (no finite {cfg.eval.best_metric})"))
+    rows.append(("metrics", str(run_dir / "metrics.jsonl")))
     return rows
 
 

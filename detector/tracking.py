@@ -16,6 +16,9 @@ from typing import Any
 
 from detector.config import WandbConfig
 
+# W&B's x-axis. Its own step must only grow, and a resumed run replays the steps after its last
+# saved state, whose points W&B would drop: we log without W&B's step and chart against ours.
+STEP_KEY = "global_step"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.csv"
 
@@ -70,7 +73,7 @@ class RunLogger:
             self.write_results()
         if self.wandb_run is not None:
             numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self.wandb_run.log(numeric, step=step)
+            self.wandb_run.log({**numeric, STEP_KEY: step})
 
     def write_results(self) -> None:
         rows = epoch_rows(read_metrics(self.run_dir))
@@ -84,8 +87,14 @@ class RunLogger:
             w.writerows(rows)
         os.replace(tmp, self.run_dir / RESULTS_FILE)
 
-    def start_wandb(self, cfg: WandbConfig, config: dict[str, Any], run_id: str | None, print_fn=print) -> str | None:
-        """Start (or resume, with run_id) a W&B run; returns its id, or None when disabled."""
+    def start_wandb(
+        self, cfg: WandbConfig, config: dict[str, Any], run_id: str | None, print_fn=print, step: int = 0
+    ) -> str | None:
+        """Start (or resume, with run_id) a W&B run; returns its id, or None when disabled.
+
+        Metrics are charted against ``global_step`` (our optimizer step), so a resumed run
+        continues from the step of its saved state (``step``), replayed points included.
+        """
         if not self.enabled or not cfg.enabled or cfg.mode == "disabled":
             return None
         import wandb
@@ -105,6 +114,10 @@ class RunLogger:
             id=run_id,
             resume="allow" if run_id else None,
         )
+        self.wandb_run.define_metric(STEP_KEY)
+        self.wandb_run.define_metric("*", step_metric=STEP_KEY)
+        if run_id:
+            print_fn(f"W&B run {self.wandb_run.id} resumed at {STEP_KEY} {step}")
         if mode == "offline":
             print_fn(f"W&B is offline: sync later with `wandb sync {self.wandb_run.dir.rsplit('/files', 1)[0]}`")
         return self.wandb_run.id
@@ -113,11 +126,11 @@ class RunLogger:
         if self.wandb_run is not None:
             import wandb
 
-            self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+            self.wandb_run.log({key: wandb.Table(columns=columns, data=rows), STEP_KEY: step})
 
     def log_images(self, key: str, images: list[Any], step: int) -> None:
         if self.wandb_run is not None and images:
-            self.wandb_run.log({key: images}, step=step)
+            self.wandb_run.log({key: images, STEP_KEY: step})
 
     def log_artifact(self, path: str | Path, name: str, kind: str = "model") -> None:
         if self.wandb_run is not None:

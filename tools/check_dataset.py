@@ -21,7 +21,6 @@ from PIL import Image  # noqa: E402
 
 from detector import runtime  # noqa: E402
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError  # noqa: E402
-from detector.data.images import scan_images  # noqa: E402
 from detector.plots import draw_detections  # noqa: E402
 
 
@@ -51,13 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     problems: list[str] = []
-    try:
-        CocoIndex(args.annotations)
+    try:  # what training with the default data.on_invalid=clip would stop on
+        CocoIndex(args.annotations, images_root=args.images)
     except DatasetError as exc:
         if not exc.problems:
             raise
         problems = exc.problems
-    index = CocoIndex(args.annotations, on_invalid="repair")  # what training with on_invalid=repair would use
+    bar = runtime.progress(True, desc="reading image headers", unit="img")
+    index = CocoIndex(  # what training with on_invalid=repair would use
+        args.annotations, on_invalid="repair", images_root=args.images, progress=lambda it, total: _wrap(bar, it, total)
+    )
+    bar.close()
+    found = index.files
     print(index.summary())
     print("box sizes:")
     print("\n".join(box_stats(index)))
@@ -66,15 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     peak = max(counts.values(), default=1) or 1
     for name, n in counts.items():
         print(f"  {name:>20} {n:7d} {'#' * round(40 * n / peak)}")
-    sizes = np.stack([index.widths, index.heights], axis=1)
-    bar = runtime.progress(True, desc="reading image headers", unit="img")
-    found = scan_images(
-        args.images,
-        [index.file_name(i) for i in range(len(index))],
-        sizes,
-        progress=lambda it, total: _wrap(bar, it, total),
-    )
-    bar.close()
     problems += [f"missing image file: {p}" for _, p in found["missing"]]
     problems += [m for kind in ("unreadable", "size_mismatch") for _, m in found[kind]]
     print(f"problems: {len(problems)}")

@@ -17,6 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector import runtime  # noqa: E402
+from detector.config import DataConfig  # noqa: E402
+from detector.data import check_files  # noqa: E402
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError, read_json  # noqa: E402
 from detector.evaluation import CocoResult, evaluate_coco, flat_metrics  # noqa: E402
 
@@ -55,9 +57,20 @@ def evaluate_checkpoint(args) -> dict | None:
     accelerator = runtime.make_accelerator()
     overrides = {"box_score_thresh": args.score_threshold} if args.score_threshold is not None else {}
     model, label_map, meta = load_model(args.checkpoint, **overrides)
-    index = CocoIndex(args.annotations, label_map=label_map, on_invalid=args.on_invalid)
+    index = CocoIndex(
+        args.annotations,
+        label_map=label_map,
+        on_invalid=args.on_invalid,
+        label_source=f"{args.checkpoint} (trained on {meta.get('config', {}).get('data', {}).get('train', {}).get('annotations') or 'its training json'})",
+        images_root=args.images,
+    )
+    # Images resized since labelling would be scored in the wrong frame: the same checks as training.
+    data_cfg = DataConfig(on_invalid=args.on_invalid, on_corrupt_image=args.on_corrupt_image)
+    for problem in check_files(index, Path(args.images), data_cfg):
+        accelerator.print(f"warning: {problem}")
     accelerator.print(index.summary())
-    ds = CocoDetection(index, args.images, None, model_input_size(model))
+    draft = bool(meta.get("config", {}).get("data", {}).get("draft_decode", True))
+    ds = CocoDetection(index, args.images, None, model_input_size(model) if draft else None, args.on_corrupt_image)
     sampler = EvalBatchSampler(
         index.aspect_ratios(), args.batch_size, accelerator.num_processes, accelerator.process_index
     )
@@ -81,7 +94,9 @@ def evaluate_checkpoint(args) -> dict | None:
         return None
     print(report(result))
     print(f"{'val loss':>11}: {metrics['val/loss']:.6f}")
-    if args.results:
+    if args.results:  # in the annotation file's own category ids
+        back = {t: c for c, t in index.category_remap.items()}
+        rows = [{**r, "category_id": back.get(r["category_id"], r["category_id"])} for r in rows]
         Path(args.results).write_text(json.dumps(rows))
     flat = {k.removeprefix("val/"): v for k, v in metrics.items()}
     return {"metrics": flat, "result": result}
@@ -98,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--score-threshold", type=float, help="override the checkpoint's box_score_thresh")
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--backend", choices=["pycocotools", "faster_coco_eval"], default="pycocotools")
-    ap.add_argument("--on-invalid", choices=["error", "repair"], default="error")
+    ap.add_argument("--on-invalid", choices=["error", "clip", "repair"], default="clip",
+                    help="as data.on_invalid; the ground truth is scored as written in every mode")  # fmt: skip
+    ap.add_argument("--on-corrupt-image", choices=["error", "skip"], default="error")
     ap.add_argument("--output", help="write the stats as one flat JSON object")
     ap.add_argument("--results", help="write the model's detections as a COCO results json")
     ap.add_argument("--plots", help="folder for the PR curves and per-class AP plots")

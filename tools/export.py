@@ -22,8 +22,11 @@ from detector import export, runtime  # noqa: E402
 from detector.inference import Predictor, load_model  # noqa: E402
 
 
-def sample_images(paths: list[str], size: tuple[int, int] | None, checkpoint_cfg: dict) -> list[torch.Tensor]:
-    """Sample images at the export size: given files, else the training run's val images."""
+def sample_images(
+    paths: list[str], size: tuple[int, int] | None, checkpoint_cfg: dict, predictor: Predictor
+) -> list[torch.Tensor]:
+    """Sample images at the export size: given files, else the training run's val images,
+    decoded as the Predictor (and training) decode them."""
     if not paths:
         val = checkpoint_cfg.get("data", {}).get("val", {})
         root = Path(val.get("images") or "")
@@ -31,7 +34,7 @@ def sample_images(paths: list[str], size: tuple[int, int] | None, checkpoint_cfg
         if syn.get("enabled"):
             root = Path(syn["root"]) / "val"
         paths = [str(p) for p in sorted(root.glob("*"))[:4]] if root.is_dir() else []
-    images = [Predictor.to_tensor(p) for p in paths]
+    images = [predictor.prepare(p)[0] for p in paths]
     if not images:  # nothing to look at: noise still checks that the graphs compute the same thing
         images = [torch.rand(3, *(size or (320, 320)), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     if size is not None:
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         path = export.export_torchscript(model, args.output)
         runner = export.torchscript_runner(path)
     info = export.metadata(label_map, size, args.format, model)
-    images = sample_images(args.samples, size, meta.get("config", {}))
+    draft = bool(meta.get("config", {}).get("data", {}).get("draft_decode", True))
+    images = sample_images(args.samples, size, meta.get("config", {}), Predictor(model, label_map, "cpu", 1, draft))
     parity = export.check_parity(model, images, runner, args.score_threshold)
     info["parity"] = {
         **parity.__dict__,

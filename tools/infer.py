@@ -18,11 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from detector import runtime  # noqa: E402
-from detector.data.images import ImageDecodeError  # noqa: E402
+from detector.data.images import ImageDecodeError, load_image, oriented_size  # noqa: E402
 from detector.inference import Predictor  # noqa: E402
 from detector.plots import draw_detections  # noqa: E402
 
@@ -71,16 +72,25 @@ def main(argv: list[str] | None = None) -> int:
     results, images, failed = [], [], []
     bar = runtime.progress(True, total=len(files), desc="infer", unit="img")
     for start in range(0, len(files), args.batch_size):
-        batch, tensors = [], []
+        batch = []
         for f in files[start : start + args.batch_size]:
-            try:
-                tensors.append(predictor.to_tensor(f))
-                batch.append(f)
-            except ImageDecodeError as exc:
-                failed.append(str(exc))
-        for f, img, det in zip(batch, tensors, predictor.predict(tensors) if tensors else []):
+            try:  # the header: unreadable files are reported and skipped, the rest go on
+                batch.append((f, oriented_size(f)))
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+                failed.append(f"cannot decode image {f}: {exc}")
+        try:
+            dets = predictor.predict([f for f, _ in batch]) if batch else []
+        except ImageDecodeError:  # a file that fails past its header: one at a time to name it
+            dets = []
+            for f, size in list(batch):
+                try:
+                    dets += predictor.predict([f])
+                except ImageDecodeError as exc:
+                    failed.append(str(exc))
+                    batch.remove((f, size))
+        for (f, (w, h)), det in zip(batch, dets):
             image_id = len(images)
-            images.append({"id": image_id, "file_name": str(f), "height": img.shape[1], "width": img.shape[2]})
+            images.append({"id": image_id, "file_name": str(f), "height": h, "width": w})
             for b, c, s in zip(det.boxes.tolist(), det.category_ids.tolist(), det.scores.tolist()):
                 results.append(
                     {
@@ -91,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
             if not args.no_draw:
+                arr, _, _ = load_image(f)  # drawn on the full-size image
                 drawn = draw_detections(
-                    (img * 255).round().to(torch.uint8),
+                    torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))),
                     torch.from_numpy(det.boxes),
                     det.labels,
                     predictor.class_names,

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     # -- build: data, model, optimizer ---------------------------------------------------------------
     splits = data.load_splits(cfg, log)
     label_map = splits.train.label_map
+    config.check_metric_name(cfg.eval.best_metric, list(label_map.names))
+    best_mode = config.best_mode(cfg.eval)
     model = build_model(cfg.model, label_map.num_classes, list(label_map.names), log)
     train_ds, val_ds = data.build_datasets(splits, cfg.data, model_input_size(model))
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -46,17 +48,23 @@ def main(argv: list[str] | None = None) -> int:
     global_batch = world * cfg.train.batch_size * cfg.train.grad_accum_steps
     lr = optim.scaled_lr(cfg.optim, global_batch)
     optimizer = optim.build_optimizer(model, cfg.optim, lr)
-    total_steps = cfg.train.epochs * steps_per_epoch(train_sampler, cfg.train.grad_accum_steps)
+    spe = steps_per_epoch(train_sampler, cfg.train.grad_accum_steps)
+    total_steps = cfg.train.epochs * spe
     scheduler = optim.build_scheduler(optimizer, cfg.optim, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    log(f"global batch {global_batch} -> lr {lr:.4g}; {total_steps} optimizer steps over {cfg.train.epochs} epochs")
+    log(
+        f"global batch {global_batch} -> lr {lr:.4g}; {total_steps} optimizer steps over {cfg.train.epochs} epochs, "
+        f"{optim.warmup_steps(cfg.optim, total_steps)} of them warmup"
+    )
 
     # -- resume --------------------------------------------------------------------------------------
-    pos = {"epoch": 0, "batch": 0, "step": 0, "best": None, "wandb_id": None, "nonfinite_in_row": 0}
+    layout = {"world_size": world, "batch_size": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps}
+    pos = {"epoch": 0, "batch": 0, "step": 0, "best": None, "wandb_id": None, "nonfinite_in_row": 0, **layout}
     if cfg.train.resume:
         pos.update(checkpoint.resume(cfg.train.resume, run_dir, accelerator, model, optimizer, scheduler, log))
+        pos = checkpoint.adapt_position(pos, layout, spe, lr, optimizer, scheduler, log)
     logger = RunLogger(run_dir, enabled=main_proc)
-    pos["wandb_id"] = logger.start_wandb(cfg.logging.wandb, config.to_dict(cfg), pos["wandb_id"], log)
+    pos["wandb_id"] = logger.start_wandb(cfg.logging.wandb, config.to_dict(cfg), pos["wandb_id"], log, pos["step"])
     stop = runtime.StopFlag(cfg.train.time_limit_minutes)
     gt = splits.val.to_coco_gt()
 
@@ -73,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     for epoch in range(pos["epoch"], cfg.train.epochs):
         train_sampler.set_epoch(epoch, pos["batch"])
         bar = runtime.progress(
-            main_proc and cfg.logging.progress, total=len(train_sampler), desc=f"epoch {epoch + 1}/{cfg.train.epochs}"
-        )
+            main_proc and cfg.logging.progress, total=len(train_sampler), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            interval=cfg.logging.progress_interval_s,
+        )  # fmt: skip
         try:
             stats = engine.train_one_epoch(
                 model, optimizer, scheduler, train_loader, accelerator,
@@ -96,15 +105,19 @@ def main(argv: list[str] | None = None) -> int:
         metrics = {"epoch": epoch + 1, **stats}
         if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
             bar = runtime.progress(
-                main_proc and cfg.logging.progress, total=len(val_sampler), desc="evaluate", leave=False
-            )
+                main_proc and cfg.logging.progress, total=len(val_sampler), desc="evaluate", leave=False,
+                interval=cfg.logging.progress_interval_s,
+            )  # fmt: skip
             val, coco, _ = engine.evaluate(
                 model, val_loader, val_sampler.batch_ids(), accelerator, label_map, gt,
                 backend=cfg.eval.backend, seed=cfg.train.seed, progress=bar,
             )  # fmt: skip
             bar.close()
             metrics.update(val)
-            if checkpoint.is_better(val.get(cfg.eval.best_metric), pos["best"], cfg.eval.best_mode):
+            if cfg.eval.best_metric not in val:  # a loss part this model does not have
+                parts = sorted(k for k in val if k.startswith("val/loss"))
+                raise config.ConfigError(f"eval.best_metric={cfg.eval.best_metric}: validation reports {parts}")
+            if checkpoint.is_better(val[cfg.eval.best_metric], pos["best"], best_mode):
                 pos["best"] = val[cfg.eval.best_metric]
                 checkpoint.save_weights(
                     run_dir / "best.pt", accelerator, model, cfg, label_map, metrics, epoch + 1, pos["step"]

@@ -6,11 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from detector.config import Config, DataConfig
 from detector.data.coco import MAX_LISTED, CocoDetection, CocoIndex, DatasetError, LabelMap
-from detector.data.images import scan_images
 from detector.data.synthetic import ensure_dataset
 from detector.data.transforms import build_transform
 
@@ -27,25 +24,25 @@ class Splits:
     val_root: Path
 
 
-def check_files(index: CocoIndex, root: Path, cfg: DataConfig, progress: Callable | None = None) -> list[str]:
-    """Find missing/unreadable images and size mismatches (all of them) before training.
+def check_files(index: CocoIndex, root: Path, cfg: DataConfig) -> list[str]:
+    """Act on what the index's file scan found (every missing/unreadable file, size mismatches).
 
-    Returns the problems; raises DatasetError when any is fatal under the config's settings.
+    Returns the problems that were tolerated (and their images dropped, counted); raises
+    DatasetError when any is fatal under the config's settings.
     """
-    names = [index.file_name(i) for i in range(len(index))]
-    sizes = np.stack([index.widths, index.heights], axis=1) if cfg.check_images else None
-    found = scan_images(root, names, sizes, read_headers=cfg.check_images, progress=progress)
+    found = index.files
     problems: list[str] = []
-    if found["missing"]:
-        listed = "\n".join(f"  - {p}" for _, p in found["missing"])
+    if found.get("missing"):
+        listed = "\n".join(f"  - {p}" for _, p in found["missing"][:MAX_LISTED])
+        more = f"\n  ... and {len(found['missing']) - MAX_LISTED} more" if len(found["missing"]) > MAX_LISTED else ""
         raise DatasetError(
-            f"{index.path}: {len(found['missing'])} of {len(index)} image files are missing under {root}:\n{listed}"
+            f"{index.path}: {len(found['missing'])} of {len(index)} image files are missing under {root}:\n{listed}{more}"
         )
     for kind, setting in (
         ("unreadable", cfg.on_corrupt_image == "skip"),
         ("size_mismatch", cfg.on_invalid == "repair"),
     ):
-        items = found[kind]
+        items = found.get(kind, [])
         if items and not setting:
             listed = "\n".join(f"  - {m}" for _, m in items[:MAX_LISTED])
             more = f"\n  ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
@@ -54,7 +51,7 @@ def check_files(index: CocoIndex, root: Path, cfg: DataConfig, progress: Callabl
                 f"{index.path}: {len(items)} image(s) {kind.replace('_', ' ')}:\n{listed}{more}\n(set {fix})"
             )
         problems.extend(m for _, m in items)
-    bad = sorted({i for kind in ("unreadable", "size_mismatch") for i, _ in found[kind]})
+    bad = sorted({i for kind in ("unreadable", "size_mismatch") for i, _ in found.get(kind, [])})
     if bad:
         index.drop_images(bad, "images unreadable or of another size than the json says dropped")
     return problems
@@ -74,11 +71,16 @@ def load_splits(cfg: Config, log: Callable[[str], None] = print, progress: Calla
     else:
         train_ann, val_ann = Path(d.train.annotations), Path(d.val.annotations)  # type: ignore[arg-type]
         train_root, val_root = Path(d.train.images), Path(d.val.images)  # type: ignore[arg-type]
-    opts = {"on_invalid": d.on_invalid, "allow_outside_root": d.allow_outside_root}
-    train = CocoIndex(train_ann, drop_empty=d.drop_empty, **opts)
-    val = CocoIndex(val_ann, label_map=train.label_map, **opts)
+    opts = {
+        "on_invalid": d.on_invalid,
+        "allow_outside_root": d.allow_outside_root,
+        "read_headers": d.check_images,
+        "progress": progress,
+    }
+    train = CocoIndex(train_ann, drop_empty=d.drop_empty, images_root=train_root, **opts)
+    val = CocoIndex(val_ann, label_map=train.label_map, label_source=str(train_ann), images_root=val_root, **opts)
     for index, root in ((train, train_root), (val, val_root)):
-        for problem in check_files(index, root, d, progress):
+        for problem in check_files(index, root, d):
             log(f"warning: {problem}")
         log(index.summary())
     return Splits(train, val, train_root, val_root)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import ImageFile
 
-from detector.data.images import ImageDecodeError, load_image
+from detector.data.images import ImageDecodeError, decode_size, load_image, scan_images
 from detector.data.transforms import apply
 
 try:  # orjson parses large exports several times faster; json is the fallback
@@ -51,7 +51,13 @@ def read_json(path: Path) -> Any:
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a grey stripe
-BOX_TOLERANCE = 1.0  # px a box may overhang the image before it counts as outside
+BOX_TOLERANCE = 1.0  # px a box may overhang the image before data.on_invalid=error calls it outside
+EXIF_SWAPPED = (
+    "images whose json width/height is the stored size before their EXIF rotation: "
+    "sizes swapped, boxes taken as drawn on the rotated image"
+)
+AREA_FILLED = "annotations without a positive 'area': w*h of the box used"
+UNMATCHED = -1  # match_categories: a category whose annotations repair mode drops
 MAX_LISTED = 20  # problems spelled out in an error message; all are counted
 
 
@@ -123,6 +129,12 @@ class LabelMap:
         return cls(tuple(int(c) for c in d["category_ids"]), tuple(str(n) for n in d["names"]))
 
 
+def _clip_reason(mode: str, far: np.ndarray) -> str:
+    if mode == "error" or not far.any():
+        return f"boxes overhanging the image by <= {BOX_TOLERANCE:g} px clipped for training"
+    return "boxes overhanging the image clipped for training (evaluated as written)"
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -154,16 +166,31 @@ class CocoIndex:
         label_map: LabelMap | None = None,
         drop_empty: bool = False,
         allow_outside_root: bool = False,
+        label_source: str | None = None,
+        images_root: str | Path | None = None,
+        read_headers: bool = True,
+        progress: Any = None,
     ) -> None:
         """Parse and validate a COCO detection json.
 
         Args:
             path: the annotation file.
-            on_invalid: "error" stops with a report of every problem; "repair" clips boxes that
-                overhang the image, drops what cannot be repaired, and counts both.
+            on_invalid: what to do with boxes and annotations that are not right as written.
+                "clip" (the default) clips boxes that overhang the image for training (the
+                evaluation ground truth keeps them as written) and stops on what cannot be meant
+                (NaN, no size left after clipping, unknown image or category); "error" also stops
+                on boxes that overhang by more than BOX_TOLERANCE px; "repair" clips and drops
+                what cannot be repaired. Whatever is clipped or dropped is counted.
             label_map: the training split's map, for a validation split; None derives it here.
+                Categories are matched by name for shared ids (see ``match_categories``).
             drop_empty: drop images without annotations (they are valid negatives otherwise).
             allow_outside_root: accept absolute file names and names with '..'.
+            label_source: where ``label_map`` comes from (a file name), for error messages.
+            images_root: the image folder; when given, the image files are checked before the
+                boxes are (missing files, headers, sizes, EXIF orientation: see ``files``).
+            read_headers: with images_root, open every header (size, EXIF) besides checking
+                that the file exists.
+            progress: optional wrapper for an iterable (a progress bar) for the header scan.
 
         Raises:
             DatasetError: naming the file, the json location and the id of every problem.
@@ -184,46 +211,77 @@ class CocoIndex:
                 got = "missing" if key not in data else type(data[key]).__name__
                 raise DatasetError(f"{self.path}: '{key}' must be a list ({got})")
         self.info = data.get("info") if isinstance(data.get("info"), dict) else {}
+        if on_invalid not in ("error", "clip", "repair"):
+            raise ValueError(f"on_invalid must be error, clip or repair, got {on_invalid!r}")
+        self.on_invalid = on_invalid
         repair = on_invalid == "repair"
         cats = self._parse_categories(data["categories"])
         img_ids, widths, heights, names = self._parse_images(data["images"], allow_outside_root, repair)
+        # The image files come before the boxes: which frame the boxes are in depends on them.
+        self.files: dict[str, list[tuple[int, str]]] = {}
+        if images_root is not None:
+            widths, heights = self._check_files(images_root, names, widths, heights, read_headers, progress)
         rows = self._parse_annotations_fast(data["annotations"], img_ids, widths, heights, cats)
         if rows is None:  # something needs a closer look: the item-by-item parser says what
             rows = self._parse_annotations(data["annotations"], img_ids, widths, heights, cats, repair)
         del data
         # Problems that cannot be repaired, or any problem in "error" mode, stop here.
         self.report.raise_if_any(
-            "" if repair else "\n(set data.on_invalid=repair to clip boxes and drop what cannot be repaired)"
+            "" if repair else "\n(set data.on_invalid=repair to drop what cannot be used, counted)"
         )
-        ann_img, ann_cat, ann_box, ann_crowd, ann_area = rows
+        ann_img, ann_cat, ann_box, ann_raw, ann_crowd, ann_area = rows
         used = set(ann_cat.tolist())
+        self.category_remap: dict[int, int] = {}  # this file's category id -> the label map's, where they differ
         if label_map is None:
             label_map, self.dropped_categories = _derive_label_map(cats, self._supercategories, used)
         else:
             self.dropped_categories = []
+            remap = match_categories(cats, used, label_map, str(self.path), label_source or "the training split", repair)
+            for c in [c for c, t in remap.items() if t == UNMATCHED]:
+                n = int((ann_cat == c).sum())
+                self.repairs[f"annotations of category {c} '{cats[c]}' (not a training class) dropped"] += n
+            self.category_remap = {c: t for c, t in remap.items() if c != t}
+            if self.category_remap:
+                lut = {**{c: c for c in cats}, **remap}
+                ann_cat = np.asarray([lut[c] for c in ann_cat.tolist()], dtype=np.int64)
         self.label_map = label_map
         known = np.isin(ann_cat, np.asarray(label_map.category_ids, dtype=np.int64))
-        if not known.all():
-            for c, n in Counter(ann_cat[~known].tolist()).items():
-                self.repairs[f"annotations of category {c} ({cats.get(c, '?')}) unknown to the label map dropped"] += n
-            ann_img, ann_cat, ann_box, ann_crowd, ann_area = (
-                a[known] for a in (ann_img, ann_cat, ann_box, ann_crowd, ann_area)
+        if not known.all():  # categories dropped above
+            ann_img, ann_cat, ann_box, ann_raw, ann_crowd, ann_area = (
+                a[known] for a in (ann_img, ann_cat, ann_box, ann_raw, ann_crowd, ann_area)
             )
         # Group annotations by image (stable: json order within an image).
         order = np.argsort(ann_img, kind="stable")
         counts = np.bincount(ann_img, minlength=len(img_ids))
         self.image_ids, self.widths, self.heights = img_ids, widths, heights
         self.ann_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.boxes = ann_box[order].astype(np.float32)
+        self.boxes = ann_box[order].astype(np.float32)  # xyxy, clipped to the image: training targets
+        self.gt_xywh = ann_raw[order].astype(np.float64)  # as written: the evaluation ground truth
         self.category_ids = ann_cat[order]
         self.labels = label_map.to_labels(self.category_ids)
         self.iscrowd = ann_crowd[order]
-        self.areas = ann_area[order].astype(np.float32)
+        self.areas = ann_area[order].astype(np.float64)  # the json's area (w*h where it has none)
         self._set_names(names)
         if drop_empty:
             self.drop_images(np.flatnonzero(counts == 0), "images without annotations dropped (data.drop_empty)")
 
     # -- parsing -------------------------------------------------------------------------------
+
+    def _check_files(self, root, names, widths, heights, read_headers, progress):
+        """Scan the image files (see images.scan_images); returns the sizes the boxes are in.
+
+        A json whose width/height is an image's stored size before a 90-degree EXIF rotation
+        (Label Studio keeps it while drawing boxes on the rotated image) is taken to describe the
+        rotated image: its width and height are swapped, and counted.
+        """
+        found = scan_images(root, names, np.stack([widths, heights], 1), read_headers, progress)
+        swapped = [i for i, _ in found["exif_swapped"]]
+        if swapped:
+            widths, heights = widths.copy(), heights.copy()
+            widths[swapped], heights[swapped] = heights[swapped], widths[swapped]
+            self.repairs[EXIF_SWAPPED] += len(swapped)
+        self.files = found
+        return widths, heights
 
     def _parse_categories(self, items: list) -> dict[int, str]:
         cats: dict[int, str] = {}
@@ -288,13 +346,14 @@ class CocoIndex:
         """Vectorised parsing for files without problems (COCO-scale files load in seconds).
 
         Returns None as soon as anything looks wrong (a type, a missing key, a duplicate id, an
-        unknown image or category, a bad or outside box): ``_parse_annotations`` then goes item
-        by item and reports or repairs each problem. Boxes overhanging by <= BOX_TOLERANCE are
-        clipped and counted here, as there.
+        unknown image or category, a bad box, a box overhanging more than the mode allows):
+        ``_parse_annotations`` then goes item by item and reports or repairs each problem.
+        Overhanging boxes are clipped (for training only) and counted here, as there.
         """
         n = len(items)
         if n == 0:
-            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 4)), np.empty(0, bool), np.empty(0)
+            e = np.empty(0)
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 4)), np.empty((0, 4)), e.astype(bool), e
         try:
             if not all(type(a) is dict for a in items):
                 return None
@@ -303,9 +362,12 @@ class CocoIndex:
             cat_ids = [a.get("category_id") for a in items]
             if not ({type(v) for v in ids} | {type(v) for v in image_ids} | {type(v) for v in cat_ids}) <= {int}:
                 return None
+            crowd_types = {type(a.get("iscrowd", 0)) for a in items}
+            if not crowd_types <= {int, bool}:
+                return None
             boxes = np.array([a.get("bbox") for a in items])
             crowd = np.array([a.get("iscrowd", 0) for a in items])
-            areas = np.array([a.get("area", 0) for a in items])
+            areas = np.array([a.get("area", math.nan) for a in items])
         except (TypeError, ValueError):
             return None
         if boxes.shape != (n, 4) or boxes.dtype.kind not in "if" or crowd.dtype.kind not in "biu":
@@ -329,19 +391,22 @@ class CocoIndex:
             return None
         xyxy = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
         size = np.stack([widths[img], heights[img]], axis=1).astype(np.float64)
-        if (xyxy[:, :2] < -BOX_TOLERANCE).any() or (xyxy[:, 2:] > size + BOX_TOLERANCE).any():
+        far = (xyxy[:, :2] < -BOX_TOLERANCE).any(1) | (xyxy[:, 2:] > size + BOX_TOLERANCE).any(1)
+        if self.on_invalid == "error" and far.any():
             return None
         over = (xyxy[:, :2] < 0).any(1) | (xyxy[:, 2:] > size).any(1)
         clipped = np.concatenate([np.maximum(xyxy[:, :2], 0), np.minimum(xyxy[:, 2:], size)], axis=1)
         wh = clipped[:, 2:] - clipped[:, :2]
-        if (wh < 1).any():
+        if (wh <= 0).any():
             return None
         areas = areas.astype(np.float64)
-        areas = np.where((areas > 0) & np.isfinite(areas), areas, boxes[:, 2] * boxes[:, 3])
-        areas = np.where(over, wh[:, 0] * wh[:, 1], areas)
+        no_area = ~(np.isfinite(areas) & (areas > 0))
+        areas = np.where(no_area, boxes[:, 2] * boxes[:, 3], areas)
+        if no_area.any():
+            self.repairs[AREA_FILLED] += int(no_area.sum())
         if over.any():
-            self.repairs[f"boxes overhanging the image by <= {BOX_TOLERANCE:g} px clipped"] += int(over.sum())
-        return img.astype(np.int64), cat_a, clipped, crowd.astype(bool), areas
+            self.repairs[_clip_reason(self.on_invalid, far)] += int(over.sum())
+        return img.astype(np.int64), cat_a, clipped, boxes, crowd.astype(bool), areas
 
     def _parse_annotations(self, items, img_ids, widths, heights, cats, repair):
         id_to_idx = {int(i): k for k, i in enumerate(img_ids.tolist())}
@@ -349,14 +414,16 @@ class CocoIndex:
         out_img = np.empty(n, np.int64)
         out_cat = np.empty(n, np.int64)
         out_box = np.empty((n, 4), np.float64)
+        out_raw = np.empty((n, 4), np.float64)
         out_crowd = np.empty(n, bool)
         out_area = np.empty(n, np.float64)
         seen_ids: set = set()
         k = 0
         rep = self.report
+        strict = self.on_invalid == "error"
 
         def reject(repaired: str, kind: str, where: str, message: str) -> None:
-            # repair mode drops and counts; error mode reports (and stops after parsing)
+            # repair mode drops and counts; the other modes report (and stop after parsing)
             if repair:
                 self.repairs[repaired] += 1
             else:
@@ -380,7 +447,7 @@ class CocoIndex:
                 self.repairs["duplicate annotation ids (kept, renumbered)"] += 1
             else:
                 seen_ids.add(aid)
-            img = id_to_idx.get(a.get("image_id"))  # type: ignore[arg-type]
+            img = id_to_idx.get(a.get("image_id")) if _is_int(a.get("image_id")) else None
             if img is None:
                 reject(
                     "annotations of unknown images dropped",
@@ -407,6 +474,15 @@ class CocoIndex:
                     f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}",
                 )
                 continue
+            crowd = a.get("iscrowd", 0)
+            if not (crowd in (0, 1) and isinstance(crowd, (int, bool))):
+                reject(
+                    "annotations with a malformed iscrowd dropped",
+                    "bad iscrowd",
+                    where,
+                    f"iscrowd must be 0 or 1, got {crowd!r}",
+                )
+                continue
             x, y, w, h = (float(v) for v in bbox)
             if w <= 0 or h <= 0:
                 reject(
@@ -419,20 +495,14 @@ class CocoIndex:
             W, H = float(widths[img]), float(heights[img])
             x1, y1, x2, y2 = x, y, x + w, y + h
             area = a.get("area")
-            area = float(area) if _is_num(area) and area > 0 else w * h
-            if x1 < -BOX_TOLERANCE or y1 < -BOX_TOLERANCE or x2 > W + BOX_TOLERANCE or y2 > H + BOX_TOLERANCE:
-                if not repair:
-                    rep.add(
-                        "bbox outside image",
-                        where,
-                        f"bbox {bbox} (xyxy {x1:g},{y1:g},{x2:g},{y2:g}) leaves the {int(W)}x{int(H)} image",
-                    )
-                    continue
-                self.repairs["boxes clipped to the image"] += 1
-            elif x1 < 0 or y1 < 0 or x2 > W or y2 > H:
-                self.repairs[f"boxes overhanging the image by <= {BOX_TOLERANCE:g} px clipped"] += 1
+            if _is_num(area) and area > 0:
+                area = float(area)
+            else:
+                area = w * h
+                self.repairs[AREA_FILLED] += 1
+            far = x1 < -BOX_TOLERANCE or y1 < -BOX_TOLERANCE or x2 > W + BOX_TOLERANCE or y2 > H + BOX_TOLERANCE
             cx1, cy1, cx2, cy2 = max(0.0, x1), max(0.0, y1), min(W, x2), min(H, y2)
-            if cx2 - cx1 < 1 or cy2 - cy1 < 1:
+            if cx2 - cx1 <= 0 or cy2 - cy1 <= 0:
                 reject(
                     "boxes outside the image (nothing left after clipping) dropped",
                     "bbox outside image",
@@ -440,15 +510,23 @@ class CocoIndex:
                     f"bbox {bbox} lies outside the {int(W)}x{int(H)} image",
                 )
                 continue
+            if far and strict:
+                rep.add(
+                    "bbox outside image",
+                    where,
+                    f"bbox {bbox} (xyxy {x1:g},{y1:g},{x2:g},{y2:g}) leaves the {int(W)}x{int(H)} image "
+                    "(data.on_invalid=clip, the default, clips it for training)",
+                )
+                continue
             if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
-                area = (cx2 - cx1) * (cy2 - cy1)
-            crowd = a.get("iscrowd", 0)
+                self.repairs[_clip_reason(self.on_invalid, np.asarray([far]))] += 1
             out_img[k], out_cat[k] = img, cat
             out_box[k] = (cx1, cy1, cx2, cy2)
+            out_raw[k] = (x, y, w, h)
             out_crowd[k] = bool(crowd)
             out_area[k] = area
             k += 1
-        return out_img[:k], out_cat[:k], out_box[:k], out_crowd[:k], out_area[:k]
+        return out_img[:k], out_cat[:k], out_box[:k], out_raw[:k], out_crowd[:k], out_area[:k]
 
     def drop_images(self, positions: Sequence[int], reason: str) -> None:
         """Remove images (by position) and their annotations, counting them under ``reason``."""
@@ -460,10 +538,12 @@ class CocoIndex:
         ann_keep = np.repeat(keep, counts)
         names = [self.file_name(i) for i in np.flatnonzero(keep)]
         self.image_ids, self.widths, self.heights = self.image_ids[keep], self.widths[keep], self.heights[keep]
-        for attr in ("boxes", "category_ids", "labels", "iscrowd", "areas"):
+        for attr in ("boxes", "gt_xywh", "category_ids", "labels", "iscrowd", "areas"):
             setattr(self, attr, getattr(self, attr)[ann_keep])
         self.ann_start = np.concatenate([[0], np.cumsum(counts[keep])]).astype(np.int64)
         self._set_names(names)
+        new_pos = np.cumsum(keep) - 1
+        self.files = {k: [(int(new_pos[i]), m) for i, m in v if keep[i]] for k, v in self.files.items()}
         self.repairs[reason] += int((~keep).sum())
 
     def _set_names(self, names: list[str]) -> None:
@@ -498,16 +578,17 @@ class CocoIndex:
     def to_coco_gt(self) -> dict[str, Any]:
         """A COCO ground-truth dict for COCOeval, with the dataset's own image and category ids.
 
-        Annotation ids are renumbered from 1: pycocotools treats a match to annotation id 0 as
-        "unmatched", which would score a perfect detection of it as a false positive.
+        Boxes and areas are the json's own (boxes that overhang the image are clipped for
+        training only). Annotation ids are renumbered from 1: pycocotools treats a match to
+        annotation id 0 as "unmatched", which would score a perfect detection of it as a false
+        positive. Category ids are the label map's (see ``category_remap``).
         """
         images = [
             {"id": int(i), "width": int(w), "height": int(h), "file_name": self.file_name(k)}
             for k, (i, w, h) in enumerate(zip(self.image_ids, self.widths, self.heights))
         ]
         img_of_ann = np.repeat(self.image_ids, np.diff(self.ann_start))
-        xywh = self.boxes.astype(np.float64).copy()
-        xywh[:, 2:] -= xywh[:, :2]
+        xywh = self.gt_xywh  # as written in the json (pycocotools semantics), not clipped
         annotations = [
             {
                 "id": k + 1,
@@ -534,9 +615,61 @@ class CocoIndex:
         lines.append("  per class: " + ", ".join(f"{n}={c}" for n, c in counts.items()))
         for c, name in self.dropped_categories:
             lines.append(f"  unused placeholder category {c} '{name}' left out of the classes")
+        if self.category_remap:
+            pairs = ", ".join(f"{c} -> {t} '{self.label_map.names[self.label_map.category_ids.index(t)]}'"
+                              for c, t in sorted(self.category_remap.items()))  # fmt: skip
+            lines.append(f"  categories matched to the training classes by name: {pairs}")
+        rotated = len(self.files.get("exif_rotated", []))
+        if rotated:
+            lines.append(
+                f"  {rotated} image(s) carry an EXIF orientation: decoded rotated, with boxes taken as drawn "
+                "on the rotated (displayed) image"
+            )
         for what, n in sorted(self.repairs.items()):
             lines.append(f"  repaired: {what}: {n}")
         return "\n".join(lines)
+
+
+def match_categories(
+    cats: dict[int, str], used: set[int], label_map: LabelMap, path: str, label_source: str, repair: bool = False
+) -> dict[int, int]:
+    """Map a split's categories onto a label map (the training split's) by name.
+
+    A category whose id and name both match keeps its id; one whose name is a training class
+    under another id is mapped to that id (separately exported splits often number classes in
+    another order). A used category whose name is not a training class stops with both files
+    named: scoring it under the training class of the same id would count dogs as cats
+    (``repair`` drops its annotations instead, counted). Unused categories that match nothing
+    (Roboflow's placeholder) are left out.
+
+    Returns:
+        {this file's category id: the label map's category id (UNMATCHED for dropped ones)}.
+    """
+    by_name: dict[str, int] = {}
+    for c, n in zip(label_map.category_ids, label_map.names):
+        by_name.setdefault(n, c)
+    by_id = dict(zip(label_map.category_ids, label_map.names))
+    remap: dict[int, int] = {}
+    bad = []
+    for cid, name in sorted(cats.items()):
+        if by_id.get(cid) == name:
+            remap[cid] = cid
+        elif name in by_name:
+            remap[cid] = by_name[name]
+        elif cid in used:
+            theirs = f"'{by_id[cid]}'" if cid in by_id else "no such id"
+            bad.append(f"category {cid} '{name}' (in {label_source}: {theirs})")
+            if repair:  # its annotations are dropped and counted
+                remap[cid] = UNMATCHED
+    if bad and not repair:
+        classes = ", ".join(f"{c} '{n}'" for c, n in zip(label_map.category_ids, label_map.names))
+        raise DatasetError(
+            f"{path}: categories do not match {label_source}: "
+            + "; ".join(bad)
+            + f". The model's classes are {classes}; categories are matched by name, so rename or relabel "
+            "the categories of one of the files (data.on_invalid=repair drops their annotations instead)."
+        )
+    return remap
 
 
 def _derive_label_map(
@@ -599,11 +732,7 @@ class CocoDetection(torch.utils.data.Dataset):
         return os.path.join(self.root, self.index.file_name(i))
 
     def _decode_size(self, i: int) -> tuple[int, int] | None:
-        if self.model_size is None:
-            return None
-        w, h = int(self.index.widths[i]), int(self.index.heights[i])
-        scale = min(self.model_size[0] / min(w, h), self.model_size[1] / max(w, h))
-        return (math.ceil(w * scale), math.ceil(h * scale)) if scale < 1 else None
+        return decode_size(int(self.index.widths[i]), int(self.index.heights[i]), self.model_size)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]] | None:
         i, seed = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), None)
@@ -632,8 +761,9 @@ class CocoDetection(torch.utils.data.Dataset):
             "labels": torch.from_numpy(labels[ok]).reshape(-1),
             "index": i,
             "image_id": int(self.index.image_ids[i]),
-            # decoded size / json size, times any resize the pipeline made
+            # decoded content scale (relative to the json size), times any resize the pipeline made
             "scale": (sx * w1 / w0, sy * h1 / h0),
+            "size": (int(self.index.widths[i]), int(self.index.heights[i])),  # json (width, height)
             "dropped": dropped,
         }
         return image, target

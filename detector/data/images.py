@@ -6,6 +6,7 @@ before training starts, so a bad dataset fails in seconds rather than hours in.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,8 +47,28 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img)
 
 
+def decode_size(width: int, height: int, model_size: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The smallest (width, height) worth decoding for a model that resizes to model_size.
+
+    Args:
+        width, height: the image's full (oriented) size.
+        model_size: (min_size, max_size) of the model's resize, or None.
+
+    Returns:
+        The size the model would resize the image to (a JPEG can be decoded at a reduced scale
+        no smaller than that), or None when the model would not shrink it.
+    """
+    if model_size is None:
+        return None
+    scale = min(model_size[0] / min(width, height), model_size[1] / max(width, height))
+    return (math.ceil(width * scale), math.ceil(height * scale)) if scale < 1 else None
+
+
 def load_image(path: str | Path, min_size: tuple[int, int] | None = None) -> tuple[np.ndarray, float, float]:
     """Decode an image as RGB uint8 with EXIF orientation applied.
+
+    Training, validation, evaluation and the Predictor all decode through here (with
+    ``decode_size``), so the model sees the same pixels everywhere.
 
     Args:
         path: the file.
@@ -55,7 +76,10 @@ def load_image(path: str | Path, min_size: tuple[int, int] | None = None) -> tup
             are then decoded at a reduced scale (1/2, 1/4, 1/8) no smaller than this.
 
     Returns:
-        (array (H, W, 3) uint8, sx, sy): the decoded size divided by the full (oriented) size.
+        (array (H, W, 3) uint8, sx, sy): the scale of the decoded content relative to the full
+        (oriented) image: exactly 1/s for libjpeg's 1/s reduced decoding. (The decoded size is
+        ceil(full / s), whose last row and column cover a partial block: a coordinate maps back
+        as x / sx, clipped to the full image.)
 
     Raises:
         ImageDecodeError: naming the file, for unreadable, corrupt or truncated images.
@@ -68,19 +92,18 @@ def load_image(path: str | Path, min_size: tuple[int, int] | None = None) -> tup
         with Image.open(path) as img:
             full_w, full_h = img.size
             orientation = img.getexif().get(EXIF_ORIENTATION, 1) if img.format in ("JPEG", "TIFF", "PNG", "WEBP") else 1
+            content = 1.0  # the decoded content's scale: libjpeg decodes at exactly 1/s
             if min_size is not None and img.format == "JPEG":
                 want = min_size if orientation not in _SWAPS_AXES else (min_size[1], min_size[0])
                 if want[0] < full_w and want[1] < full_h:
-                    img.draft("RGB", want)
-            dec_w, dec_h = img.size
+                    drafted = img.draft("RGB", want)
+                    if drafted is not None:  # (mode, (0, 0, full_w / s, full_h / s))
+                        content = drafted[1][2] / full_w
             img = ImageOps.exif_transpose(img) if orientation != 1 else img
             arr = to_rgb_array(img)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"cannot decode image {path}: {exc}") from None
-    sx, sy = dec_w / full_w, dec_h / full_h
-    if orientation in _SWAPS_AXES:
-        sx, sy = sy, sx
-    return arr, sx, sy
+    return arr, content, content
 
 
 def _decode_jpeg_full(path: str | Path) -> np.ndarray | None:
@@ -102,12 +125,18 @@ def _decode_jpeg_full(path: str | Path) -> np.ndarray | None:
     return image.permute(1, 2, 0).numpy()
 
 
-def oriented_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, from the header only."""
+def header_info(path: str | Path) -> tuple[int, int, int]:
+    """(width, height) after EXIF orientation and the orientation tag, from the header only."""
     with Image.open(path) as img:
         w, h = img.size
         orientation = img.getexif().get(EXIF_ORIENTATION, 1) if img.format in ("JPEG", "TIFF", "PNG", "WEBP") else 1
-    return (h, w) if orientation in _SWAPS_AXES else (w, h)
+    return (h, w, orientation) if orientation in _SWAPS_AXES else (w, h, orientation)
+
+
+def oriented_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, from the header only."""
+    w, h, _ = header_info(path)
+    return w, h
 
 
 def scan_images(
@@ -129,24 +158,36 @@ def scan_images(
         threads: header reads in parallel (I/O bound).
 
     Returns:
-        {"missing": [(i, path)], "unreadable": [(i, message)], "size_mismatch": [(i, message)]}.
+        {"missing": [(i, path)], "unreadable": [(i, message)], "size_mismatch": [(i, message)],
+        "exif_rotated": [(i, path)], "exif_swapped": [(i, message)]}: exif_rotated lists the
+        images whose EXIF orientation rotates or flips them; exif_swapped those whose json size
+        is the stored size before a 90-degree EXIF rotation (Label Studio writes this).
     """
     root = Path(root)
-    found: dict[str, list[tuple[int, str]]] = {"missing": [], "unreadable": [], "size_mismatch": []}
+    kinds = ("missing", "unreadable", "size_mismatch", "exif_rotated", "exif_swapped")
+    found: dict[str, list[tuple[int, str]]] = {k: [] for k in kinds}
     paths = [os.path.join(root, n) for n in names]
-    exists = [os.path.isfile(p) for p in paths]
+    try:
+        exists = [os.path.isfile(p) for p in paths]
+    except ValueError as exc:  # e.g. a NUL byte in a file name
+        raise ImageDecodeError(f"bad file name under {root}: {exc}") from None
     found["missing"] = [(i, p) for i, (p, ok) in enumerate(zip(paths, exists)) if not ok]
     if not read_headers:
         return found
     todo = [i for i, ok in enumerate(exists) if ok]
 
-    def check(i: int) -> tuple[int, str, str] | None:
+    def check(i: int) -> list[tuple[int, str, str]]:
         try:
-            w, h = oriented_size(paths[i])
+            w, h, orientation = header_info(paths[i])
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-            return i, "unreadable", f"{paths[i]}: cannot read image header: {exc}"
-        if sizes is not None and (w, h) != (int(sizes[i][0]), int(sizes[i][1])):
-            return (
+            return [(i, "unreadable", f"{paths[i]}: cannot read image header: {exc}")]
+        out = [(i, "exif_rotated", paths[i])] if orientation not in (0, 1) else []
+        if sizes is None or (w, h) == (int(sizes[i][0]), int(sizes[i][1])):
+            return out
+        if orientation in _SWAPS_AXES and (h, w) == (int(sizes[i][0]), int(sizes[i][1])):
+            return [*out, (i, "exif_swapped", f"{paths[i]}: json {h}x{w} is the size before EXIF rotation")]
+        return out + [
+            (
                 i,
                 "size_mismatch",
                 (
@@ -154,11 +195,11 @@ def scan_images(
                     f"{int(sizes[i][0])}x{int(sizes[i][1])}"
                 ),
             )
-        return None
+        ]
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         results = pool.map(check, todo, chunksize=64)
-        for r in progress(results, total=len(todo)) if progress else results:
-            if r is not None:
+        for rs in progress(results, total=len(todo)) if progress else results:
+            for r in rs:
                 found[r[1]].append((r[0], r[2]))
     return found
