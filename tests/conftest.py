@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny datasets written to tmp dirs, and helpers to launch the tools."""
+"""Shared fixtures and helpers: tiny datasets written to tmp dirs, the commands that launch the
+tools, dummy batches for the training loop, and the reference data beside the checkout."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -18,10 +20,49 @@ TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 sys.path.insert(0, str(ROOT))
 
 
+# -- reference data beside the checkout -----------------------------------------------------------
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data. Missing: skip locally, but fail when CI is set (CI must not
+    go green by skipping the reference tests)."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        message = f"{path} is missing (../shared/data is not beside this checkout)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI is set, so this is a failure, not a skip")
+        pytest.skip(message)
+    return path
+
+
+# -- tiny COCO files ------------------------------------------------------------------------------
+
+
 def write_coco(path: Path, images: list, annotations: list, categories: list, **extra: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories, **extra}))
     return path
+
+
+def one_image_coco(
+    folder: Path,
+    size: tuple[int, int],
+    bboxes: list[list[float]],
+    name: str = "a.jpg",
+    image_bytes: bytes | None = None,
+) -> Path:
+    """One black JPEG of size (width, height) (or the given file content) and its COCO json with
+    the given xywh boxes, all of category 1 ("x"). Returns the json path (folder/a.json)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if image_bytes is None:
+        Image.new("RGB", size).save(folder / name)
+    else:
+        (folder / name).write_bytes(image_bytes)
+    anns = [{"id": i + 1, "image_id": 1, "category_id": 1, "bbox": b} for i, b in enumerate(bboxes)]
+    images = [{"id": 1, "file_name": name, "width": size[0], "height": size[1]}]
+    return write_coco(folder / "a.json", images, anns, [{"id": 1, "name": "x"}])
 
 
 @pytest.fixture(scope="session")
@@ -43,22 +84,68 @@ def data_overrides(ds: dict[str, Path]) -> list[str]:
     ]
 
 
-def launch(
-    script: str, args: list[str], nproc: int = 1, timeout: float = 600, **kw: Any
-) -> subprocess.CompletedProcess:
-    """Run a tool under `accelerate launch` on CPU with nproc processes."""
-    launch_cfg = ROOT / "launch" / ("cpu.yaml" if nproc == 1 else "cpu2.yaml")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_cfg)]
-    if nproc > 1:
-        cmd += ["--num_processes", str(nproc), "--main_process_port", str(_free_port())]
-    cmd += [str(ROOT / "tools" / script), *args]
+# -- launching the tools ------------------------------------------------------------------------
+
+
+def tool_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
+    """The environment the tools run in: one thread, W&B off, unbuffered. None unsets a variable."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    for k, v in kw.pop("env", {}).items():  # None unsets a variable
+    for k, v in (extra or {}).items():
         if v is None:
             env.pop(k, None)
         else:
             env[k] = v
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, **kw)
+    return env
+
+
+def launch_cmd(script: str, args: list[str], nproc: int = 1) -> list[str]:
+    """`accelerate launch` of tools/<script> on CPU with nproc processes."""
+    launch_cfg = ROOT / "launch" / ("cpu.yaml" if nproc == 1 else "cpu2.yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_cfg)]
+    if nproc > 1:
+        cmd += ["--num_processes", str(nproc), "--main_process_port", str(_free_port())]
+    return [*cmd, str(ROOT / "tools" / script), *map(str, args)]
+
+
+def launch(
+    script: str, args: list[str], nproc: int = 1, timeout: float = 600, **kw: Any
+) -> subprocess.CompletedProcess:
+    """Run a tool under `accelerate launch` on CPU with nproc processes."""
+    env = tool_env(kw.pop("env", None))
+    return subprocess.run(
+        launch_cmd(script, args, nproc), capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, **kw
+    )
+
+
+def run_tool(name: str, *args: Any, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """Run tools/<name> with plain `python` (no accelerate)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=tool_env(env),
+    )
+
+
+def train(out: Path, ds: dict[str, Path], *overrides: str, script: str = "train.py", **kw: Any) -> str:
+    """A successful tiny training run into `out` (tiny.yaml + the dataset + overrides); its stdout."""
+    res = launch(script, ["--config", str(TINY), f"output_dir={out}", *data_overrides(ds), *overrides], **kw)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def epoch_records(run: Path) -> list[dict[str, Any]]:
+    return [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]
+
+
+def step_records(run: Path) -> list[dict[str, Any]]:
+    return [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "step"]
 
 
 def _free_port() -> int:
@@ -74,8 +161,34 @@ def trained_run(tiny_dataset, tmp_path_factory) -> Path:
     """One tiny training run (1 process, 6 epochs: a model that finds some objects) shared by
     the tests that need a checkpoint."""
     out = tmp_path_factory.mktemp("run")
-    res = launch(
-        "train.py", ["--config", str(TINY), f"output_dir={out}", "train.epochs=6", *data_overrides(tiny_dataset)]
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    train(out, tiny_dataset, "train.epochs=6")
     return out
+
+
+# -- the training loop without a detector -------------------------------------------------------
+
+
+def dummy_batches(n: int, images: int = 1, pixels: list[list[int]] | None = None) -> list[tuple[list, list, int]]:
+    """n loader batches of `images` empty-target uint8 images, as the real loader yields them
+    (images, targets, skipped). With `pixels`, image k of the whole sequence is a (3, 1, 1) image
+    holding pixels[k]."""
+    batches = []
+    for b in range(n):
+        imgs, tgts = [], []
+        for i in range(images):
+            k = b * images + i
+            if pixels is None:
+                imgs.append(torch.zeros(3, 4, 4, dtype=torch.uint8))
+            else:
+                imgs.append(torch.tensor(pixels[k], dtype=torch.uint8).view(3, 1, 1))
+            tgts.append({"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "dropped": 0})
+        batches.append((imgs, tgts, 0))
+    return batches
+
+
+@pytest.fixture
+def cpu_accelerator():
+    """An Accelerator on the CPU for calling the engine directly (one process)."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)

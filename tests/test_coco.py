@@ -12,7 +12,7 @@ from PIL import Image
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError, LabelMap
 from detector.evaluation import evaluate_coco
 
-from .conftest import SHARED_DATA, write_coco
+from .conftest import shared_data, write_coco
 
 CATS = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
 
@@ -210,19 +210,19 @@ BAD = [
         "box overhangs right edge",
         _set(["annotations", 0, "bbox"], [90, 10, 30, 10]),
         "leaves the 100x80 image",
-        "boxes clipped to the image",
+        "boxes overhanging the image clipped for training (evaluated as written)",
     ),
     (
         "box entirely outside",
         _set(["annotations", 0, "bbox"], [200, 200, 10, 10]),
-        "leaves the 100x80 image",
+        "lies outside the 100x80 image",
         "boxes outside the image (nothing left after clipping) dropped",
     ),
     (
         "negative origin",
         _set(["annotations", 0, "bbox"], [-20, 5, 30, 10]),
         "leaves the 100x80 image",
-        "boxes clipped to the image",
+        "boxes overhanging the image clipped for training (evaluated as written)",
     ),
     ("category without id", _set(["categories", 0], {"name": "x"}), "categories[0]: needs an integer 'id'", None),
     (
@@ -240,7 +240,7 @@ def test_bad_input_error_names_location(tmp_path, name, mutate, message, repair_
     d = base()
     mutate(d)
     with pytest.raises(DatasetError) as err:
-        load(tmp_path, d)
+        load(tmp_path, d, on_invalid="error")  # the strict mode: every case is an error
     text = str(err.value)
     assert str(tmp_path / "ann.json") in text
     assert message in text
@@ -267,8 +267,8 @@ def test_repair_clips_to_image(tmp_path):
 def test_small_overhang_clipped_and_counted_in_error_mode(tmp_path):
     d = base()
     d["annotations"][0]["bbox"] = [70.5, 10, 30, 10]  # 0.5 px past the right edge
-    idx = load(tmp_path, d)
-    assert idx.repairs["boxes overhanging the image by <= 1 px clipped"] == 1
+    idx = load(tmp_path, d, on_invalid="error")
+    assert idx.repairs["boxes overhanging the image by <= 1 px clipped for training"] == 1
 
 
 def test_not_json_and_missing_file(tmp_path):
@@ -308,9 +308,11 @@ def test_val_split_with_train_label_map(tmp_path):
     d["annotations"][1]["category_id"] = 3
     p = tmp_path / "val.json"
     p.write_text(json.dumps(d))
-    val = CocoIndex(p, label_map=train.label_map)
+    with pytest.raises(DatasetError, match=r"category 3 'cow' \(in the training split: no such id\)"):
+        CocoIndex(p, label_map=train.label_map)
+    val = CocoIndex(p, label_map=train.label_map, on_invalid="repair")
     assert val.label_map == train.label_map
-    assert val.repairs["annotations of category 3 (cow) unknown to the label map dropped"] == 1
+    assert val.repairs["annotations of category 3 'cow' (not a training class) dropped"] == 1
 
 
 def test_index_is_numpy_not_python_objects(tmp_path):
@@ -357,9 +359,7 @@ def test_gt_as_predictions_on_demo_data(tiny_dataset):
 
 @pytest.mark.parametrize("split", ["train", "valid", "test"])
 def test_roboflow_export(split):
-    path = SHARED_DATA / "rbc_roboflow" / split / "_annotations.coco.json"
-    if not path.is_file():
-        pytest.skip("../shared/data is not beside this checkout")
+    path = shared_data("rbc_roboflow", split, "_annotations.coco.json")
     idx = CocoIndex(path)
     assert idx.label_map.names == ("rbc", "wbc")
     assert idx.dropped_categories == [(0, "RBC-WBC")]

@@ -8,9 +8,8 @@ import pytest
 
 from detector.evaluation import STAT_NAMES, evaluate_coco
 
-from .conftest import SHARED_DATA
+from .conftest import shared_data
 
-FIXTURES = SHARED_DATA / "cocoeval_fixtures"
 CASES = {
     "cocoapi_val2014_100": ("instances_val2014_100.json", "instances_val2014_fakebbox100_results.json", 1e-9),
     "rafaelpadilla_val2014_100_nocrowd_boxarea": ("sampled_gts_bbox_area.json", "sampled_bbox_results.json", 1e-6),
@@ -21,14 +20,13 @@ CASES = {
 
 
 def _load(folder, gt_name, dt_name):
-    if not FIXTURES.is_dir():
-        pytest.skip("../shared/data is not beside this checkout")
-    gt = json.loads((FIXTURES / folder / gt_name).read_text())
-    dt = json.loads((FIXTURES / folder / dt_name).read_text())
+    fixtures = shared_data("cocoeval_fixtures", folder)
+    gt = json.loads((fixtures / gt_name).read_text())
+    dt = json.loads((fixtures / dt_name).read_text())
     if isinstance(dt, dict):
         dt = dt["annotations"]
     dt = [{k: d[k] for k in ("image_id", "category_id", "bbox", "score")} for d in dt]
-    expected = json.loads((FIXTURES / folder / "expected_bbox.json").read_text())
+    expected = json.loads((fixtures / "expected_bbox.json").read_text())
     return gt, dt, expected
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError
 from detector.data.images import ImageDecodeError, load_image, oriented_size, scan_images
 
-from .conftest import write_coco
+from .conftest import one_image_coco
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "LA", "1"])
@@ -46,9 +46,12 @@ def test_exif_orientation_applied(tmp_path):
 
 def test_size_mismatch_found_at_scan(tmp_path):
     _exif_jpeg(tmp_path / "r.jpg", 6)
-    found = scan_images(tmp_path, ["r.jpg", "gone.jpg"], np.array([[40, 20], [5, 5]]))
+    found = scan_images(tmp_path, ["r.jpg", "gone.jpg"], np.array([[30, 30], [5, 5]]))
     assert [p for _, p in found["missing"]] == [str(tmp_path / "gone.jpg")]
-    assert "decoded size 20x40 (EXIF orientation applied) differs from the json's 40x20" in found["size_mismatch"][0][1]
+    assert "decoded size 20x40 (EXIF orientation applied) differs from the json's 30x30" in found["size_mismatch"][0][1]
+    # the stored size before the EXIF rotation is no mismatch: it is recognised (see test_edges)
+    found = scan_images(tmp_path, ["r.jpg"], np.array([[40, 20]]))
+    assert not found["size_mismatch"] and len(found["exif_swapped"]) == 1 and len(found["exif_rotated"]) == 1
 
 
 def test_draft_decoding_halves_and_reports_scale(tmp_path):
@@ -60,13 +63,7 @@ def test_draft_decoding_halves_and_reports_scale(tmp_path):
 
 
 def test_dataset_scales_boxes_with_draft_decoding(tmp_path):
-    Image.new("RGB", (1600, 1200)).save(tmp_path / "big.jpg")
-    ann = write_coco(
-        tmp_path / "a.json",
-        [{"id": 1, "file_name": "big.jpg", "width": 1600, "height": 1200}],
-        [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [400, 200, 800, 600]}],
-        [{"id": 1, "name": "x"}],
-    )
+    ann = one_image_coco(tmp_path, (1600, 1200), [[400, 200, 800, 600]], name="big.jpg")
     ds = CocoDetection(CocoIndex(ann), tmp_path, model_size=(300, 400))
     image, target = ds[0]
     assert image.shape == (3, 300, 400) and image.dtype.is_floating_point is False
@@ -77,15 +74,9 @@ def test_dataset_scales_boxes_with_draft_decoding(tmp_path):
 def test_corrupt_image_error_or_skip(tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
     data = (tmp_path / "ok.jpg").read_bytes()
-    (tmp_path / "bad.jpg").write_bytes(data[: len(data) // 3])  # truncated
+    ann = one_image_coco(tmp_path, (64, 64), [], name="bad.jpg", image_bytes=data[: len(data) // 3])  # truncated
     with pytest.raises(ImageDecodeError, match="bad.jpg"):
         load_image(tmp_path / "bad.jpg")
-    ann = write_coco(
-        tmp_path / "a.json",
-        [{"id": 1, "file_name": "bad.jpg", "width": 64, "height": 64}],
-        [],
-        [{"id": 1, "name": "x"}],
-    )
     with pytest.raises(DatasetError, match=r"bad.jpg.*data.on_corrupt_image=skip"):
         CocoDetection(CocoIndex(ann), tmp_path)[0]
     assert CocoDetection(CocoIndex(ann), tmp_path, on_corrupt_image="skip")[0] is None

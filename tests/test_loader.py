@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from detector.config import BboxConfig, ConfigError
+from detector.data.coco import CocoDetection, CocoIndex
 from detector.data.loader import EvalBatchSampler, TrainBatchSampler, collate
 from detector.data.transforms import apply, build_transform
+
+from .conftest import one_image_coco
 
 
 def _ratios(n=23):
@@ -96,22 +99,7 @@ def test_nested_transforms_and_per_sample_seed():
 
 
 def test_degenerate_boxes_after_augmentation_dropped(tmp_path):
-    from PIL import Image
-
-    from detector.data.coco import CocoDetection, CocoIndex
-
-    from .conftest import write_coco
-
-    Image.new("RGB", (100, 100)).save(tmp_path / "a.jpg")
-    ann = write_coco(
-        tmp_path / "a.json",
-        [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 100}],
-        [
-            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},
-            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [60, 60, 30, 30]},
-        ],
-        [{"id": 1, "name": "x"}],
-    )
+    ann = one_image_coco(tmp_path, (100, 100), [[0, 0, 10, 10], [60, 60, 30, 30]])
     crop = build_transform([{"Crop": {"x_min": 50, "y_min": 50, "x_max": 100, "y_max": 100}}], BboxConfig())
     _, target = CocoDetection(CocoIndex(ann), tmp_path, crop)[(0, 1)]
     assert target["boxes"].shape == (1, 4) and target["dropped"] == 1

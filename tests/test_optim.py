@@ -10,6 +10,8 @@ from detector.checkpoint import is_better
 from detector.config import OptimConfig
 from detector.optim import build_optimizer, build_scheduler, lr_factor, param_groups, scaled_lr
 
+from .conftest import dummy_batches
+
 
 def test_no_weight_decay_on_norms_and_biases():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1, bias=False), nn.GroupNorm(2, 4))
@@ -65,9 +67,7 @@ def test_adamw_and_nesterov():
     assert sgd.param_groups[0]["nesterov"] is True
 
 
-def test_gradient_accumulation_steps():
-    from accelerate import Accelerator
-
+def test_gradient_accumulation_steps(cpu_accelerator):
     from detector.engine import train_one_epoch
 
     class Tiny(nn.Module):
@@ -81,11 +81,8 @@ def test_gradient_accumulation_steps():
     model = Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    img = torch.zeros(3, 2, 2, dtype=torch.uint8)
-    tgt = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "dropped": 0}
-    loader = [([img], [tgt], 0) for _ in range(5)]
     steps = []
-    train_one_epoch(model, opt, sched, loader, Accelerator(cpu=True), epoch=0, start_batch=0, grad_accum_steps=2,
+    train_one_epoch(model, opt, sched, dummy_batches(5), cpu_accelerator, epoch=0, start_batch=0, grad_accum_steps=2,
                     clip_grad_norm=1.0, max_nonfinite_steps=3, on_step=steps.append)  # fmt: skip
     assert [s["batch"] for s in steps] == [2, 4, 5]  # 5 micro-batches -> 3 optimizer steps
     assert model.w.item() == pytest.approx(1 - 3 * 0.1)  # each step's gradient is a mean: 1

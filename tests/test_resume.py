@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,25 +16,21 @@ import torch
 from detector import checkpoint
 from detector.models import WeightsError, read_checkpoint
 
-from .conftest import ROOT, TINY, _free_port, data_overrides
-
-pytestmark = pytest.mark.slow
+from .conftest import TINY, data_overrides, dummy_batches, launch_cmd, tool_env
 
 
 def _cmd(nproc: int, args: list[str]) -> list[str]:
-    cfg = ROOT / "launch" / ("cpu.yaml" if nproc == 1 else "cpu2.yaml")
-    extra = ["--main_process_port", str(_free_port())] if nproc > 1 else []
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), *extra,
-            str(ROOT / "tools" / "train.py"), "--config", str(TINY), *args]  # fmt: skip
+    return launch_cmd("train.py", ["--config", str(TINY), *args], nproc)
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+ENV = tool_env()
 
 
 def _states(run: Path) -> list[Path]:
     return checkpoint.list_states(run)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_exact(tiny_dataset, tmp_path):
     common = ["train.epochs=3", "train.checkpoint_every_steps=3", "train.keep_checkpoints=10",
               "logging.plots=false", *data_overrides(tiny_dataset)]  # fmt: skip
@@ -68,6 +63,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tiny_dataset, tmp_path):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
+@pytest.mark.slow
 def test_sigterm_two_processes_saves_and_resumes(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     args = [f"output_dir={run}", "train.epochs=50", "logging.plots=false", *data_overrides(tiny_dataset)]
@@ -100,10 +96,8 @@ def _fake_state(run: Path, step: int, accelerator) -> Path:
     return checkpoint.save_state(run, accelerator, model, opt, sched, pos, keep=5)
 
 
-def test_truncated_state_falls_back_to_older(tmp_path):
-    from accelerate import Accelerator
-
-    acc = Accelerator(cpu=True)
+def test_truncated_state_falls_back_to_older(tmp_path, cpu_accelerator):
+    acc = cpu_accelerator
     _fake_state(tmp_path, 1, acc)
     newest = _fake_state(tmp_path, 2, acc)
     data = (newest / "state.pt").read_bytes()
@@ -116,10 +110,8 @@ def test_truncated_state_falls_back_to_older(tmp_path):
     assert "trying an older state" in messages[0]
 
 
-def test_interrupted_write_leaves_no_state(tmp_path):
-    from accelerate import Accelerator
-
-    acc = Accelerator(cpu=True)
+def test_interrupted_write_leaves_no_state(tmp_path, cpu_accelerator):
+    acc = cpu_accelerator
     _fake_state(tmp_path, 1, acc)
     (tmp_path / "checkpoints" / ".tmp-step_00000002").mkdir()  # a write that died half way
     assert [s.name for s in checkpoint.list_states(tmp_path)] == ["step_00000001"]
@@ -152,27 +144,19 @@ class _NaNAfter(torch.nn.Module):
         return {"loss_a": loss * (float("nan") if self.calls > self.good else 1.0)}
 
 
-def _loader(n):
-    img = torch.zeros(3, 4, 4, dtype=torch.uint8)
-    tgt = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "dropped": 0}
-    return [([img], [tgt], 0) for _ in range(n)]
-
-
-def test_nonfinite_steps_skipped_then_stop():
-    from accelerate import Accelerator
-
+def test_nonfinite_steps_skipped_then_stop(cpu_accelerator):
     from detector.engine import NonFiniteLossError, train_one_epoch
 
-    acc = Accelerator(cpu=True)
+    acc = cpu_accelerator
     model = _NaNAfter(good=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     kw = {"epoch": 0, "start_batch": 0, "grad_accum_steps": 1, "clip_grad_norm": None}
     # 2 good steps then 2 NaN steps, under a limit of 5: the NaN steps are skipped and counted.
-    stats = train_one_epoch(model, opt, sched, _loader(4), acc, max_nonfinite_steps=5, **kw)
+    stats = train_one_epoch(model, opt, sched, dummy_batches(4), acc, max_nonfinite_steps=5, **kw)
     assert stats["train/nonfinite_steps"] == 2 and stats["nonfinite_in_row"] == 2
     assert model.w.item() == pytest.approx(1 - 2 * 0.1 * 2)  # only the two good steps moved it
     assert sched.last_epoch == 2
     with pytest.raises(NonFiniteLossError, match="non-finite losses in a row"):
-        train_one_epoch(model, opt, sched, _loader(10), acc, max_nonfinite_steps=5, nonfinite_in_row=2, **kw)
+        train_one_epoch(model, opt, sched, dummy_batches(10), acc, max_nonfinite_steps=5, nonfinite_in_row=2, **kw)
     assert model.w.item() == pytest.approx(0.6)
