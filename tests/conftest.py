@@ -162,6 +162,15 @@ def step_records(run: Path) -> list[dict[str, Any]]:
     return [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "step"]
 
 
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two weights files (best.pt / last.pt) hold bitwise equal model tensors."""
+    wa = torch.load(a, weights_only=True)["model"]
+    wb = torch.load(b, weights_only=True)["model"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs between {a} and {b}"
+
+
 def _free_port() -> int:
     import socket
 

@@ -16,7 +16,16 @@ import torch
 
 from detector.data.coco import CocoIndex, DatasetError
 
-from .conftest import TINY, data_overrides, read_jsonl, run_tool, run_tool_in_process, step_records, train
+from .conftest import (
+    TINY,
+    assert_same_weights,
+    data_overrides,
+    read_jsonl,
+    run_tool,
+    run_tool_in_process,
+    step_records,
+    train,
+)
 
 # -- one training run with many options -------------------------------------------------------------
 
@@ -150,11 +159,7 @@ def test_time_limit_preempts_then_resume_from_path_is_exact(tiny_dataset, tmp_pa
     out = train(resumed, tiny_dataset, *common, f"train.resume={states[0]}")
     assert f"resumed from {states[0]}" in out
     assert [r["step"] for r in step_records(resumed)] == list(range(pos["step"] + 1, total + 1))
-    a = torch.load(ref / "last.pt", weights_only=True)["model"]
-    b = torch.load(resumed / "last.pt", weights_only=True)["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs from the uninterrupted run"
+    assert_same_weights(ref / "last.pt", resumed / "last.pt")  # as if never interrupted
 
 
 # -- the evaluate tool's options (scoring a results file: no model) --------------------------------

@@ -16,7 +16,7 @@ import torch
 from detector import checkpoint
 from detector.models import WeightsError, read_checkpoint
 
-from .conftest import TINY, data_overrides, dummy_batches, launch_cmd, tool_env
+from .conftest import TINY, assert_same_weights, data_overrides, dummy_batches, launch_cmd, tool_env
 
 
 def _cmd(nproc: int, args: list[str]) -> list[str]:
@@ -56,11 +56,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tiny_dataset, tmp_path):
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout
-    a = torch.load(ref / "last.pt", weights_only=True)["model"]
-    b = torch.load(run / "last.pt", weights_only=True)["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert_same_weights(ref / "last.pt", run / "last.pt")
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from PIL import Image
 
 from detector.evaluation import STAT_NAMES
 
-from .conftest import ROOT, TINY, data_overrides, launch
+from .conftest import ROOT, TINY, data_overrides, epoch_records, launch, read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def test_run_directory(trained_run):
     for name in ("config.yaml", "metrics.jsonl", "results.csv", "best.pt", "last.pt"):
         assert (trained_run / name).is_file(), name
-    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(trained_run / "metrics.jsonl")
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2, 3, 4, 5, 6]
     for key in ("val/mAP", "val/mAP50", "val/mAP75", "val/AR100", "val/loss", "train/loss", "lr"):
@@ -89,7 +89,7 @@ def test_two_process_training_run(tiny_dataset, tmp_path):
         nproc=2,
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x]
+    rec = epoch_records(out)
     assert rec[-1]["val/images"] == 7
     assert "global batch 4" in res.stdout  # 2 processes x batch 2
     torch.load(out / "best.pt", weights_only=True)
@@ -145,7 +145,7 @@ def test_bf16_training_on_cpu(tiny_dataset, tmp_path):
                               "train.grad_accum_steps=2", "train.clip_grad_norm=5.0", *data_overrides(tiny_dataset)])  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "mixed precision bf16" in res.stdout
-    epoch = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in x][-1]
+    epoch = epoch_records(out)[-1]
     assert epoch["train/loss"] == epoch["train/loss"] and epoch["val/loss"] == epoch["val/loss"]  # finite, not NaN
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert all(v.dtype != torch.bfloat16 for v in ckpt["model"].values())  # weights stay float32
