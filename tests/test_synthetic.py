@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 
 from PIL import Image
 
 from detector.data.coco import CocoIndex
 from detector.data.synthetic import ensure_dataset, make_dataset
 
-from .conftest import ROOT
+from .conftest import run_tool_in_process
 
 
 def _digest(root):
@@ -58,7 +56,5 @@ def test_ensure_generates_once(tmp_path):
 
 
 def test_tool(tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic_dataset.py"), str(tmp_path), "--train", "3",
-                          "--val", "2"], capture_output=True, text=True)  # fmt: skip
-    assert res.returncode == 0, res.stderr
+    assert run_tool_in_process("make_synthetic_dataset.py", tmp_path, "--train", 3, "--val", 2) == 0
     assert len(list((tmp_path / "val").glob("*.jpg"))) == 2

@@ -11,23 +11,26 @@ from PIL import Image
 from detector.data.coco import CocoIndex
 from detector.inference import Predictor
 
-from .conftest import launch, run_tool
+from .conftest import launch, run_tool, run_tool_in_process
 
 
-def test_evaluate_predictions_file(tiny_dataset, tmp_path):
+def test_evaluate_predictions_file(tiny_dataset, tmp_path, capsys):
     idx = CocoIndex(tiny_dataset["val"])
     rows = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
             for a in idx.to_coco_gt()["annotations"]]  # fmt: skip
     (tmp_path / "r.json").write_text(json.dumps(rows))
-    res = run_tool("evaluate.py", "--predictions", tmp_path / "r.json", "--annotations", tiny_dataset["val"],
-                   "--output", tmp_path / "m.json", "--plots", tmp_path / "plots")  # fmt: skip
-    assert res.returncode == 0, res.stderr
+    code = run_tool_in_process("evaluate.py", "--predictions", tmp_path / "r.json", "--annotations",
+                               tiny_dataset["val"], "--output", tmp_path / "m.json", "--plots", tmp_path / "plots")  # fmt: skip
+    assert code == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["mAP"] == pytest.approx(1.0) and "AP/circle" in metrics
     assert (tmp_path / "plots" / "pr_curves.png").is_file()
     (tmp_path / "bad.json").write_text(json.dumps([{**rows[0], "image_id": 999}]))
-    res = run_tool("evaluate.py", "--predictions", tmp_path / "bad.json", "--annotations", tiny_dataset["val"])
-    assert res.returncode == 2 and "1 result(s) name images that are not in" in res.stderr
+    capsys.readouterr()
+    code = run_tool_in_process(
+        "evaluate.py", "--predictions", tmp_path / "bad.json", "--annotations", tiny_dataset["val"]
+    )
+    assert code == 2 and "1 result(s) name images that are not in" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -77,20 +80,22 @@ def test_infer_tool(trained_run, tiny_dataset, tmp_path):
     assert res.returncode == 2 and "no such file, folder or glob match" in res.stderr
 
 
-def test_check_dataset_tool(tiny_dataset, tmp_path):
-    res = run_tool(
+def test_check_dataset_tool(tiny_dataset, tmp_path, capsys):
+    code = run_tool_in_process(
         "check_dataset.py", tiny_dataset["train"], tiny_dataset["root"] / "train", "--draw", "3", "--output", tmp_path
     )
-    assert res.returncode == 0, res.stderr
-    assert "class histogram" in res.stdout and "problems: 0" in res.stdout
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "class histogram" in out and "problems: 0" in out
     assert len(list(tmp_path.glob("*.png"))) == 3
     bad = json.loads(tiny_dataset["train"].read_text())
     bad["annotations"][0]["bbox"] = [0, 0, -5, 5]
     bad["images"][1]["file_name"] = "missing.jpg"
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    res = run_tool("check_dataset.py", tmp_path / "bad.json", tiny_dataset["root"] / "train")
-    assert res.returncode == 1
-    assert "bbox width and height must be > 0" in res.stdout and "missing.jpg" in res.stdout
+    code = run_tool_in_process("check_dataset.py", tmp_path / "bad.json", tiny_dataset["root"] / "train")
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "bbox width and height must be > 0" in out and "missing.jpg" in out
 
 
 @pytest.mark.slow
