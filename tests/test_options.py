@@ -20,6 +20,7 @@ from .conftest import (
     TINY,
     assert_same_weights,
     data_overrides,
+    epoch_records,
     read_jsonl,
     run_tool,
     run_tool_in_process,
@@ -40,7 +41,9 @@ def _group(w: int, h: int) -> str:
 def options_run(tiny_dataset, tmp_path_factory) -> dict[str, Any]:
     """tiny.yaml for 6 epochs on a training json with one unusable annotation (negative width) and
     one more image emptied, with data.on_invalid=repair, data.drop_empty=true,
-    data.aspect_ratio_grouping=false, optim.norm_weight_decay, a state every 2 epochs, keeping 2.
+    data.aspect_ratio_grouping=false, optim.norm_weight_decay, a state every 2 epochs, keeping 2,
+    evaluation every 3 epochs with best.pt by the highest val/loss (mode max: the worst epoch, so
+    that "the best" is not simply the last one).
     The batches the sampler yields are recorded (tests/scripts/train_spy.py)."""
     tmp = tmp_path_factory.mktemp("options")
     data = json.loads(tiny_dataset["train"].read_text())
@@ -61,7 +64,7 @@ def options_run(tiny_dataset, tmp_path_factory) -> dict[str, Any]:
         out, {**tiny_dataset, "train": ann}, "train.epochs=6", "train.checkpoint_every_epochs=2",
         "train.keep_checkpoints=2", "data.on_invalid=repair", "data.drop_empty=true",
         "data.aspect_ratio_grouping=false", "optim.weight_decay=0.0005", "optim.norm_weight_decay=0.01",
-        "eval.every_epochs=3", "logging.plots=false",
+        "eval.every_epochs=3", "eval.best_metric=val/loss", "eval.best_mode=max", "logging.plots=false",
         script="../tests/scripts/train_spy.py", env={"SPY_BATCHES": str(spy)},
     )  # fmt: skip
     return {
@@ -130,6 +133,16 @@ def test_norm_weight_decay_param_groups(options_run):
     assert [g["weight_decay"] for g in groups] == [0.0005, 0.01]
     assert [len(g["params"]) for g in groups] == [other, norm_or_bias]
     assert norm_or_bias > 0 and other > 0
+
+
+@pytest.mark.slow
+def test_best_pt_by_mode_max_on_every_third_epoch(options_run):
+    evaluated = [r for r in epoch_records(options_run["out"]) if "val/loss" in r]
+    assert [r["epoch"] for r in evaluated] == [3, 6]
+    worst = max(evaluated, key=lambda r: r["val/loss"])  # the first of equals, as a strict improvement keeps
+    ckpt = torch.load(options_run["out"] / "best.pt", weights_only=True)
+    assert ckpt["epoch"] == worst["epoch"]
+    assert ckpt["metrics"]["val/loss"] == pytest.approx(worst["val/loss"], abs=1e-12)
 
 
 # -- time limit, then resume from a given state ---------------------------------------------------
