@@ -120,7 +120,7 @@ def evaluate_coco(gt: dict[str, Any] | Any, results: list[dict[str, Any]], backe
         )
     _, COCOeval = _backend(backend)
     with contextlib.redirect_stdout(io.StringIO()):
-        dt_obj = gt_obj.loadRes(results)
+        dt_obj = gt_obj.loadRes([dict(r) for r in results])  # loadRes adds keys to the dicts it is given
         ev = COCOeval(gt_obj, dt_obj, "bbox")
         ev.evaluate()
         ev.accumulate()

@@ -59,7 +59,8 @@ def test_frozen():
         ("train.epochs=0", "train.epochs must be >= 1"),
         ("optim.warmup_factor=2", "optim.warmup_factor must be in (0, 1]"),
         ("model.min_size=900", "model.min_size must be <= model.max_size"),
-        ("eval.best_metric=mAP", "eval.best_metric must name a val/ metric"),
+        ("eval.best_metric=mAP", "unknown metric 'mAP' (did you mean 'val/mAP'?)"),
+        ("eval.best_metric=val/map50", "unknown metric 'val/map50' (did you mean 'val/mAP50'?)"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -57,11 +57,12 @@ def evaluate_checkpoint(args) -> dict | None:
     accelerator = runtime.make_accelerator()
     overrides = {"box_score_thresh": args.score_threshold} if args.score_threshold is not None else {}
     model, label_map, meta = load_model(args.checkpoint, **overrides)
+    trained_on = meta.get("config", {}).get("data", {}).get("train", {}).get("annotations") or "its training json"
     index = CocoIndex(
         args.annotations,
         label_map=label_map,
         on_invalid=args.on_invalid,
-        label_source=f"{args.checkpoint} (trained on {meta.get('config', {}).get('data', {}).get('train', {}).get('annotations') or 'its training json'})",
+        label_source=f"{args.checkpoint} (trained on {trained_on})",
         images_root=args.images,
     )
     # Images resized since labelling would be scored in the wrong frame: the same checks as training.
@@ -85,6 +86,7 @@ def evaluate_checkpoint(args) -> dict | None:
         label_map,
         index.to_coco_gt(),
         backend=args.backend,
+        seed=int(meta.get("config", {}).get("train", {}).get("seed", 0)),  # the loss's sampling, as in training
         progress=bar,
     )
     bar.close()

@@ -162,7 +162,7 @@ class CocoIndex:
     def __init__(
         self,
         path: str | Path,
-        on_invalid: str = "error",
+        on_invalid: str = "clip",
         label_map: LabelMap | None = None,
         drop_empty: bool = False,
         allow_outside_root: bool = False,
