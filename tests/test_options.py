@@ -76,8 +76,9 @@ def options_run(tiny_dataset, tmp_path_factory) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_on_invalid_repair_trains_without_the_unusable_annotation(options_run):
-    with pytest.raises(DatasetError, match="width and height must be > 0"):
-        CocoIndex(options_run["ann"], on_invalid="error")  # the same file stops a run by default
+    for mode in ("error", "clip"):  # without repair, the same file stops a run (clip is the default)
+        with pytest.raises(DatasetError, match="width and height must be > 0"):
+            CocoIndex(options_run["ann"], on_invalid=mode)
     out = options_run["stdout"]
     assert "repaired: annotations with zero or negative width/height dropped: 1" in out
     summary = next(line for line in out.splitlines() if line.startswith(str(options_run["ann"])))
