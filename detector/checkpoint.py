@@ -18,27 +18,19 @@ import json
 import os
 import random
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from detector import weights
+
 STATE_DIR = "checkpoints"
 COMPLETE = "COMPLETE.json"
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file, flush + fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+atomic_save = weights.save  # a state file is written like a weights file: temp, fsync, rename
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
@@ -49,44 +41,6 @@ def atomic_write_text(text: str, path: str | Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def versions() -> dict[str, str]:
-    import torchvision
-
-    return {
-        "python": sys.version.split()[0],
-        "torch": str(torch.__version__),
-        "torchvision": str(torchvision.__version__),
-    }
-
-
-def weights_payload(
-    state_dict: dict[str, torch.Tensor],
-    config: dict[str, Any],
-    label_map: dict[str, list],
-    metrics: dict[str, float],
-    epoch: int,
-    step: int,
-) -> dict[str, Any]:
-    """The content of best.pt / last.pt (plain data only)."""
-    model_cfg = config.get("model", {})
-    return {
-        "format": "detector.weights/1",
-        "model": {k.removeprefix("module."): v.detach().cpu() for k, v in state_dict.items()},
-        "model_config": model_cfg,
-        "config": config,
-        "label_map": label_map,
-        "input": {
-            "min_size": model_cfg.get("min_size"),
-            "max_size": model_cfg.get("max_size"),
-            "scale": "images are float RGB in [0, 1]; the model normalises and resizes them itself",
-        },
-        "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-        "epoch": int(epoch),
-        "step": int(step),
-        "versions": versions(),
-    }
 
 
 # -- RNG states as plain tensors -----------------------------------------------------------------
@@ -263,13 +217,14 @@ def is_better(value: float | None, best: float | None, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
-def save_weights(path: Path, accelerator: Any, model, cfg, label_map, metrics: dict, epoch: int, step: int) -> None:
-    """Write a weights file (best.pt / last.pt) from the main process, atomically."""
+def save_weights(path: Path, accelerator: Any, model, cfg, label_map, metrics: dict, epoch: int, step: int,
+                 extra: dict | None = None) -> None:  # fmt: skip
+    """Write a weights file (best.pt / last.pt) from the main process, atomically (see weights.py)."""
     from detector.config import to_dict
 
     if accelerator.is_main_process:
-        state = accelerator.unwrap_model(model).state_dict()
-        atomic_save(weights_payload(state, to_dict(cfg), label_map.to_dict(), metrics, epoch, step), path)
+        net = accelerator.unwrap_model(model)
+        weights.save(weights.payload(net, to_dict(cfg), label_map.to_dict(), metrics, epoch, step, extra), path)
     accelerator.wait_for_everyone()
 
 

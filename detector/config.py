@@ -79,24 +79,28 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The detector. Family settings left at null keep torchvision's own tuned default for the
+    chosen model; a setting given for a family that does not take it is an error naming it."""
+
     name: str = "fasterrcnn_mobilenet_v3_large_fpn"
     weights: str | None = "DEFAULT"  # DEFAULT | null | a weights file | one of our best.pt
     weights_backbone: str | None = None  # backbone-only pretrained weights (DEFAULT | null)
     trainable_backbone_layers: int | None = None
-    min_size: int | None = None  # shorter side the model resizes to; null: the model's own default
-    max_size: int | None = None  # cap on the longer side; null: the model's own default
-    # Anchor sizes per FPN level (one list per level); null: the model's own default.
-    anchor_sizes: list[list[int]] | None = None
-    box_detections_per_img: int = 100
-    box_score_thresh: float = 0.05
-    box_batch_size_per_image: int = 512
-    rpn_batch_size_per_image: int = 256
-    rpn_pre_nms_top_n_test: int = 1000
-    rpn_post_nms_top_n_test: int = 1000
-    # Only for our own ResNet-FPN builders (fasterrcnn_resnet18_fpn, _resnet34_fpn):
-    returned_layers: list[int] | None = None  # ResNet stages fed to the FPN; null: [1, 2, 3, 4]
-    fpn_channels: int = 256
-    representation_size: int = 1024  # width of the box head's two MLP layers
+    min_size: int | None = None  # shorter side the model resizes to (not SSD: fixed size)
+    max_size: int | None = None  # cap on the longer side (not SSD)
+    anchor_sizes: list[list[int]] | None = None  # per FPN level (R-CNN, RetinaNet, FCOS)
+    box_score_thresh: float | None = None  # detections kept above this score (every family)
+    box_nms_thresh: float | None = None  # every family
+    box_detections_per_img: int | None = None  # every family
+    topk_candidates: int | None = None  # per level before NMS (RetinaNet, FCOS, SSD)
+    box_batch_size_per_image: int | None = None  # R-CNN: sampled proposals per image in training
+    rpn_batch_size_per_image: int | None = None  # R-CNN
+    rpn_pre_nms_top_n_test: int | None = None  # R-CNN
+    rpn_post_nms_top_n_test: int | None = None  # R-CNN
+    # Only for our from-scratch builders (*_resnet18_fpn, *_resnet34_fpn):
+    returned_layers: list[int] | None = None  # ResNet stages fed to the FPN
+    fpn_channels: int | None = None  # FPN width (256)
+    representation_size: int | None = None  # R-CNN: width of the box head's two MLP layers (1024)
 
 
 @dataclass(frozen=True)
@@ -280,6 +284,9 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(message)
     check_metric_name(cfg.eval.best_metric)
+    from detector.families import check_keys  # torchvision's model zoo: imported when needed
+
+    check_keys(cfg.model)
     if not cfg.data.synthetic.enabled:
         for split in ("train", "val"):
             s = getattr(cfg.data, split)

@@ -1,7 +1,7 @@
 """The loops: ``train_one_epoch`` and ``evaluate``, plain functions that return metric dicts.
 
-Validation computes the loss and the detections in one pass over the backbone
-(``loss_and_detections``), and gives the same numbers on 1 or N processes: the validation
+Validation computes the loss and the detections in one pass over the backbone (each family's
+``loss_and_detections``, see detector/families), and gives the same numbers on 1 or N processes: the validation
 batches do not depend on the number of processes, nothing is padded, and the per-batch results
 are gathered and reduced in batch order on the main process.
 """
@@ -19,11 +19,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
-from torchvision.models.detection.roi_heads import fastrcnn_loss
-from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from detector.data.coco import LabelMap
 from detector.evaluation import CocoResult, detections_to_coco, evaluate_coco, flat_metrics
+from detector.families import loss_and_detections, loss_key
+from detector.labels import LabelMap
 
 
 class NonFiniteLossError(RuntimeError):
@@ -152,7 +151,7 @@ def train_one_epoch(
         ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
         with ctx:
             with accelerator.autocast():
-                loss_dict = model(imgs, tgts)
+                loss_dict = {loss_key(k): v for k, v in model(imgs, tgts).items()}
             loss = sum(loss_dict.values())
             # One all-reduce carries the loss parts, the finite flag and the stop request.
             parts = torch.stack([v.detach().float() for v in loss_dict.values()])
@@ -235,65 +234,6 @@ def train_one_epoch(
         }
     )
     return out
-
-
-def loss_and_detections(
-    model: nn.Module,
-    images: list[torch.Tensor],
-    targets: list[dict[str, torch.Tensor]] | None,
-    autocast: Callable[[], Any] = contextlib.nullcontext,
-) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """Validation losses and detections of a Faster R-CNN (eval mode) with one backbone pass.
-
-    The backbone runs under ``autocast``; the RPN and box heads, box decoding and
-    post-processing run in float32, so that boxes are not rounded to bf16's 8-bit mantissa.
-    The losses use the test-time proposals (what the model will see when it is used); their
-    random anchor/proposal sampling follows the caller's RNG state.
-
-    Args:
-        model: an unwrapped torchvision GeneralizedRCNN with an RPN (Faster R-CNN), in eval mode.
-        images: float images in [0, 1].
-        targets: boxes and labels per image, or None for detections only.
-        autocast: a context manager factory for the backbone (mixed precision).
-
-    Returns:
-        (losses, detections): loss parts as in training, and per-image boxes/labels/scores in
-        the input images' coordinates.
-    """
-    original_sizes = [tuple(im.shape[-2:]) for im in images]
-    with autocast():
-        image_list, targets_t = model.transform(images, targets)
-        features = model.backbone(image_list.tensors)
-    with torch.autocast(device_type=image_list.tensors.device.type, enabled=False):
-        features = {k: v.float() for k, v in features.items()}
-        image_list.tensors = image_list.tensors.float()
-        rpn = model.rpn
-        feats = list(features.values())
-        objectness, deltas = rpn.head(feats)
-        anchors = rpn.anchor_generator(image_list, feats)
-        num_anchors_per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
-        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
-        proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
-        boxes, _ = rpn.filter_proposals(proposals, objectness, image_list.image_sizes, num_anchors_per_level)
-        heads = model.roi_heads
-        detections, _ = heads(features, boxes, image_list.image_sizes)
-        detections = model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
-        losses: dict[str, torch.Tensor] = {}
-        if targets_t is not None:
-            labels, matched = rpn.assign_targets_to_anchors(anchors, targets_t)
-            reg_targets = rpn.box_coder.encode(matched, anchors)
-            loss_obj, loss_rpn = rpn.compute_loss(objectness, deltas, labels, reg_targets)
-            props, _, cls_labels, box_targets = heads.select_training_samples(boxes, targets_t)
-            feats_roi = heads.box_head(heads.box_roi_pool(features, props, image_list.image_sizes))
-            class_logits, box_regression = heads.box_predictor(feats_roi)
-            loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, cls_labels, box_targets)
-            losses = {
-                "loss_classifier": loss_cls,
-                "loss_box_reg": loss_box,
-                "loss_objectness": loss_obj,
-                "loss_rpn_box_reg": loss_rpn,
-            }
-    return losses, detections
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from detector.config import COCO_STATS
-from detector.data.coco import LabelMap
+from detector.labels import LabelMap
 
 STAT_NAMES = COCO_STATS  # the 12 COCOeval stats, in its order
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from detector.data.coco import LabelMap
+from detector.labels import LabelMap
 
 OPSET = 17
 

@@ -3,44 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from detector.config import from_dict
-from detector.data.coco import LabelMap
-from detector.data.images import ImageDecodeError, decode_size, load_image, oriented_size, to_rgb_array
-from detector.engine import loss_and_detections
-from detector.models import build_model, model_input_size, read_checkpoint
+from detector.families import loss_and_detections
+from detector.images import ImageDecodeError, decode_size, load_image, oriented_size, to_rgb_array
+from detector.labels import LabelMap
+from detector.models import model_input_size
+from detector.weights import load_model
+
+__all__ = ["Detections", "Predictor", "load_model"]
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
-
-
-def load_model(path: str | Path, **model_overrides: Any) -> tuple[torch.nn.Module, LabelMap, dict[str, Any]]:
-    """Rebuild the model of a weights file (best.pt / last.pt) and load its weights.
-
-    Args:
-        path: the weights file (read with weights_only=True).
-        model_overrides: model.* settings to change (e.g. box_score_thresh).
-
-    Returns:
-        (model in eval mode, label map, the checkpoint's data without the weights).
-    """
-    data = read_checkpoint(path)
-    if "label_map" not in data or "model" not in data:
-        raise ValueError(f"{path} is not a detector weights file (no label map); use one written by tools/train.py")
-    label_map = LabelMap.from_dict(data["label_map"])
-    cfg = from_dict({"model": data.get("model_config", {})}).model
-    cfg = replace(cfg, weights=None, weights_backbone=None, **model_overrides)
-    model = build_model(cfg, label_map.num_classes, list(label_map.names))
-    model.load_state_dict(data["model"])
-    model.eval()
-    meta = {k: v for k, v in data.items() if k != "model"}
-    return model, label_map, meta
 
 
 @dataclass

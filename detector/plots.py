@@ -18,8 +18,6 @@ from torchvision.utils import draw_bounding_boxes, make_grid  # noqa: E402
 from detector.evaluation import CocoResult  # noqa: E402
 from detector.tracking import epoch_rows, read_metrics  # noqa: E402
 
-LOSS_PARTS = ("loss", "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
-
 
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,9 +29,13 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def plot_losses(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """Train and val loss per epoch, one panel per loss component; several runs overlay."""
-    fig, axes = plt.subplots(1, len(LOSS_PARTS), figsize=(4 * len(LOSS_PARTS), 3.2))
-    for ax, part in zip(axes, LOSS_PARTS):
+    """Train and val loss per epoch, one panel per loss component (whatever the family's are);
+    several runs overlay."""
+    found = {k.split("/", 1)[1] for rows in runs.values() for r in rows for k in r if k.startswith("train/loss_")}
+    parts = ["loss", *sorted(found)]
+    fig, axes = plt.subplots(1, len(parts), figsize=(4 * len(parts), 3.2), squeeze=False)
+    axes = axes[0]
+    for ax, part in zip(axes, parts):
         for name, rows in runs.items():
             ep = [r["epoch"] for r in rows]
             for split, style in (("train", "-"), ("val", "--")):

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from detector.data.coco import CocoDetection
-from detector.engine import loss_and_detections
 from detector.evaluation import CocoResult
+from detector.families import loss_and_detections
 from detector.plots import plot_per_class_ap, plot_pr, plot_run, prediction_grid
 from detector.tracking import RunLogger, wandb_boxes
 

@@ -388,13 +388,13 @@ def test_validation_does_not_reseed_cuda(tiny_dataset, monkeypatch):
 
 
 def test_draft_scale_is_libjpegs_and_predictions_are_clipped(tmp_path):
-    from detector.data.images import load_image
+    from detector.images import load_image
 
     path = _image(tmp_path / "odd.jpg", (1001, 751))
     arr, sx, sy = load_image(path, (300, 226))
     assert arr.shape[:2] == (376, 501)  # ceil(751 / 2) x ceil(1001 / 2): the last block is partial
     assert (sx, sy) == (0.5, 0.5)  # the content scale is exactly 1/2, not 501/1001
-    from detector.data.coco import LabelMap
+    from detector.labels import LabelMap
 
     det = {"boxes": torch.tensor([[400.0, 300.0, 501.0, 376.0]]), "labels": torch.tensor([1]),
            "scores": torch.tensor([0.9])}  # fmt: skip

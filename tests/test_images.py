@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError
-from detector.data.images import ImageDecodeError, load_image, oriented_size, scan_images
+from detector.images import ImageDecodeError, load_image, oriented_size, scan_images
 
 from .conftest import one_image_coco
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from detector.data.coco import LabelMap
+from detector.labels import LabelMap
 from detector.evaluation import detections_to_coco, evaluate_coco
 
 # -- detections -> COCO result rows ---------------------------------------------------------------

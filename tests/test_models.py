@@ -8,14 +8,29 @@ import pytest
 import torch
 
 from detector.config import ModelConfig
-from detector.models import MODELS, WeightsError, build_model
+from detector.families import all_models, family_of
+from detector.models import WeightsError, build_model
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+def outputs(model: torch.nn.Module) -> int:
+    """The width of a built model's classification layers (K + 1), whatever its family."""
+    name = type(model).__name__
+    if name in ("FasterRCNN", "MaskRCNN"):
+        return model.roi_heads.box_predictor.cls_score.out_features
+    if name in ("RetinaNet", "FCOS"):
+        head = model.head.classification_head
+        assert head.cls_logits.out_channels == head.num_anchors * head.num_classes
+        return head.num_classes
+    return model.head.classification_head.num_columns
+
+
+@pytest.mark.parametrize("name", sorted(all_models()))
 def test_every_model_builds_with_k_classes(name):
-    cfg = ModelConfig(name=name, weights=None, weights_backbone=None, min_size=64, max_size=96)
+    sizes = {} if name.startswith("ssd") else {"min_size": 64, "max_size": 96}
+    cfg = ModelConfig(name=name, weights=None, weights_backbone=None, **sizes)
     model = build_model(cfg, num_classes=5)
-    assert model.roi_heads.box_predictor.cls_score.out_features == 6
+    assert outputs(model) == 6
+    assert family_of(name).model_type is not None and isinstance(model, family_of(name).model_type)
     model.eval()
     with torch.no_grad():
         out = model([torch.rand(3, 64, 80)])
@@ -89,7 +104,7 @@ def test_weights_of_another_architecture_refused(tmp_path):
 def test_bf16_boxes_are_float32_and_precise():
     """Pitfall 12: under bf16 autocast, box decoding must stay float32 (bf16 would snap ~600 px
     coordinates to multiples of 4 px)."""
-    from detector.engine import loss_and_detections
+    from detector.families import loss_and_detections
 
     torch.manual_seed(0)
     model = build_model(replace(_small(), min_size=640, max_size=800, box_score_thresh=0.0), 2).eval()

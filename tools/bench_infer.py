@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from detector.engine import loss_and_detections  # noqa: E402
+from detector.families import loss_and_detections  # noqa: E402
 from detector.export import default_size, export_onnx, onnx_runner  # noqa: E402
 from detector.inference import Predictor, load_model  # noqa: E402
 

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from detector import runtime  # noqa: E402
-from detector.data.images import ImageDecodeError, load_image, oriented_size  # noqa: E402
+from detector.images import ImageDecodeError, load_image, oriented_size  # noqa: E402
 from detector.inference import Predictor  # noqa: E402
 from detector.plots import draw_detections  # noqa: E402
 
