@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from detector.labels import LabelMap
 from detector.evaluation import detections_to_coco, evaluate_coco
+from detector.labels import LabelMap
 
 # -- detections -> COCO result rows ---------------------------------------------------------------
 
