@@ -87,6 +87,7 @@ def save_state(
     scheduler: Any,
     position: dict[str, Any],
     keep: int,
+    ema: torch.nn.Module | None = None,
 ) -> Path | None:
     """Save a resumable state; every process must call it (each writes its own RNG state).
 
@@ -96,6 +97,7 @@ def save_state(
         model, optimizer, scheduler: the training objects.
         position: epoch, batch (within the epoch), step, best score, W&B id...: plain values.
         keep: how many states to keep (older ones are deleted).
+        ema: the weight average (train.ema), saved beside the model.
 
     Returns:
         The state directory (on the main process).
@@ -116,6 +118,7 @@ def save_state(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
                 "position": position,
             },
             tmp / "state.pt",
@@ -192,9 +195,14 @@ def find_resumable(run_dir: str | Path, process_index: int, log=print) -> tuple[
     return None
 
 
-def restore(state: dict[str, Any], rng: dict[str, Any], accelerator: Any, model, optimizer, scheduler) -> dict:
+def restore(state: dict[str, Any], rng: dict[str, Any], accelerator: Any, model, optimizer, scheduler,
+            ema=None) -> dict:  # fmt: skip
     """Load a state into the training objects; returns the training position."""
     accelerator.unwrap_model(model).load_state_dict(state["model"])
+    if ema is not None:
+        if state.get("ema") is None:
+            raise CheckpointError("the state has no weight average (it was saved with train.ema=false)")
+        ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler = getattr(accelerator, "scaler", None)
@@ -299,7 +307,8 @@ def adapt_position(
     return {**position, **layout, "batch": batch}
 
 
-def resume(spec: str, run_dir: Path, accelerator: Any, model, optimizer, scheduler, log=print) -> dict[str, Any]:
+def resume(spec: str, run_dir: Path, accelerator: Any, model, optimizer, scheduler, log=print,
+           ema=None) -> dict[str, Any]:  # fmt: skip
     """Restore training from ``train.resume``: "auto" (newest valid state in the run directory,
     or a fresh start when there is none) or the path of a state directory.
 
@@ -317,6 +326,6 @@ def resume(spec: str, run_dir: Path, accelerator: Any, model, optimizer, schedul
         if not (state_dir / COMPLETE).is_file():
             raise CheckpointError(f"train.resume={spec}: not a complete state directory (no {COMPLETE})")
         state, rng = load_state_files(state_dir, accelerator.process_index)
-    position = restore(state, rng, accelerator, model, optimizer, scheduler)
+    position = restore(state, rng, accelerator, model, optimizer, scheduler, ema)
     log(f"resumed from {state_dir}: epoch {position['epoch'] + 1}, batch {position['batch']}, step {position['step']}")
     return position

@@ -143,6 +143,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 20  # stop after this many non-finite losses in a row
     time_limit_minutes: float = 0.0  # 0: no limit; else stop (with a checkpoint) after this long
     threads: int = 0  # torch intra-op threads per process; 0: the usable CPUs / processes on this machine
+    # An exponential moving average of the weights: what validation scores and best.pt/last.pt hold.
+    ema: bool = False
+    ema_decay: float = 0.999
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class EvalConfig:
     backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
     best_metric: str = "val/mAP"  # val/loss, val/loss_<part>, val/<COCO stat> or val/AP/<class name>
     best_mode: Literal["max", "min"] | None = None  # null: min for losses, max for the rest
+    early_stop_patience: int = 0  # stop after this many evaluations without a better best_metric (0: off)
 
 
 @dataclass(frozen=True)
@@ -275,6 +279,8 @@ def validate(cfg: Config) -> None:
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (cfg.train.checkpoint_every_epochs >= 1, "train.checkpoint_every_epochs must be >= 1"),
+        (0 < cfg.train.ema_decay < 1, "train.ema_decay must be in (0, 1)"),
+        (cfg.eval.early_stop_patience >= 0, "eval.early_stop_patience must be >= 0"),
         (
             cfg.model.min_size is None or cfg.model.max_size is None or cfg.model.min_size <= cfg.model.max_size,
             "model.min_size must be <= model.max_size",

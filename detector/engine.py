@@ -119,8 +119,8 @@ def train_one_epoch(
         nonfinite_in_row: the count carried over from the previous epoch.
         should_stop: polled every step (preemption signal, time limit); every process stops
             at the same step when any process asks to.
-        on_step: called after every optimizer step with the step's record (logging and
-            mid-epoch checkpoints).
+        on_step: called after every optimizer step with the step's record (logging, weight
+            average, mid-epoch checkpoints); its "stepped" is False for a skipped step.
         progress: an optional tqdm bar to advance.
 
     Returns:
@@ -137,6 +137,8 @@ def train_one_epoch(
     stopped = False
     done = start_batch  # batches of this epoch trained, for the records and a resume
     last_batch = None
+    window_sums: dict[str, float] = defaultdict(float)  # loss parts x images over the accumulation window
+    window_n = 0.0
     t0 = time.perf_counter()
     for batch_i, (images, targets, skipped) in enumerate(loader, start=start_batch):
         window_start = (batch_i // grad_accum_steps) * grad_accum_steps
@@ -172,9 +174,11 @@ def train_one_epoch(
         if not nonfinite and n_global > 0:
             for k, v in zip(loss_dict, reduced[: len(loss_dict)].tolist()):
                 sums[k] += v
+                window_sums[k] += v
             counted += n_global
+            window_n += n_global
         if sync:
-            record: dict[str, Any] = {"epoch": epoch, "batch": batch_i + 1}
+            record: dict[str, Any] = {"epoch": epoch, "batch": batch_i + 1, "stepped": not window_bad}
             if window_bad:
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite_total += 1
@@ -198,11 +202,13 @@ def train_one_epoch(
                 if not accelerator.optimizer_step_was_skipped:  # fp16 scaler found inf grads
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            window_bad = False
             record["lr"] = optimizer.param_groups[0]["lr"]
-            if n_global > 0 and not nonfinite:
-                record.update({f"train/{k}": v / n_global for k, v in zip(loss_dict, reduced.tolist())})
-                record["train/loss"] = sum(reduced[: len(loss_dict)].tolist()) / n_global
+            if window_n > 0 and not window_bad:  # the mean over the window the step used
+                record.update({f"train/{k}": v / window_n for k, v in window_sums.items()})
+                record["train/loss"] = sum(window_sums.values()) / window_n
+            window_bad = False
+            window_sums.clear()
+            window_n = 0.0
             if progress is not None:
                 progress.set_postfix(
                     loss=f"{record.get('train/loss', float('nan')):.3f}",

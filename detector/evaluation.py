@@ -108,12 +108,16 @@ def evaluate_coco(gt: dict[str, Any] | Any, results: list[dict[str, Any]], backe
     gt_obj = coco_gt(gt, backend) if isinstance(gt, dict) else gt
     cat_ids = sorted(gt_obj.getCatIds())
     names = [gt_obj.cats[c].get("name", str(c)) for c in cat_ids]
-    if not results:
+    if not results:  # pycocotools cannot load an empty result list: what it would report
         zeros = {n: 0.0 for n in STAT_NAMES}
+        has_gt = {
+            c: any(not a.get("iscrowd", 0) for a in gt_obj.loadAnns(gt_obj.getAnnIds(catIds=[c]))) for c in cat_ids
+        }
+        per_class = {n: 0.0 if has_gt[c] else -1.0 for n, c in zip(names, cat_ids)}
         return CocoResult(
             zeros,
-            {n: 0.0 for n in names},
-            {n: 0.0 for n in names},
+            per_class,
+            dict(per_class),
             np.zeros((len(names), 101)),
             np.linspace(0, 1, 101),
             0,

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from detector.families import family_of_model
 from detector.labels import LabelMap
 
 OPSET = 17
@@ -54,7 +55,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, size: tuple[int, int],
         opset_version=opset,
         dynamo=False,  # the TorchScript-based exporter handles torchvision's detection ops
         input_names=["image"],
-        output_names=["boxes", "labels", "scores"],
+        output_names=list(family_of_model(model).outputs),  # the order the family's dict has
     )
     return path
 
@@ -80,22 +81,46 @@ def metadata(label_map: LabelMap, size: tuple[int, int] | None, fmt: str, model:
             "normalisation": {"mean": list(t.image_mean), "std": list(t.image_std), "applied_inside_model": True},
             "model_resize": {"min_size": int(t.min_size[-1]), "max_size": int(t.max_size)},
         },
-        "outputs": ["boxes (n, 4) xyxy in input pixels", "labels (n,)", "scores (n,)"],
+        "outputs": {
+            "boxes": "(n, 4) xyxy in input pixels",
+            "labels": "(n,) 1..K",
+            "scores": "(n,)",
+            "order": list(family_of_model(model).outputs),
+        },  # fmt: skip
         "opset": OPSET if fmt == "onnx" else None,
     }
 
 
-def _match(eager: dict[str, np.ndarray], other: tuple[np.ndarray, np.ndarray, np.ndarray], thresh: float):
+def _match(eager: dict[str, np.ndarray], other: tuple[np.ndarray, np.ndarray, np.ndarray], thresh: float,
+           margin: float = 1e-3):  # fmt: skip
+    """Pair each eager detection at or above ``thresh`` with an exported one of the same label
+    (the closest box); the order of near-equal scores may differ between runtimes, so pairs are
+    found by label and box, not by position. Detections within ``margin`` of the threshold may
+    be missing on either side (a score of 0.3001 vs 0.2999 is no disagreement).
+
+    Returns:
+        (every detection paired, max box difference px, max score difference, eager count).
+    """
+    boxes_o, labels_o, scores_o = (np.asarray(a) for a in other)
+    # Where the model's detections-per-image cap cut the list, the cut falls among near-equal
+    # scores too: below the lowest score it kept, either side may have kept another one.
+    floor = max(thresh, float(eager["scores"].min()) if len(eager["scores"]) else thresh)
     keep_e = eager["scores"] >= thresh
-    boxes_o, labels_o, scores_o = other
-    keep_o = scores_o >= thresh
     be, le, se = eager["boxes"][keep_e], eager["labels"][keep_e], eager["scores"][keep_e]
-    bo, lo, so = boxes_o[keep_o], labels_o[keep_o], scores_o[keep_o]
-    if len(le) != len(lo) or not np.array_equal(le, lo):
-        return False, float("inf"), float("inf"), len(le)
-    if not len(le):
-        return True, 0.0, 0.0, 0
-    return True, float(np.abs(be - bo).max()), float(np.abs(se - so).max()), len(le)
+    free = np.flatnonzero(scores_o >= thresh - margin)
+    ok, box_diff, score_diff = True, 0.0, 0.0
+    for b, lab, sc in sorted(zip(be, le, se), key=lambda t: -t[2]):
+        cand = [j for j in free if labels_o[j] == lab]
+        diffs = [float(np.abs(boxes_o[j] - b).max()) for j in cand]
+        if not cand or (sc < floor + margin and min(diffs) > 1.0):
+            ok &= bool(sc < floor + margin)
+            continue
+        k = int(np.argmin(diffs))
+        box_diff, score_diff = max(box_diff, diffs[k]), max(score_diff, float(abs(scores_o[cand[k]] - sc)))
+        free = free[free != cand[k]]
+    unpaired = [j for j in free if scores_o[j] >= floor + margin]
+    ok &= not unpaired
+    return ok, box_diff, score_diff, len(le)
 
 
 def check_parity(
@@ -123,18 +148,24 @@ def check_parity(
     return Parity(len(images), count, labels_ok, box_diff, score_diff)
 
 
-def onnx_runner(path: str | Path):
-    """image tensor -> (boxes, labels, scores) with ONNX Runtime on the CPU."""
+def onnx_runner(path: str | Path, threads: int | None = None):
+    """image tensor -> (boxes, labels, scores) with ONNX Runtime on the CPU (``threads``: intra-op
+    threads, None for ONNX Runtime's default)."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise RuntimeError("the ONNX check needs onnxruntime: pip install 'detector[export]'") from None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 
     def run(img: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        boxes, labels, scores = session.run(None, {name: img.numpy().astype(np.float32)})
-        return boxes, labels.astype(np.int64), scores
+        out = dict(
+            zip([o.name for o in session.get_outputs()], session.run(None, {name: img.numpy().astype(np.float32)}))
+        )
+        return out["boxes"], out["labels"].astype(np.int64), out["scores"]
 
     return run
 

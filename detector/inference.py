@@ -89,8 +89,9 @@ class Predictor:
     def to_tensor(image: ImageInput) -> torch.Tensor:
         """Any supported input as a float (3, H, W) tensor in [0, 1].
 
-        Paths are decoded with EXIF orientation; numpy arrays are HWC (uint8 or float in [0, 1]);
-        tensors are CHW (uint8, or float in [0, 1]).
+        Paths are decoded with EXIF orientation; numpy arrays are HW or HWC (uint8 or float in
+        [0, 1]); tensors are HW or CHW (uint8, or float in [0, 1]). One channel is grayscale, four
+        are RGBA (alpha dropped, as for an RGBA file).
         """
         if isinstance(image, (str, Path)):
             arr, _, _ = load_image(image)
@@ -98,11 +99,11 @@ class Predictor:
         if isinstance(image, Image.Image):
             return torch.from_numpy(to_rgb_array(image).copy()).permute(2, 0, 1).float().div_(255)
         if isinstance(image, np.ndarray):
-            arr = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
-            t = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)
+            arr = image if image.ndim == 3 else image[..., None]
+            t = _rgb(torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1))
             return t.float().div_(255) if t.dtype == torch.uint8 else t.float()
         if isinstance(image, torch.Tensor):
-            t = image if image.ndim == 3 else image.unsqueeze(0).expand(3, -1, -1)
+            t = _rgb(image if image.ndim == 3 else image.unsqueeze(0))
             return t.float().div(255) if t.dtype == torch.uint8 else t.float()
         raise TypeError(f"unsupported image type {type(image).__name__}")
 
@@ -154,6 +155,13 @@ class Predictor:
                     )
                 )
         return out
+
+
+def _rgb(t: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) with C of 1 (grayscale), 3 (RGB) or 4 (RGBA) -> (3, H, W)."""
+    if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
+        raise ValueError(f"an image must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; got {tuple(t.shape)}")
+    return t.expand(3, -1, -1) if t.shape[0] == 1 else t[:3]
 
 
 def _chunks(items: list, n: int) -> Iterable[list]:

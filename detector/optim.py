@@ -79,3 +79,23 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     """Per-step schedule: warmup, then cosine / multistep / constant."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
+
+
+def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of the model's weights and buffers (torch's AveragedModel).
+
+    The decay warms up as (1 + n) / (10 + n) after n updates until it reaches ``decay``, so a
+    short run's average is not dominated by its first, random weights.
+
+    Args:
+        model: the unwrapped model (its current weights start the average).
+        decay: the final decay, e.g. 0.999 (about the last 1000 steps).
+    """
+
+    def avg(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = torch.clamp((1.0 + n) / (10.0 + n), max=decay).to(
+            averaged.dtype if averaged.is_floating_point() else torch.float32
+        )
+        return averaged * d + current * (1 - d)
+
+    return torch.optim.swa_utils.AveragedModel(model, avg_fn=avg, use_buffers=True)

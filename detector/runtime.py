@@ -200,13 +200,17 @@ def epoch_line(m: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def summary_rows(m: dict[str, Any], best: float | None, cfg: Config, run_dir: Path) -> list[tuple[str, str]]:
+def summary_rows(m: dict[str, Any], pos: dict[str, Any], cfg: Config, run_dir: Path) -> list[tuple[str, str]]:
+    """The end-of-run table: last metrics, the best score and where it is, early stopping."""
+    best = pos.get("best")
     rows = [("epochs", str(m.get("epoch", 0)))]
+    if m.get("epoch", 0) < cfg.train.epochs and cfg.eval.early_stop_patience:
+        rows.append(("stopped early", f"no better {cfg.eval.best_metric} in {pos.get('evals_since_best')} evaluations"))
     for key in ("train/loss", "val/loss", "val/mAP", "val/mAP50", "val/mAP75"):
         if key in m:
             rows.append((f"last {key}", f"{m[key]:.4f}"))
     if best is not None:
-        rows.append((f"best {cfg.eval.best_metric}", f"{best:.4f}"))
+        rows.append((f"best {cfg.eval.best_metric}", f"{best:.4f} (epoch {pos.get('best_epoch')})"))
     best_file = run_dir / "best.pt"
     written = best_file.is_file() and best is not None
     rows.append(("best weights", str(best_file) if written else f"none written (no finite {cfg.eval.best_metric})"))

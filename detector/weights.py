@@ -30,7 +30,11 @@ class WeightsError(RuntimeError):
 def versions() -> dict[str, str]:
     import torchvision
 
-    return {"python": sys.version.split()[0], "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
+    return {
+        "python": sys.version.split()[0],
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+    }
 
 
 def structure(model: nn.Module) -> dict[str, list[str]]:

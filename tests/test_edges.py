@@ -418,7 +418,7 @@ def test_best_mode_follows_the_metric_and_names_are_checked():
 
 def test_summary_does_not_promise_a_best_pt_that_was_never_written(tmp_path):
     cfg = config.load(TINY, ["data.synthetic.enabled=true"])
-    rows = dict(runtime.summary_rows({"epoch": 2}, None, cfg, tmp_path))
+    rows = dict(runtime.summary_rows({"epoch": 2}, {"best": None}, cfg, tmp_path))
     assert rows["best weights"].startswith("none written")
 
 

@@ -88,12 +88,6 @@ def test_accumulation_equals_the_large_batch(cpu_accelerator):
     assert not np.allclose(expected_w, summed_w, rtol=1e-3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with train.grad_accum_steps > 1 the step record's train/loss (metrics.jsonl, W&B) is the loss "
-    "of the window's last micro-batch only, not of the window the optimizer step used "
-    "(detector/engine.py train_one_epoch: record.update(... reduced ...) uses the last micro-batch's reduction)",
-)
 def test_step_record_loss_is_the_window_mean(cpu_accelerator):
     _, window_losses, _ = _by_hand([[0, 1], [2, 3], [4]])
     _, _, steps = _train(dummy_batches(5, pixels=PIXELS), 2, cpu_accelerator)

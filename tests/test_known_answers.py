@@ -191,12 +191,6 @@ def test_per_class_ap_matches_cocoeval_per_category(seed, backend):
     assert np.mean(list(res.per_class_ap50.values())) == pytest.approx(res.stats["mAP50"], abs=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: evaluate_coco() with no result rows at all reports AP 0.0 for a class without ground truth "
-    "(detector/evaluation.py, the `if not results:` branch fills every class with 0.0); with any row it "
-    "reports -1, as CocoResult documents ('-1 if no GT')",
-)
 def test_no_detections_class_without_ground_truth_is_minus_one():
     res = evaluate_coco(_hand_gt(), [])
     assert res.per_class_ap["ant"] == 0.0 and res.per_class_ap["bee"] == 0.0  # ground truth, nothing found
@@ -280,13 +274,6 @@ def test_predictor_boxes_in_original_pixels(tmp_path):
     np.testing.assert_allclose(predictor.predict(tmp_path / "a.jpg")[0].boxes, [[100, 60, 220, 180]], atol=2.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Predictor.to_tensor (detector/inference.py) passes an RGBA (H, W, 4) numpy array on as 4 channels "
-    "(the model then fails with 'The size of tensor a (4) must match the size of tensor b (3)'), while the same "
-    "image as a file or a PIL RGBA image is converted to RGB; np.asarray(Image.open('x.png')) is RGBA for PNGs "
-    "with alpha",
-)
 def test_predictor_rgba_array_is_its_rgb():
     predictor, _ = _bright_object_predictor()
     rgb = _image_with_object(400, 300, (100, 60, 220, 180))

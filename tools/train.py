@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     total_steps = cfg.train.epochs * spe
     scheduler = optim.build_scheduler(optimizer, cfg.optim, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    ema = optim.build_ema(accelerator.unwrap_model(model), cfg.train.ema_decay) if cfg.train.ema else None
+    scored = ema.module if ema is not None else model  # what validation scores and best.pt/last.pt hold
     log(
         f"global batch {global_batch} -> lr {lr:.4g}; {total_steps} optimizer steps over {cfg.train.epochs} epochs, "
         f"{optim.warmup_steps(cfg.optim, total_steps)} of them warmup"
@@ -59,26 +61,40 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- resume --------------------------------------------------------------------------------------
     layout = {"world_size": world, "batch_size": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps}
-    pos = {"epoch": 0, "batch": 0, "step": 0, "best": None, "wandb_id": None, "nonfinite_in_row": 0, **layout}
+    pos = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_epoch": 0, "evals_since_best": 0,
+           "wandb_id": None, "nonfinite_in_row": 0, **layout}  # fmt: skip
     if cfg.train.resume:
-        pos.update(checkpoint.resume(cfg.train.resume, run_dir, accelerator, model, optimizer, scheduler, log))
+        pos.update(checkpoint.resume(cfg.train.resume, run_dir, accelerator, model, optimizer, scheduler, log, ema))
         pos = checkpoint.adapt_position(pos, layout, spe, lr, optimizer, scheduler, log)
     logger = RunLogger(run_dir, enabled=main_proc)
     pos["wandb_id"] = logger.start_wandb(cfg.logging.wandb, config.to_dict(cfg), pos["wandb_id"], log, pos["step"])
     stop = runtime.StopFlag(cfg.train.time_limit_minutes)
     gt = splits.val.to_coco_gt()
 
-    def on_step(record: dict) -> None:  # logging and mid-epoch checkpoints
+    def save_state() -> None:
+        checkpoint.save_state(run_dir, accelerator, model, optimizer, scheduler, pos, cfg.train.keep_checkpoints, ema)
+
+    def save_weights(name: str, metrics: dict, epoch: int) -> None:
+        checkpoint.save_weights(run_dir / name, accelerator, scored, cfg, label_map, metrics, epoch, pos["step"],
+                                {"ema": ema is not None})  # fmt: skip
+
+    def on_step(record: dict) -> None:  # logging, weight average and mid-epoch checkpoints
         pos["step"] += 1
         pos["batch"] = record["batch"]
+        if record.pop("stepped") and ema is not None:
+            ema.update_parameters(accelerator.unwrap_model(model))
         if pos["step"] % cfg.logging.log_every_steps == 0:
             logger.log(record, "step", pos["step"])
         if cfg.train.checkpoint_every_steps and pos["step"] % cfg.train.checkpoint_every_steps == 0:
-            checkpoint.save_state(run_dir, accelerator, model, optimizer, scheduler, pos, cfg.train.keep_checkpoints)
+            save_state()
 
     # -- loop ----------------------------------------------------------------------------------------
     metrics: dict = {}
-    for epoch in range(pos["epoch"], cfg.train.epochs):
+    start = pos["epoch"]
+    if 0 < cfg.eval.early_stop_patience <= pos["evals_since_best"]:  # the state is one an early stop saved
+        log(f"the run stopped early at epoch {start} (eval.early_stop_patience); nothing left to train")
+        start = cfg.train.epochs
+    for epoch in range(start, cfg.train.epochs):
         train_sampler.set_epoch(epoch, pos["batch"])
         bar = runtime.progress(
             main_proc and cfg.logging.progress, total=len(train_sampler), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
@@ -92,24 +108,25 @@ def main(argv: list[str] | None = None) -> int:
                 nonfinite_in_row=pos["nonfinite_in_row"], should_stop=stop, on_step=on_step, progress=bar,
             )  # fmt: skip
         except engine.NonFiniteLossError as exc:
-            checkpoint.save_last(run_dir, accelerator, model, cfg, label_map, metrics, epoch, pos["step"])
+            save_weights("last.pt", metrics, epoch)
             log(f"error: {exc}. {run_dir / 'last.pt'} holds the last good weights.")
             return runtime.EXIT_NONFINITE
         finally:
             bar.close()
         pos["nonfinite_in_row"] = stats.pop("nonfinite_in_row")
         if stats.pop("stopped"):  # preempted: save where we are, exit for the scheduler to requeue
-            checkpoint.save_state(run_dir, accelerator, model, optimizer, scheduler, pos, cfg.train.keep_checkpoints)
+            save_state()
             return runtime.preempted(run_dir, accelerator, stop.reason(), log)
         pos["epoch"], pos["batch"] = epoch + 1, 0
         metrics = {"epoch": epoch + 1, **stats}
+        stop_early = False
         if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
             bar = runtime.progress(
                 main_proc and cfg.logging.progress, total=len(val_sampler), desc="evaluate", leave=False,
                 interval=cfg.logging.progress_interval_s,
             )  # fmt: skip
             val, coco, _ = engine.evaluate(
-                model, val_loader, val_sampler.batch_ids(), accelerator, label_map, gt,
+                scored, val_loader, val_sampler.batch_ids(), accelerator, label_map, gt,
                 backend=cfg.eval.backend, seed=cfg.train.seed, progress=bar,
             )  # fmt: skip
             bar.close()
@@ -118,24 +135,29 @@ def main(argv: list[str] | None = None) -> int:
                 parts = sorted(k for k in val if k.startswith("val/loss"))
                 raise config.ConfigError(f"eval.best_metric={cfg.eval.best_metric}: validation reports {parts}")
             if checkpoint.is_better(val[cfg.eval.best_metric], pos["best"], best_mode):
-                pos["best"] = val[cfg.eval.best_metric]
-                checkpoint.save_weights(
-                    run_dir / "best.pt", accelerator, model, cfg, label_map, metrics, epoch + 1, pos["step"]
-                )
+                pos["best"], pos["best_epoch"], pos["evals_since_best"] = val[cfg.eval.best_metric], epoch + 1, 0
+                save_weights("best.pt", metrics, epoch + 1)
+            else:
+                pos["evals_since_best"] += 1
+            stop_early = 0 < cfg.eval.early_stop_patience <= pos["evals_since_best"] and epoch + 1 < cfg.train.epochs
             if main_proc and cfg.logging.plots:
-                epoch_report(run_dir, accelerator.unwrap_model(model), val_ds, coco, logger, pos["step"],
+                epoch_report(run_dir, accelerator.unwrap_model(scored), val_ds, coco, logger, pos["step"],
                              cfg.logging.num_plot_images, cfg.logging.wandb.num_images, accelerator.device)  # fmt: skip
-        checkpoint.save_last(run_dir, accelerator, model, cfg, label_map, metrics, epoch + 1, pos["step"])
-        if (epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or epoch + 1 == cfg.train.epochs:
-            checkpoint.save_state(run_dir, accelerator, model, optimizer, scheduler, pos, cfg.train.keep_checkpoints)
+        save_weights("last.pt", metrics, epoch + 1)
+        if (epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or epoch + 1 == cfg.train.epochs or stop_early:
+            save_state()
         logger.log(metrics, "epoch", pos["step"])
         log(runtime.epoch_line(metrics))
+        if stop_early:
+            log(f"early stop after epoch {epoch + 1}: {cfg.eval.best_metric} has not improved in "
+                f"{pos['evals_since_best']} evaluation(s) (eval.early_stop_patience); best at epoch {pos['best_epoch']}")  # fmt: skip
+            break
 
     # -- finish --------------------------------------------------------------------------------------
     if main_proc and cfg.logging.wandb.log_checkpoint and (run_dir / "best.pt").is_file():
         logger.log_artifact(run_dir / "best.pt", f"best-{run_dir.name}")
     logger.close()
-    log(summary_table(runtime.summary_rows(metrics, pos["best"], cfg, run_dir)))
+    log(summary_table(runtime.summary_rows(metrics, pos, cfg, run_dir)))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

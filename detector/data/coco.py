@@ -200,7 +200,9 @@ class CocoIndex:
             label_map, self.dropped_categories = _derive_label_map(cats, self._supercategories, used)
         else:
             self.dropped_categories = []
-            remap = match_categories(cats, used, label_map, str(self.path), label_source or "the training split", repair)
+            remap = match_categories(
+                cats, used, label_map, str(self.path), label_source or "the training split", repair
+            )
             for c in [c for c, t in remap.items() if t == UNMATCHED]:
                 n = int((ann_cat == c).sum())
                 self.repairs[f"annotations of category {c} '{cats[c]}' (not a training class) dropped"] += n

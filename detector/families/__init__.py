@@ -47,6 +47,8 @@ class Family:
         replace_head: (model, K) -> None: new classification layers for K classes + background.
         loss_and_detections: (model, images, targets, autocast) -> (losses, detections) in one
             pass, eval mode; losses keyed like training's (see ``loss_key``).
+        outputs: the keys of the model's detection dicts in their order (an exported graph's
+            outputs come in this order and are named by it).
     """
 
     name: str
@@ -59,6 +61,7 @@ class Family:
     head_modules: Callable[[nn.Module], list[str]]
     replace_head: Callable[[nn.Module, int], None]
     loss_and_detections: LossAndDetections
+    outputs: tuple[str, ...] = ("boxes", "scores", "labels")
 
 
 def loss_key(name: str) -> str:

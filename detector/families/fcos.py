@@ -34,7 +34,9 @@ def _resnet_fpn(depth: int) -> Callable[..., D.FCOS]:
         layers = returned_layers or [2, 3, 4]
         width = fpn_channels or 256
         if width % 32 or width < 64:  # the head's GroupNorm(32): >= 2 channels per group on a 1x1 level
-            raise ConfigError(f"model.fpn_channels for fcos_resnet{depth}_fpn: a multiple of 32, at least 64 (got {width})")
+            raise ConfigError(
+                f"model.fpn_channels for fcos_resnet{depth}_fpn: a multiple of 32, at least 64 (got {width})"
+            )
         backbone = resnet_fpn(depth, weights_backbone, trainable_backbone_layers, layers, width,
                               LastLevelP6P7(width, width))  # fmt: skip
         anchors = kw.pop("anchor_generator", None) or _points(stage_strides(layers, 2))

@@ -156,4 +156,5 @@ FAMILY = Family(
     head_modules=head_modules,
     replace_head=replace_head,
     loss_and_detections=loss_and_detections,
+    outputs=("boxes", "labels", "scores"),
 )

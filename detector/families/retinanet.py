@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,7 +26,8 @@ def _anchors(sizes_per_level: list[list[int]] | tuple) -> AnchorGenerator:
 
 def _resnet_fpn(depth: int) -> Callable[..., D.RetinaNet]:
     """RetinaNet on our ResNet-{depth} + FPN (stages 2-4 by default, P6/P7 on top): RetinaNet's
-    own anchors (4 strides wide, 3 scales x 3 ratios), a head as wide as the FPN."""
+    own anchors (4 strides wide, 3 scales x 3 ratios), a head as wide as the FPN with GroupNorm
+    and a GIoU box loss, as torchvision's v2 recipe (both help a model that starts from scratch)."""
 
     def build(*, weights: Any, weights_backbone: Any, num_classes: int, trainable_backbone_layers: int | None,
               returned_layers: list[int] | None = None, fpn_channels: int | None = None, **kw: Any) -> D.RetinaNet:  # fmt: skip
@@ -33,12 +35,16 @@ def _resnet_fpn(depth: int) -> Callable[..., D.RetinaNet]:
             raise ValueError(f"retinanet_resnet{depth}_fpn has no pretrained detection weights")
         layers = returned_layers or [2, 3, 4]
         width = fpn_channels or 256
+        if width % 32 or width < 64:  # the head's GroupNorm(32): >= 2 channels per group on a 1x1 level
+            raise ConfigError(f"model.fpn_channels for retinanet_resnet{depth}_fpn: a multiple of 32, at least 64")
         backbone = resnet_fpn(depth, weights_backbone, trainable_backbone_layers, layers, width,
                               LastLevelP6P7(width, width))  # fmt: skip
         anchors = kw.pop("anchor_generator", None) or _anchors(
             [[4 * s, round(4 * s * 2 ** (1 / 3)), round(4 * s * 2 ** (2 / 3))] for s in stage_strides(layers, 2)]
         )
-        head = RetinaNetHead(width, anchors.num_anchors_per_location()[0], num_classes)
+        head = RetinaNetHead(width, anchors.num_anchors_per_location()[0], num_classes,
+                             norm_layer=partial(nn.GroupNorm, 32))  # fmt: skip
+        head.regression_head._loss_type = "giou"
         return D.RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **kw)
 
     return build

@@ -1,7 +1,7 @@
 """Data-layer benchmarks, each against a baseline measured in the same run.
 
-    python tools/bench_data.py pipeline [--n 200]     # decode + augment + collate, images/s
-    python tools/bench_data.py index [--images 118287 --annotations 860001]
+    python tools/bench/bench_data.py pipeline [--n 200]     # decode + augment + collate, images/s
+    python tools/bench/bench_data.py index [--images 118287 --annotations 860001]
 
 pipeline: our dataset (decode, default augmentation, collate) against PIL open +
 torchvision's ``weights.transforms()`` (no augmentation) on the same JPEGs, in one process
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402

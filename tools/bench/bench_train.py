@@ -1,7 +1,7 @@
 """Training benchmarks, each against a baseline measured in the same run.
 
-    python tools/bench_train.py overhead [--repeats 2]   # tools/train.py vs a plain hand-written loop
-    python tools/bench_train.py scaling                  # 2 processes x 1 thread vs 1 process x 1 thread
+    python tools/bench/bench_train.py overhead [--repeats 2]   # tools/train.py vs a plain hand-written loop
+    python tools/bench/bench_train.py scaling                  # 2 processes x 1 thread vs 1 process x 1 thread
 
 Both use the demo dataset and model (configs/demo.yaml), one epoch, the same batch, image size,
 threads and data loader settings. Images/s of tools/train.py is what its train_one_epoch
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 DEMO = ROOT / "configs" / "demo.yaml"

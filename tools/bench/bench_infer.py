@@ -1,6 +1,6 @@
 """Inference benchmarks, each against a baseline measured in the same run.
 
-    python tools/bench_infer.py --checkpoint runs/demo/best.pt --images data/demo/val [--n 48]
+    python tools/bench/bench_infer.py --checkpoint runs/demo/best.pt --images data/demo/val [--n 48]
 
 1. Eager PyTorch against ONNX Runtime on the CPU: the same images at the same fixed size, one
    image per call (the exported graph's interface), images/s and their ratio.
@@ -17,12 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from detector.families import loss_and_detections  # noqa: E402
 from detector.export import default_size, export_onnx, onnx_runner  # noqa: E402
+from detector.families import loss_and_detections  # noqa: E402
 from detector.inference import Predictor, load_model  # noqa: E402
 
 
