@@ -293,6 +293,11 @@ def adapt_position(
                 f"{layout['world_size']} processes ({what}); {fix}"
             )
         batch = consumed // layout["world_size"]
+        if batch % layout["grad_accum_steps"]:  # the next accumulation window would be cut short
+            raise CheckpointError(
+                f"the state was saved mid-epoch after {consumed} global batches: {batch} per process is not a "
+                f"whole number of accumulation windows of {layout['grad_accum_steps']} ({what}); {fix}"
+            )
     sched_step = int(position["epoch"]) * steps_per_epoch + -(-batch // layout["grad_accum_steps"])
     scheduler.base_lrs = [lr] * len(optimizer.param_groups)
     scheduler.last_epoch = sched_step

@@ -45,14 +45,31 @@ def _stand_in_batch(
 
     Every process must run the same forward (DDP's gradient all-reduce) and produce the same
     loss parts (our one all-reduce per step), so the model never sees an empty batch on one
-    process only: it runs on this process's previous batch (or, before the first, a blank image
-    without objects) and the result is weighted 0 in the gradient and in every mean.
+    process only: it runs on this process's previous finite batch (or, before the first, a
+    blank image without objects), with BatchNorm in eval mode, and the result is weighted 0 in
+    the gradient and in every mean.
     """
     if last is not None:
         return last
     blank = torch.zeros(3, 64, 64, device=device)
     return [blank], [{"boxes": torch.zeros(0, 4, device=device), "labels": torch.zeros(0, dtype=torch.int64,
                                                                                      device=device)}]  # fmt: skip
+
+
+@contextlib.contextmanager
+def _norm_frozen(model: nn.Module, enabled: bool):
+    """BatchNorm in eval mode for the block (a stand-in batch must not move running statistics)."""
+    if not enabled:
+        yield
+        return
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
 
 
 def sync_buffers(model: nn.Module, accelerator: Accelerator) -> None:
@@ -146,13 +163,11 @@ def train_one_epoch(
         sync = batch_i + 1 == window_start + window_len
         imgs, tgts = to_device(images, targets, accelerator.device)
         n_local = len(imgs)
-        if n_local:
-            last_batch = (imgs, tgts)
-        else:  # every image of this batch failed to decode (data.on_corrupt_image=skip)
+        if not n_local:  # every image of this batch failed to decode (data.on_corrupt_image=skip)
             imgs, tgts = _stand_in_batch(last_batch, accelerator.device)
         ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
         with ctx:
-            with accelerator.autocast():
+            with accelerator.autocast(), _norm_frozen(model, not n_local):
                 loss_dict = {loss_key(k): v for k, v in model(imgs, tgts).items()}
             loss = sum(loss_dict.values())
             # One all-reduce carries the loss parts, the finite flag and the stop request.
@@ -163,6 +178,8 @@ def train_one_epoch(
             )
             reduced = accelerator.reduce(torch.cat([parts * n_local, flags]), reduction="sum")
             nonfinite = bool(reduced[-3] > 0)
+            if n_local and torch.isfinite(loss):
+                last_batch = (imgs, tgts)  # a stand-in for a later batch that fails to decode
             if nonfinite:
                 window_bad = True
             else:  # a stand-in batch is weighted 0 (nan_to_num: its loss may not be finite)

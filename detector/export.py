@@ -33,8 +33,15 @@ class Parity:
     max_box_diff: float  # px
     max_score_diff: float
 
-    def ok(self, box_tol: float) -> bool:
-        return self.labels_equal and self.max_box_diff <= box_tol
+    def ok(self, box_tol: float, score_tol: float = 1e-3) -> bool:
+        """Every detection paired, within the tolerances, and something was compared at all (a
+        check on images where the model finds nothing would pass any graph)."""
+        return (
+            self.detections > 0
+            and self.labels_equal
+            and self.max_box_diff <= box_tol
+            and self.max_score_diff <= score_tol
+        )
 
 
 def default_size(model: torch.nn.Module) -> tuple[int, int]:

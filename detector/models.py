@@ -106,7 +106,12 @@ def build_model(
     _, weights_enum = fam.models[cfg.name]
     weights, from_file = cfg.weights, _is_file(cfg.weights)
     pretrained = weights is not None and not from_file
-    backbone = cfg.weights_backbone if not pretrained else None
+    backbone = cfg.weights_backbone if weights is None else None  # a weights file holds the backbone too
+    if from_file and (cfg.weights_backbone or cfg.trainable_backbone_layers is not None):
+        log(
+            f"note: model.weights={weights} is a weights file: model.weights_backbone and "
+            "model.trainable_backbone_layers are not used; layers are frozen as the file says (ours) or as built"
+        )
     entry = None
     if pretrained:
         if weights_enum is None:

@@ -46,14 +46,16 @@ def structure(model: nn.Module) -> dict[str, list[str]]:
 
 
 def apply_structure(model: nn.Module, struct: dict[str, list[str]]) -> None:
-    """Make a freshly built model frozen where the trained one was (BatchNorm -> FrozenBatchNorm2d,
-    parameters that did not train stay frozen)."""
-    for name in struct.get("frozen_norm", []):
+    """Make a freshly built model frozen where the trained one was, and only there: BatchNorm and
+    FrozenBatchNorm2d as the trained model had them, parameters that did not train frozen."""
+    frozen_norm = set(struct.get("frozen_norm", []))
+    for name, module in list(model.named_modules()):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        if isinstance(old, nn.BatchNorm2d):
-            setattr(parent, child, FrozenBatchNorm2d(old.num_features, eps=old.eps))
+        if name in frozen_norm and isinstance(module, nn.BatchNorm2d):
+            setattr(parent, child, FrozenBatchNorm2d(module.num_features, eps=module.eps))
+        elif name not in frozen_norm and isinstance(module, FrozenBatchNorm2d):  # it trained its BatchNorm
+            setattr(parent, child, nn.BatchNorm2d(module.weight.numel(), eps=module.eps))
     frozen = set(struct.get("frozen_params", []))
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen)

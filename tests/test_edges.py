@@ -361,9 +361,7 @@ def test_plain_progress_prints_lines_at_an_interval(capsys):
 # -- 8: validation leaves the CUDA generators alone -------------------------------------------------------------
 
 
-def test_validation_does_not_reseed_cuda(tiny_dataset, monkeypatch):
-    from accelerate import Accelerator
-
+def test_validation_does_not_reseed_cuda(tiny_dataset, monkeypatch, cpu_accelerator):
     from detector.data.loader import EvalBatchSampler, build_loader
     from detector.models import build_model
 
@@ -375,7 +373,7 @@ def test_validation_does_not_reseed_cuda(tiny_dataset, monkeypatch):
     model = build_model(cfg.model, index.label_map.num_classes)
     ds = CocoDetection(index, tiny_dataset["root"] / "val")
     sampler = EvalBatchSampler(index.aspect_ratios()[:4], 2)
-    acc = Accelerator(cpu=True)
+    acc = cpu_accelerator
     state = torch.get_rng_state()
     metrics, _, _ = engine.evaluate(model, build_loader(ds, sampler, 0), sampler.batch_ids(), acc, index.label_map,
                                     index.to_coco_gt(), seed=3)  # fmt: skip
@@ -508,3 +506,58 @@ def test_warmup_is_a_fraction_of_short_runs():
     assert optim.warmup_steps(config.OptimConfig(warmup_steps=50), 312) == 50  # an explicit count stays
     factors = [optim.lr_factor(s, 312, cfg.optim) for s in range(40)]
     assert factors[16] == pytest.approx(1.0, abs=1e-3) and factors[0] < 0.01
+
+
+def test_phone_mpo_jpeg_orientation_agrees_on_every_path(tmp_path):
+    """Phones write multi-picture JPEGs (PIL: format MPO): the header check, the full-size decode
+    and the reduced-scale decode must all apply (or all ignore) the same EXIF orientation."""
+    from detector.images import header_info, load_image
+
+    im = Image.new("RGB", (100, 60), (1, 2, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "p.jpg", format="MPO", exif=exif, save_all=True, append_images=[im])
+    w, h, orientation = header_info(tmp_path / "p.jpg")
+    assert (w, h, orientation) == (60, 100, 6)
+    assert load_image(tmp_path / "p.jpg")[0].shape[:2] == (h, w)
+    small = load_image(tmp_path / "p.jpg", (30, 50))[0]
+    assert small.shape[1] / small.shape[0] == pytest.approx(w / h)
+
+
+def test_stored_size_with_boxes_on_the_stored_image_is_refused(tmp_path):
+    """The size swap is a guess: boxes drawn on the unrotated image do not fit the rotated one."""
+    _image(tmp_path / "img" / "r.jpg", (40, 20), exif_orientation=6)  # displayed 20 wide, 40 high
+    ann = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [25, 2, 10, 10], "area": 100, "iscrowd": 0}
+    path = write_coco(tmp_path / "ann.json", [{"id": 1, "file_name": "r.jpg", "width": 40, "height": 20}], [ann],
+                      CATS)  # fmt: skip
+    with pytest.raises(DatasetError, match="do not fit the rotated image") as err:
+        CocoIndex(path, images_root=tmp_path / "img")  # entirely outside the rotated frame
+    ann["bbox"] = [15, 2, 10, 10]  # partly outside: clipping would hide it
+    path.write_text(json.dumps({**json.loads(path.read_text()), "annotations": [ann]}))
+    with pytest.raises(DatasetError, match="do not fit the rotated image") as err:
+        CocoIndex(path, images_root=tmp_path / "img")
+    assert "r.jpg" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "ann, key",
+    [
+        ({"iscrowd": 2}, "annotations with a malformed iscrowd dropped"),
+        ({"bbox": [True, 1, 20, 20]}, "annotations with a malformed bbox dropped"),
+    ],
+)
+def test_fast_and_item_by_item_parsers_agree(tmp_path, ann, key):
+    """The vectorised parser hands anything unusual to the item-by-item one: both say the same."""
+    images = [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 80}]
+    good = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400}
+    path = write_coco(tmp_path / "a.json", images, [{**good, **ann}], CATS)
+    with pytest.raises(DatasetError):
+        CocoIndex(path)
+    assert CocoIndex(path, on_invalid="repair").repairs[key] == 1
+    # overhang counts: one within 1 px, one beyond, counted apart by both parsers
+    anns = [{**good, "bbox": [99.5, 10, 1, 5]}, {**good, "id": 2, "bbox": [95, 10, 10, 5]}]
+    fast = CocoIndex(write_coco(tmp_path / "b.json", images, anns, CATS)).repairs
+    slow = CocoIndex(write_coco(tmp_path / "c.json", images, [*anns, {"id": 3, "image_id": 1, "category_id": 1,
+                                                                       "bbox": "x"}], CATS), on_invalid="repair").repairs  # fmt: skip
+    del slow["annotations with a malformed bbox dropped"]
+    assert fast == slow and sum(fast.values()) == 2

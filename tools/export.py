@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", nargs="*", default=[], help="images for the parity check")
     ap.add_argument("--score-threshold", type=float, default=0.3, help="detections compared in the check")
     ap.add_argument("--box-tolerance", type=float, default=1.0, help="max box difference in pixels")
+    ap.add_argument("--score-tolerance", type=float, default=1e-3, help="max score difference")
     args = ap.parse_args(argv)
 
     model, label_map, meta = load_model(args.checkpoint)
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     info["parity"] = {
         **parity.__dict__,
         "box_tolerance_px": args.box_tolerance,
+        "score_tolerance": args.score_tolerance,
         "score_threshold": args.score_threshold,
     }
     meta_path = export.write_metadata(info, path)
@@ -78,9 +80,17 @@ def main(argv: list[str] | None = None) -> int:
         f"labels equal {parity.labels_equal}, max box diff {parity.max_box_diff:.4f} px, "
         f"max score diff {parity.max_score_diff:.2e}"
     )
-    if not parity.ok(args.box_tolerance):
+    if parity.detections == 0:
         print(
-            f"error: the exported model disagrees with eager PyTorch (tolerance {args.box_tolerance} px)",
+            f"error: nothing was compared: eager PyTorch finds no object >= {args.score_threshold} on the sample "
+            "images; pass --samples with objects in them or lower --score-threshold",
+            file=sys.stderr,
+        )
+        return 1
+    if not parity.ok(args.box_tolerance, args.score_tolerance):
+        print(
+            f"error: the exported model disagrees with eager PyTorch (tolerance {args.box_tolerance} px, "
+            f"{args.score_tolerance} in score)",
             file=sys.stderr,
         )
         return 1

@@ -228,6 +228,7 @@ class CocoIndex:
         self.iscrowd = ann_crowd[order]
         self.areas = ann_area[order].astype(np.float64)  # the json's area (w*h where it has none)
         self._set_names(names)
+        self._check_swapped_frames()
         if drop_empty:
             self.drop_images(np.flatnonzero(counts == 0), "images without annotations dropped (data.drop_empty)")
 
@@ -248,6 +249,26 @@ class CocoIndex:
             self.repairs[EXIF_SWAPPED] += len(swapped)
         self.files = found
         return widths, heights
+
+    def _check_swapped_frames(self) -> None:
+        """The size swap above is a guess: a tool that ignores EXIF writes the same json with its
+        boxes on the stored image. Boxes that do not fit the rotated image prove it wrong."""
+        bad = []
+        for i, _ in self.files.get("exif_swapped", []):
+            s, e = self.ann_start[i], self.ann_start[i + 1]
+            xywh = self.gt_xywh[s:e]
+            w, h = float(self.widths[i]), float(self.heights[i])
+            if len(xywh) and ((xywh[:, 0] + xywh[:, 2] > w + BOX_TOLERANCE).any()
+                              or (xywh[:, 1] + xywh[:, 3] > h + BOX_TOLERANCE).any()):  # fmt: skip
+                bad.append(f"{self.file_name(i)} (json {h:g}x{w:g}, EXIF-rotated {w:g}x{h:g})")
+        if bad:
+            listed = "\n".join(f"  - {b}" for b in bad[:MAX_LISTED])
+            raise DatasetError(
+                f"{self.path}: {len(bad)} image(s) whose json width/height is the size before their EXIF rotation "
+                f"have boxes that do not fit the rotated image, so the boxes were drawn on the stored (unrotated) "
+                f"image; detector decodes images rotated as EXIF says. Re-export with the EXIF orientation applied, "
+                f"or strip the orientation tag from these files:\n{listed}"
+            )
 
     def _parse_categories(self, items: list) -> dict[int, str]:
         cats: dict[int, str] = {}
@@ -331,12 +352,17 @@ class CocoIndex:
             crowd_types = {type(a.get("iscrowd", 0)) for a in items}
             if not crowd_types <= {int, bool}:
                 return None
-            boxes = np.array([a.get("bbox") for a in items])
+            bbox_list = [a.get("bbox") for a in items]
+            if any(type(v) is bool for b in bbox_list if isinstance(b, list) for v in b):
+                return None  # numpy would read True as 1
+            boxes = np.array(bbox_list)
             crowd = np.array([a.get("iscrowd", 0) for a in items])
             areas = np.array([a.get("area", math.nan) for a in items])
         except (TypeError, ValueError):
             return None
         if boxes.shape != (n, 4) or boxes.dtype.kind not in "if" or crowd.dtype.kind not in "biu":
+            return None
+        if not np.isin(crowd, (0, 1)).all():  # iscrowd 2 or -1: the item-by-item parser says so
             return None
         if areas.dtype.kind not in "iuf":
             return None
@@ -370,8 +396,9 @@ class CocoIndex:
         areas = np.where(no_area, boxes[:, 2] * boxes[:, 3], areas)
         if no_area.any():
             self.repairs[AREA_FILLED] += int(no_area.sum())
-        if over.any():
-            self.repairs[_clip_reason(self.on_invalid, far)] += int(over.sum())
+        for near_or_far in (over & ~far, over & far):  # counted as the item-by-item parser counts them
+            if near_or_far.any():
+                self.repairs[_clip_reason(self.on_invalid, far[near_or_far])] += int(near_or_far.sum())
         return img.astype(np.int64), cat_a, clipped, boxes, crowd.astype(bool), areas
 
     def _parse_annotations(self, items, img_ids, widths, heights, cats, repair):
@@ -387,6 +414,15 @@ class CocoIndex:
         k = 0
         rep = self.report
         strict = self.on_invalid == "error"
+        swapped = {i for i, _ in self.files.get("exif_swapped", [])}
+
+        def swapped_hint(img: int) -> str:
+            if img not in swapped:
+                return ""
+            return (
+                " (the json gives this image's size before its EXIF rotation, taken as the rotated image's: "
+                "do not fit the rotated image, so were they drawn on the stored one?)"
+            )
 
         def reject(repaired: str, kind: str, where: str, message: str) -> None:
             # repair mode drops and counts; the other modes report (and stop after parsing)
@@ -461,11 +497,8 @@ class CocoIndex:
             W, H = float(widths[img]), float(heights[img])
             x1, y1, x2, y2 = x, y, x + w, y + h
             area = a.get("area")
-            if _is_num(area) and area > 0:
-                area = float(area)
-            else:
-                area = w * h
-                self.repairs[AREA_FILLED] += 1
+            area_filled = not (_is_num(area) and area > 0)
+            area = w * h if area_filled else float(area)
             far = x1 < -BOX_TOLERANCE or y1 < -BOX_TOLERANCE or x2 > W + BOX_TOLERANCE or y2 > H + BOX_TOLERANCE
             cx1, cy1, cx2, cy2 = max(0.0, x1), max(0.0, y1), min(W, x2), min(H, y2)
             if cx2 - cx1 <= 0 or cy2 - cy1 <= 0:
@@ -473,7 +506,7 @@ class CocoIndex:
                     "boxes outside the image (nothing left after clipping) dropped",
                     "bbox outside image",
                     where,
-                    f"bbox {bbox} lies outside the {int(W)}x{int(H)} image",
+                    f"bbox {bbox} lies outside the {int(W)}x{int(H)} image" + swapped_hint(img),
                 )
                 continue
             if far and strict:
@@ -481,11 +514,13 @@ class CocoIndex:
                     "bbox outside image",
                     where,
                     f"bbox {bbox} (xyxy {x1:g},{y1:g},{x2:g},{y2:g}) leaves the {int(W)}x{int(H)} image "
-                    "(data.on_invalid=clip, the default, clips it for training)",
+                    "(data.on_invalid=clip, the default, clips it for training)" + swapped_hint(img),
                 )
                 continue
             if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
                 self.repairs[_clip_reason(self.on_invalid, np.asarray([far]))] += 1
+            if area_filled:
+                self.repairs[AREA_FILLED] += 1
             out_img[k], out_cat[k] = img, cat
             out_box[k] = (cx1, cy1, cx2, cy2)
             out_raw[k] = (x, y, w, h)

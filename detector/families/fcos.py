@@ -20,8 +20,10 @@ from detector.families.retinanet import replace_head, split_levels
 def _points(sizes_per_level: list[list[int]] | list[int]) -> AnchorGenerator:
     # FCOS has one "anchor" per location, as large as the level's stride: it sets the object
     # sizes each level is responsible for (4x to 8x of it).
-    sizes = tuple((int(level[0] if isinstance(level, (list, tuple)) else level),) for level in sizes_per_level)
-    return AnchorGenerator(sizes, ((1.0,),) * len(sizes))
+    levels = [list(level) if isinstance(level, (list, tuple)) else [level] for level in sizes_per_level]
+    if any(len(level) != 1 for level in levels):
+        raise ConfigError(f"model.anchor_sizes for FCOS: one size per level (its stride-scale), got {sizes_per_level}")
+    return AnchorGenerator(tuple((int(level[0]),) for level in levels), ((1.0,),) * len(levels))
 
 
 def _resnet_fpn(depth: int) -> Callable[..., D.FCOS]:

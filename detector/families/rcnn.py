@@ -15,7 +15,7 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from detector.config import ModelConfig
+from detector.config import ConfigError, ModelConfig
 from detector.families import Family, float32
 from detector.families.backbones import resnet_fpn
 
@@ -85,12 +85,25 @@ _RENAMED = {
 
 def build(cfg: ModelConfig, weights: Any, weights_backbone: Any, num_classes: int) -> nn.Module:
     kw = {arg: getattr(cfg, key) for key, arg in _RENAMED.items() if getattr(cfg, key) is not None}
+    anchors = None
     if cfg.anchor_sizes is not None:
         sizes = tuple(tuple(int(s) for s in level) for level in cfg.anchor_sizes)
-        kw["rpn_anchor_generator"] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+        if cfg.name in FAMILY.own_models:  # ours build the RPN head for the anchors they are given
+            kw["rpn_anchor_generator"] = anchors
     builder, _ = MODELS[cfg.name]
-    return builder(weights=weights, weights_backbone=weights_backbone, num_classes=num_classes,
-                   trainable_backbone_layers=cfg.trainable_backbone_layers, **kw)  # fmt: skip
+    model = builder(weights=weights, weights_backbone=weights_backbone, num_classes=num_classes,
+                    trainable_backbone_layers=cfg.trainable_backbone_layers, **kw)  # fmt: skip
+    if anchors is not None and "rpn_anchor_generator" not in kw:  # torchvision's builders set their own
+        want = model.rpn.head.cls_logits.out_channels
+        levels = len(model.rpn.anchor_generator.sizes)
+        if len(cfg.anchor_sizes) != levels or any(n != want for n in anchors.num_anchors_per_location()):
+            raise ConfigError(
+                f"model.anchor_sizes for {cfg.name}: {levels} levels of {want // 3} size(s) each (x 3 aspect "
+                f"ratios), as its RPN head predicts {want} anchors per location; got {cfg.anchor_sizes}"
+            )
+        model.rpn.anchor_generator = anchors
+    return model
 
 
 def head_modules(model: nn.Module) -> list[str]:
