@@ -17,6 +17,7 @@ from detector.config import Config, ConfigError, TrainConfig, save_yaml
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a resumable state
 EXIT_NONFINITE = 3  # stopped after too many non-finite losses in a row
+EXIT_WORKER_DIED = 76  # a DataLoader worker was killed (usually out of memory)
 PREEMPTED_MARKER = "PREEMPTED"  # written in the run directory (accelerate launch maps exit codes to 1)
 
 
@@ -82,15 +83,99 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision, cpu=distributed and not torch.cuda.is_available())
 
 
+LOCK_FILE = "RUNNING.lock"
+
+
 def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
-    """Create the run directory and write the resolved config into it."""
+    """Create the run directory, take its lock and write the resolved config into it.
+
+    Runs before any data is read or model built, so that an unusable run directory (not
+    writable, a file in the way, another run writing into it) stops the run at once. Every
+    process gets the same answer.
+
+    Raises:
+        ConfigError: naming the directory and what is wrong with it.
+    """
     run_dir = Path(cfg.output_dir)
+    problem = None
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
-        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            take_lock(run_dir)
+            save_yaml(cfg, run_dir / "config.yaml")
+            (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        except ConfigError as exc:
+            problem = str(exc)
+        except OSError as exc:
+            problem = f"output_dir {run_dir}: cannot write there ({exc.strerror or exc}); choose a writable output_dir"
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [problem]
+        broadcast_object_list(box, from_process=0)
+        problem = box[0]
+    if problem:
+        raise ConfigError(problem)
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def take_lock(run_dir: Path) -> None:
+    """One run per run directory: a lock file naming the process and host that holds it.
+
+    A lock left by a process that no longer runs on this host (killed, machine restarted) is
+    stale and taken over; one held by a live process, or by another host (which cannot be
+    checked from here), stops this run. The lock goes when the process exits.
+    """
+    import atexit
+    import json
+    import socket
+
+    path = run_dir / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+                print(f"warning: {path}: stale lock of pid {holder.get('pid')} (no longer running); taking it over")
+                path.unlink(missing_ok=True)
+                continue
+            raise ConfigError(
+                f"output_dir {run_dir} is in use by another run (pid {holder.get('pid', '?')} on host "
+                f"{holder.get('host', '?')}, started {holder.get('started', '?')}): two runs would write states "
+                f"and metrics over each other. Use another output_dir, or delete {path} if that run is gone."
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        atexit.register(_release, path, me["pid"])
+        return
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _release(path: Path, pid: int) -> None:
+    import json
+
+    try:
+        if json.loads(path.read_text()).get("pid") == pid:
+            path.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 class StopFlag:
@@ -228,6 +313,32 @@ def run_main(main) -> int:
     try:
         return main()
     except (ConfigError, DatasetError, WeightsError, CheckpointError) as exc:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0" or _from_worker(exc):  # a worker's error is its process's alone
+            print(f"error: {_message(exc)}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        text = str(exc)
+        if "DataLoader worker (pid" not in text:
+            raise
+        print(
+            f"error: {text.splitlines()[0].rstrip('. ')}. A DataLoader worker is usually killed by the out-of-memory killer: "
+            "lower data.num_workers or train.batch_size, or give the job more memory; then resume with "
+            "train.resume=auto (the last saved state is intact).",
+            file=sys.stderr,
+        )
+        return EXIT_WORKER_DIED
+
+
+def _from_worker(exc: BaseException) -> bool:
+    return str(exc).startswith("Caught ") and "Original Traceback" in str(exc)
+
+
+def _message(exc: BaseException) -> str:
+    """The error's own message; an error raised in a DataLoader worker arrives wrapped in the
+    worker's whole traceback, of which only its last line says anything to a user."""
+    text = str(exc)
+    if not _from_worker(exc):
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    _, sep, rest = last.partition(": ")
+    return rest if sep and "." in last.split(":")[0] else last

@@ -3,6 +3,7 @@ damaged states, pickled objects, non-finite losses."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -62,14 +63,21 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tiny_dataset, tmp_path):
 @pytest.mark.slow
 def test_sigterm_two_processes_saves_and_resumes(tiny_dataset, tmp_path):
     run = tmp_path / "run"
-    args = [f"output_dir={run}", "train.epochs=50", "logging.plots=false", *data_overrides(tiny_dataset)]
+    args = [f"output_dir={run}", "train.epochs=50", "logging.plots=false", "data.num_workers=2",
+            *data_overrides(tiny_dataset)]  # fmt: skip
     proc = subprocess.Popen(_cmd(2, args), env=ENV, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 300
     while time.time() < deadline and not _states(run):
         time.sleep(0.1)
     assert _states(run), "no state was saved"
-    os.killpg(proc.pid, signal.SIGTERM)  # the launcher and both workers, as a scheduler does
+    # SLURM signals every process of the job step: the launcher, both training processes and
+    # their DataLoader workers (torchrun gives the training processes sessions of their own)
+    import psutil
+
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert (run / "PREEMPTED").is_file(), err[-3000:]
     last = _states(run)[-1]

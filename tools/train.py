@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     label_map = splits.train.label_map
     config.check_metric_name(cfg.eval.best_metric, list(label_map.names))
     best_mode = config.best_mode(cfg.eval)
+    if not cfg.eval.best_metric.startswith("val/loss") and not (~splits.val.iscrowd).any():
+        raise config.ConfigError(
+            f"{splits.val.path}: the validation split has no objects, so its COCO metrics are undefined "
+            f"(pycocotools reports -1) and eval.best_metric={cfg.eval.best_metric} cannot choose best.pt; "
+            "use a validation set with objects, or eval.best_metric=val/loss"
+        )
     model = build_model(cfg.model, label_map.num_classes, list(label_map.names), log)
     train_ds, val_ds = data.build_datasets(splits, cfg.data, model_input_size(model))
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -134,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.eval.best_metric not in val:  # a loss part this model does not have
                 parts = sorted(k for k in val if k.startswith("val/loss"))
                 raise config.ConfigError(f"eval.best_metric={cfg.eval.best_metric}: validation reports {parts}")
-            if checkpoint.is_better(val[cfg.eval.best_metric], pos["best"], best_mode):
-                pos["best"], pos["best_epoch"], pos["evals_since_best"] = val[cfg.eval.best_metric], epoch + 1, 0
+            score = val[cfg.eval.best_metric]
+            if not cfg.eval.best_metric.startswith("val/loss") and score < 0:  # COCOeval: -1, no ground truth
+                score = None
+            if checkpoint.is_better(score, pos["best"], best_mode):
+                pos["best"], pos["best_epoch"], pos["evals_since_best"] = score, epoch + 1, 0
                 save_weights("best.pt", metrics, epoch + 1)
             else:
                 pos["evals_since_best"] += 1

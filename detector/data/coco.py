@@ -166,6 +166,8 @@ class CocoIndex:
             data = read_json(self.path)
         except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
             raise DatasetError(f"{self.path}: not valid JSON: {exc}") from None
+        except RecursionError:
+            raise DatasetError(f"{self.path}: not a COCO file: its JSON is nested too deeply to read") from None
         self.report = Report(str(self.path))
         self.repairs: Counter = Counter()
         if not isinstance(data, dict):
@@ -181,6 +183,8 @@ class CocoIndex:
         repair = on_invalid == "repair"
         cats = self._parse_categories(data["categories"])
         img_ids, widths, heights, names = self._parse_images(data["images"], allow_outside_root, repair)
+        if not data["images"]:
+            raise DatasetError(f"{self.path}: 'images' is empty: nothing to train or evaluate on")
         # The image files come before the boxes: which frame the boxes are in depends on them.
         self.files: dict[str, list[tuple[int, str]]] = {}
         if images_root is not None:
@@ -292,6 +296,8 @@ class CocoIndex:
     def _parse_images(self, items: list, allow_outside: bool, repair: bool):
         ids, ws, hs, names = [], [], [], []
         seen: set[int] = set()
+        seen_names: dict[str, int] = {}
+        self._rejected_images: set = set()
         for i, im in enumerate(items):
             if not isinstance(im, dict):
                 self.report.add("bad image", f"images[{i}]", "must be an object")
@@ -312,17 +318,38 @@ class CocoIndex:
                 self.report.add("bad image", where, "needs a 'file_name' string")
                 continue
             name = name.replace("\\", "/")
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                self.report.add("bad image", where, f"file_name {name!r} is not valid text (a lone surrogate)")
+                self._rejected_images.add(iid)
+                continue
+            if name in seen_names:
+                if repair:
+                    self.repairs["images whose file_name another image id already has dropped (first kept)"] += 1
+                else:
+                    self.report.add(
+                        "duplicate file_name",
+                        where,
+                        f"file_name '{name}' is also image id {seen_names[name]}: one image's boxes would be "
+                        "trained on the other's pixels",
+                    )
+                self._rejected_images.add(iid)
+                continue
             if not allow_outside and not _safe_relpath(name):
                 self.report.add(
                     "file_name outside image root",
                     where,
                     f"file_name '{name}' is absolute or contains '..' (set data.allow_outside_root=true to allow)",
                 )
+                self._rejected_images.add(iid)
                 continue
             if not (_is_num(w) and _is_num(h) and w > 0 and h > 0):
                 self.report.add("bad image size", where, f"width/height must be positive numbers, got {w!r}/{h!r}")
+                self._rejected_images.add(iid)
                 continue
             seen.add(iid)
+            seen_names[name] = iid
             ids.append(iid)
             ws.append(int(round(w)))
             hs.append(int(round(h)))
@@ -415,6 +442,8 @@ class CocoIndex:
         rep = self.report
         strict = self.on_invalid == "error"
         swapped = {i for i, _ in self.files.get("exif_swapped", [])}
+        rejected = getattr(self, "_rejected_images", set())
+        of_rejected: Counter = Counter()
 
         def swapped_hint(img: int) -> str:
             if img not in swapped:
@@ -450,6 +479,9 @@ class CocoIndex:
             else:
                 seen_ids.add(aid)
             img = id_to_idx.get(a.get("image_id")) if _is_int(a.get("image_id")) else None
+            if img is None and _is_int(a.get("image_id")) and a.get("image_id") in rejected:
+                of_rejected[a.get("image_id")] += 1  # reported once per image, below
+                continue
             if img is None:
                 reject(
                     "annotations of unknown images dropped",
@@ -527,6 +559,11 @@ class CocoIndex:
             out_crowd[k] = bool(crowd)
             out_area[k] = area
             k += 1
+        for iid, n in sorted(of_rejected.items()):
+            reject("annotations of rejected images dropped", "annotations of a rejected image", f"images (id {iid})",
+                   f"its {n} annotation(s) are not used: the image entry was rejected above")  # fmt: skip
+            if repair:
+                self.repairs["annotations of rejected images dropped"] += n - 1
         return out_img[:k], out_cat[:k], out_box[:k], out_raw[:k], out_crowd[:k], out_area[:k]
 
     def drop_images(self, positions: Sequence[int], reason: str) -> None:

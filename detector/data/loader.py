@@ -7,7 +7,10 @@ resumed run can skip exactly the batches it has already trained on.
 
 from __future__ import annotations
 
+import atexit
 import math
+import multiprocessing
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -121,6 +124,29 @@ def collate(batch: list[Any]) -> tuple[list[torch.Tensor], list[dict[str, Any]],
     return [b[0] for b in items], [b[1] for b in items], len(batch) - len(items)
 
 
+def _ignore_stop_signals(_: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the training process.
+
+    A scheduler (SLURM on preemption, ``timeout``, ``kill -TERM -- -PGID``) signals every process
+    of the job, workers included: a worker that died of it would take the training process
+    down before it could finish its step and save its state.
+    """
+    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _stop_workers_at_exit() -> None:
+    # Workers ignore SIGTERM, which is how multiprocessing ends daemonic children at exit before
+    # joining them: a run that stops on an error (its loader never shut down) would wait forever.
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+
+
+atexit.register(_stop_workers_at_exit)  # runs before multiprocessing's own exit handler (LIFO)
+
+
 def build_loader(
     dataset: CocoDetection, batch_sampler: Any, num_workers: int, seed: int = 0
 ) -> torch.utils.data.DataLoader:
@@ -128,12 +154,13 @@ def build_loader(
 
     The loader draws its workers' base seed from its own generator, not from torch's global
     RNG: creating an iterator then leaves the training RNG stream untouched, which an exact
-    mid-epoch resume depends on.
+    mid-epoch resume depends on. Workers ignore the stop signals (``_ignore_stop_signals``).
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset,
+        worker_init_fn=_ignore_stop_signals,
         batch_sampler=batch_sampler,
         num_workers=num_workers,
         collate_fn=collate,

@@ -1,0 +1,153 @@
+"""Faults as they happen on real machines: preemption with DataLoader workers, a worker killed,
+a run directory in use or unusable, broken images in the workers, hostile json."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from detector import checkpoint, runtime
+from detector.config import ConfigError, load
+from detector.data.coco import CocoIndex, DatasetError
+
+from .conftest import ROOT, TINY, assert_same_weights, data_overrides, tool_env, write_coco
+
+
+def _train_cmd(run: Path, ds, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "tools" / "train.py"), "--config", str(TINY), f"output_dir={run}",
+            "logging.plots=false", *data_overrides(ds), *extra]  # fmt: skip
+
+
+def _wait_for_state(run: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not checkpoint.list_states(run):
+        time.sleep(0.05)
+    assert checkpoint.list_states(run), "no state was saved"
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tiny_dataset, tmp_path):
+    """SLURM signals every process of the job, DataLoader workers included: the workers must not
+    die of it before the training process has finished its step and saved."""
+    common = ["train.epochs=3", "data.num_workers=2", "train.checkpoint_every_steps=4"]
+    ref = tmp_path / "ref"
+    res = subprocess.run(_train_cmd(ref, tiny_dataset, *common), env=tool_env(), capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(run, tiny_dataset, *common), env=tool_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+    _wait_for_state(run)
+    os.killpg(proc.pid, signal.SIGTERM)  # the process and its workers, as a scheduler does
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == runtime.EXIT_PREEMPTED, err[-3000:]
+    assert (run / "PREEMPTED").is_file() and "killed by signal" not in err
+    res = subprocess.run(_train_cmd(run, tiny_dataset, *common, "train.resume=auto"), env=tool_env(),
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_weights(ref / "last.pt", run / "last.pt")
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_the_run_with_its_own_message_and_code(tiny_dataset, tmp_path):
+    import psutil
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(run, tiny_dataset, "train.epochs=50", "data.num_workers=2"), env=tool_env(),
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)  # fmt: skip
+    _wait_for_state(run)
+    workers = psutil.Process(proc.pid).children()
+    assert workers, "no DataLoader workers found"
+    os.kill(workers[0].pid, signal.SIGKILL)  # as the out-of-memory killer does
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == runtime.EXIT_WORKER_DIED, err[-3000:]
+    assert "out-of-memory" in err and "data.num_workers" in err and "Traceback" not in err
+    res = subprocess.run(_train_cmd(run, tiny_dataset, "train.epochs=2", "train.resume=auto"), env=tool_env(),
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_truncated_jpeg_in_a_worker_is_one_clean_line(tiny_dataset, tmp_path):
+    import shutil
+
+    root = tmp_path / "train"
+    shutil.copytree(tiny_dataset["root"] / "train", root)
+    name = json.loads(Path(tiny_dataset["train"]).read_text())["images"][0]["file_name"]
+    raw = (root / name).read_bytes()
+    (root / name).write_bytes(raw[: len(raw) * 6 // 10])  # its header still reads: training finds it
+    res = subprocess.run(_train_cmd(tmp_path / "run", tiny_dataset, "data.num_workers=1", f"data.train.images={root}"),
+                         env=tool_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert res.returncode == 2
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and name in errors[0] and "truncated" in errors[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_two_runs_on_one_output_dir(tmp_path, cpu_accelerator):
+    cfg = load(TINY, [f"output_dir={tmp_path / 'run'}", "data.synthetic.enabled=true"])
+    runtime.prepare_run_dir(cfg, cpu_accelerator)  # this test process holds the lock now
+    lock = json.loads((tmp_path / "run" / runtime.LOCK_FILE).read_text())
+    assert lock["pid"] == os.getpid()
+    other = subprocess.run(
+        [sys.executable, "-c", "import sys; from detector import runtime; from detector.config import load; "
+         "from accelerate import Accelerator; "
+         f"runtime.prepare_run_dir(load({str(TINY)!r}, sys.argv[1:]), Accelerator(cpu=True))",
+         f"output_dir={tmp_path / 'run'}", "data.synthetic.enabled=true"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert other.returncode != 0 and f"in use by another run (pid {os.getpid()}" in other.stderr
+    # a stale lock (its process is gone) is taken over
+    (tmp_path / "run" / runtime.LOCK_FILE).write_text(json.dumps({**lock, "pid": 2**22 + 12345}))
+    runtime.prepare_run_dir(cfg, cpu_accelerator)
+    assert json.loads((tmp_path / "run" / runtime.LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_unusable_run_directory_stops_before_anything_is_read(tmp_path, cpu_accelerator):
+    (tmp_path / "a_file").write_text("x")
+    cfg = load(TINY, [f"output_dir={tmp_path / 'a_file' / 'run'}", "data.synthetic.enabled=true"])
+    with pytest.raises(ConfigError, match="cannot write there"):
+        runtime.prepare_run_dir(cfg, cpu_accelerator)
+
+
+def test_hostile_json(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DatasetError, match="nested too deeply"):
+        CocoIndex(deep)
+    cats = [{"id": 1, "name": "a"}]
+    surrogate = tmp_path / "s.json"
+    surrogate.write_text('{"images": [{"id": 1, "file_name": "\\ud800.jpg", "width": 9, "height": 9}], '
+                         '"annotations": [], "categories": [{"id": 1, "name": "a"}]}')  # fmt: skip
+    with pytest.raises(DatasetError, match="lone surrogate"):
+        CocoIndex(surrogate)
+    with pytest.raises(DatasetError, match="'images' is empty"):
+        CocoIndex(write_coco(tmp_path / "e.json", [], [], cats))
+    images = [{"id": i, "file_name": "same.jpg", "width": 9, "height": 9} for i in (1, 2)]
+    anns = [{"id": k, "image_id": 2, "category_id": 1, "bbox": [1, 1, 3, 3], "area": 9} for k in (1, 2, 3)]
+    with pytest.raises(DatasetError) as err:
+        CocoIndex(write_coco(tmp_path / "d.json", images, anns, cats))
+    text = str(err.value)
+    assert "file_name 'same.jpg' is also image id 1" in text
+    assert text.count("image_id") == 0 and "its 3 annotation(s) are not used" in text  # reported once
+    idx = CocoIndex(tmp_path / "d.json", on_invalid="repair")
+    assert len(idx) == 1 and idx.repairs["annotations of rejected images dropped"] == 3
+
+
+@pytest.mark.slow
+def test_negatives_only_validation_cannot_choose_best_by_map(tiny_dataset, tmp_path):
+    data = json.loads(Path(tiny_dataset["val"]).read_text())
+    data["annotations"] = []
+    val = write_coco(tmp_path / "neg.json", data["images"], [], data["categories"])
+    res = subprocess.run(_train_cmd(tmp_path / "run", tiny_dataset, f"data.val.annotations={val}"), env=tool_env(),
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert res.returncode == 2 and "has no objects" in res.stderr and "eval.best_metric=val/loss" in res.stderr
+    assert not (tmp_path / "run" / "best.pt").exists()
