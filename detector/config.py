@@ -68,6 +68,9 @@ class DataConfig:
     drop_empty: bool = False  # drop training images without annotations (they are negatives)
     allow_outside_root: bool = False  # allow absolute file_name or paths with '..'
     check_images: bool = True  # read every image header at start-up (size, EXIF orientation)
+    # Images whose header declares more pixels stop the run at start-up (a small file can declare
+    # 12000x12000 and take gigabytes to decode); repair drops them, counted.
+    max_image_pixels: int = 100_000_000
     # Decode JPEGs at reduced scale (PIL draft) when they are larger than the model input.
     draft_decode: bool = True
     num_workers: int = 2

@@ -108,7 +108,7 @@ def load_image(path: str | Path, min_size: tuple[int, int] | None = None) -> tup
                         content = drafted[1][2] / full_w
             img = ImageOps.exif_transpose(img) if orientation != 1 else img
             arr = to_rgb_array(img)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"cannot decode image {path}: {exc}") from None
     return arr, content, content
 
@@ -133,10 +133,21 @@ def _decode_jpeg_full(path: str | Path) -> np.ndarray | None:
     return image.permute(1, 2, 0).numpy()
 
 
-def header_info(path: str | Path) -> tuple[int, int, int]:
-    """(width, height) after EXIF orientation and the orientation tag, from the header only."""
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than allowed."""
+
+
+def header_info(path: str | Path, max_pixels: int | None = None) -> tuple[int, int, int]:
+    """(width, height) after EXIF orientation and the orientation tag, from the header only.
+
+    Raises:
+        ImageTooLarge: the header declares more than ``max_pixels`` (checked before anything
+            else is read).
+    """
     with Image.open(path) as img:
         w, h = img.size
+        if max_pixels and w * h > max_pixels:
+            raise ImageTooLarge(f"{w}x{h} = {w * h:,} pixels, more than data.max_image_pixels ({max_pixels:,})")
         orientation = _orientation(img)
     return (h, w, orientation) if orientation in _SWAPS_AXES else (w, h, orientation)
 
@@ -154,6 +165,7 @@ def scan_images(
     read_headers: bool = True,
     progress: Callable | None = None,
     threads: int = 8,
+    max_pixels: int | None = None,
 ) -> dict[str, list[tuple[int, str]]]:
     """Check the image files of a dataset before training.
 
@@ -164,6 +176,8 @@ def scan_images(
         read_headers: also open each header to check format and size (EXIF applied).
         progress: optional wrapper for an iterable (a progress bar).
         threads: header reads in parallel (I/O bound).
+        max_pixels: images whose header declares more pixels are listed as "too_large" (a
+            140 KB PNG can declare 12000x12000 and take gigabytes to decode).
 
     Returns:
         {"missing": [(i, path)], "unreadable": [(i, message)], "size_mismatch": [(i, message)],
@@ -172,7 +186,7 @@ def scan_images(
         is the stored size before a 90-degree EXIF rotation (Label Studio writes this).
     """
     root = Path(root)
-    kinds = ("missing", "unreadable", "size_mismatch", "exif_rotated", "exif_swapped")
+    kinds = ("missing", "unreadable", "size_mismatch", "exif_rotated", "exif_swapped", "too_large")
     found: dict[str, list[tuple[int, str]]] = {k: [] for k in kinds}
     paths = [os.path.join(root, n) for n in names]
     try:
@@ -186,7 +200,9 @@ def scan_images(
 
     def check(i: int) -> list[tuple[int, str, str]]:
         try:
-            w, h, orientation = header_info(paths[i])
+            w, h, orientation = header_info(paths[i], max_pixels)
+        except (ImageTooLarge, Image.DecompressionBombError) as exc:
+            return [(i, "too_large", f"{paths[i]}: {exc}")]
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
             return [(i, "unreadable", f"{paths[i]}: cannot read image header: {exc}")]
         out = [(i, "exif_rotated", paths[i])] if orientation not in (0, 1) else []

@@ -36,7 +36,7 @@ def _wait_for_state(run: Path, timeout: float = 300) -> None:
 def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tiny_dataset, tmp_path):
     """SLURM signals every process of the job, DataLoader workers included: the workers must not
     die of it before the training process has finished its step and saved."""
-    common = ["train.epochs=3", "data.num_workers=2", "train.checkpoint_every_steps=4"]
+    common = ["train.epochs=2", "data.num_workers=2", "train.checkpoint_every_steps=4"]
     ref = tmp_path / "ref"
     res = subprocess.run(_train_cmd(ref, tiny_dataset, *common), env=tool_env(), capture_output=True, text=True,
                          timeout=600, cwd=ROOT)  # fmt: skip
@@ -151,3 +151,37 @@ def test_negatives_only_validation_cannot_choose_best_by_map(tiny_dataset, tmp_p
                          capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
     assert res.returncode == 2 and "has no objects" in res.stderr and "eval.best_metric=val/loss" in res.stderr
     assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A few hundred bytes whose header declares width x height pixels (an image bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.mark.parametrize("side", [12_000, 40_000])
+def test_image_bombs_stop_at_start_up_from_the_header(tmp_path, side):
+    from detector.config import DataConfig
+    from detector.data import check_files
+
+    (tmp_path / "img").mkdir()
+    _png_header(tmp_path / "img" / "bomb.png", side, side)
+    images = [{"id": 1, "file_name": "bomb.png", "width": side, "height": side}]
+    ann = write_coco(tmp_path / "a.json", images, [], [{"id": 1, "name": "a"}])
+    idx = CocoIndex(ann, images_root=tmp_path / "img", max_pixels=DataConfig().max_image_pixels)
+    with pytest.raises(DatasetError, match="bomb.png") as err:
+        check_files(idx, tmp_path / "img", DataConfig())
+    assert "too large" in str(err.value) and "data.max_image_pixels" in str(err.value)
+    idx = CocoIndex(ann, images_root=tmp_path / "img", on_invalid="repair", max_pixels=DataConfig().max_image_pixels)
+    check_files(idx, tmp_path / "img", DataConfig(on_invalid="repair"))
+    assert len(idx) == 0  # dropped, and counted
+    assert sum(n for k, n in idx.repairs.items() if "dropped" in k) == 1

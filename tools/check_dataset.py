@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from detector import runtime  # noqa: E402
+from detector.config import DataConfig  # noqa: E402
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError  # noqa: E402
 from detector.plots import draw_detections  # noqa: E402
 
@@ -58,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         problems = exc.problems
     bar = runtime.progress(True, desc="reading image headers", unit="img")
     index = CocoIndex(  # what training with on_invalid=repair would use
-        args.annotations, on_invalid="repair", images_root=args.images, progress=lambda it, total: _wrap(bar, it, total)
+        args.annotations,
+        on_invalid="repair",
+        images_root=args.images,
+        progress=lambda it, total: _wrap(bar, it, total),
+        max_pixels=DataConfig().max_image_pixels,
     )
     bar.close()
     found = index.files
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, n in counts.items():
         print(f"  {name:>20} {n:7d} {'#' * round(40 * n / peak)}")
     problems += [f"missing image file: {p}" for _, p in found["missing"]]
-    problems += [m for kind in ("unreadable", "size_mismatch") for _, m in found[kind]]
+    problems += [m for kind in ("unreadable", "size_mismatch", "too_large") for _, m in found[kind]]
     print(f"problems: {len(problems)}")
     for p in problems:
         print(f"  - {p}")
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         ds = CocoDetection(index, args.images)
-        missing = {i for i, _ in found["missing"]} | {i for i, _ in found["unreadable"]}
+        missing = {i for kind in ("missing", "unreadable", "too_large") for i, _ in found[kind]}
         drawn = 0
         for i in range(len(index)):
             if drawn >= args.draw:

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from detector.config import Config, DataConfig
 from detector.data.coco import MAX_LISTED, CocoDetection, CocoIndex, DatasetError, LabelMap
 from detector.data.synthetic import ensure_dataset
@@ -39,6 +41,7 @@ def check_files(index: CocoIndex, root: Path, cfg: DataConfig) -> list[str]:
             f"{index.path}: {len(found['missing'])} of {len(index)} image files are missing under {root}:\n{listed}{more}"
         )
     for kind, setting in (
+        ("too_large", cfg.on_invalid == "repair"),
         ("unreadable", cfg.on_corrupt_image == "skip"),
         ("size_mismatch", cfg.on_invalid == "repair"),
     ):
@@ -46,12 +49,15 @@ def check_files(index: CocoIndex, root: Path, cfg: DataConfig) -> list[str]:
         if items and not setting:
             listed = "\n".join(f"  - {m}" for _, m in items[:MAX_LISTED])
             more = f"\n  ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
-            fix = "data.on_corrupt_image=skip" if kind == "unreadable" else "data.on_invalid=repair (drops them)"
+            fix = {
+                "unreadable": "data.on_corrupt_image=skip",
+                "too_large": "data.max_image_pixels higher if they are real, or data.on_invalid=repair (drops them)",
+            }.get(kind, "data.on_invalid=repair (drops them)")
             raise DatasetError(
                 f"{index.path}: {len(items)} image(s) {kind.replace('_', ' ')}:\n{listed}{more}\n(set {fix})"
             )
         problems.extend(m for _, m in items)
-    bad = sorted({i for kind in ("unreadable", "size_mismatch") for i, _ in found.get(kind, [])})
+    bad = sorted({i for kind in ("unreadable", "size_mismatch", "too_large") for i, _ in found.get(kind, [])})
     if bad:
         index.drop_images(bad, "images unreadable or of another size than the json says dropped")
     return problems
@@ -71,7 +77,9 @@ def load_splits(cfg: Config, log: Callable[[str], None] = print, progress: Calla
     else:
         train_ann, val_ann = Path(d.train.annotations), Path(d.val.annotations)  # type: ignore[arg-type]
         train_root, val_root = Path(d.train.images), Path(d.val.images)  # type: ignore[arg-type]
+    Image.MAX_IMAGE_PIXELS = d.max_image_pixels  # PIL's own bomb check follows the same limit
     opts = {
+        "max_pixels": d.max_image_pixels,
         "on_invalid": d.on_invalid,
         "allow_outside_root": d.allow_outside_root,
         "read_headers": d.check_images,

@@ -134,6 +134,7 @@ class CocoIndex:
         images_root: str | Path | None = None,
         read_headers: bool = True,
         progress: Any = None,
+        max_pixels: int | None = None,
     ) -> None:
         """Parse and validate a COCO detection json.
 
@@ -155,6 +156,7 @@ class CocoIndex:
             read_headers: with images_root, open every header (size, EXIF) besides checking
                 that the file exists.
             progress: optional wrapper for an iterable (a progress bar) for the header scan.
+            max_pixels: with images_root, images declaring more pixels are listed as too large.
 
         Raises:
             DatasetError: naming the file, the json location and the id of every problem.
@@ -188,7 +190,7 @@ class CocoIndex:
         # The image files come before the boxes: which frame the boxes are in depends on them.
         self.files: dict[str, list[tuple[int, str]]] = {}
         if images_root is not None:
-            widths, heights = self._check_files(images_root, names, widths, heights, read_headers, progress)
+            widths, heights = self._check_files(images_root, names, widths, heights, read_headers, progress, max_pixels)
         rows = self._parse_annotations_fast(data["annotations"], img_ids, widths, heights, cats)
         if rows is None:  # something needs a closer look: the item-by-item parser says what
             rows = self._parse_annotations(data["annotations"], img_ids, widths, heights, cats, repair)
@@ -238,14 +240,14 @@ class CocoIndex:
 
     # -- parsing -------------------------------------------------------------------------------
 
-    def _check_files(self, root, names, widths, heights, read_headers, progress):
+    def _check_files(self, root, names, widths, heights, read_headers, progress, max_pixels=None):
         """Scan the image files (see images.scan_images); returns the sizes the boxes are in.
 
         A json whose width/height is an image's stored size before a 90-degree EXIF rotation
         (Label Studio keeps it while drawing boxes on the rotated image) is taken to describe the
         rotated image: its width and height are swapped, and counted.
         """
-        found = scan_images(root, names, np.stack([widths, heights], 1), read_headers, progress)
+        found = scan_images(root, names, np.stack([widths, heights], 1), read_headers, progress, max_pixels=max_pixels)
         swapped = [i for i, _ in found["exif_swapped"]]
         if swapped:
             widths, heights = widths.copy(), heights.copy()
