@@ -155,6 +155,12 @@ def loss_and_detections(
     return fam.loss_and_detections(model, images, targets, autocast or contextlib.nullcontext)
 
 
+def set_keys(cfg: ModelConfig, names: Mapping[str, str]) -> dict[str, Any]:
+    """The builder's keyword arguments for the model.* keys in ``names`` (model key -> keyword)
+    that are set; a key left at null keeps torchvision's own default."""
+    return {arg: getattr(cfg, key) for key, arg in names.items() if getattr(cfg, key) is not None}
+
+
 def float32(device: torch.device) -> Any:
     """A context with autocast off (heads and box decoding in float32)."""
     return torch.autocast(device_type=device.type, enabled=False)

@@ -16,7 +16,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from detector.config import ConfigError, ModelConfig
-from detector.families import Family, float32
+from detector.families import Family, float32, set_keys
 from detector.families.backbones import resnet_fpn
 
 
@@ -66,25 +66,16 @@ MODELS = {
     "fasterrcnn_resnet34_fpn": (_resnet_fpn(34), None),
 }
 
-# model.* key -> the builder's keyword
-_RENAMED = {
-    "box_score_thresh": "box_score_thresh",
-    "box_nms_thresh": "box_nms_thresh",
-    "box_detections_per_img": "box_detections_per_img",
-    "box_batch_size_per_image": "box_batch_size_per_image",
-    "rpn_batch_size_per_image": "rpn_batch_size_per_image",
-    "rpn_pre_nms_top_n_test": "rpn_pre_nms_top_n_test",
-    "rpn_post_nms_top_n_test": "rpn_post_nms_top_n_test",
-    "min_size": "min_size",
-    "max_size": "max_size",
-    "returned_layers": "returned_layers",
-    "fpn_channels": "fpn_channels",
-    "representation_size": "representation_size",
-}
+# model.* keys that are also the builder's keywords
+_KEYS = {k: k for k in (
+    "box_score_thresh", "box_nms_thresh", "box_detections_per_img", "box_batch_size_per_image",
+    "rpn_batch_size_per_image", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "min_size", "max_size",
+    "returned_layers", "fpn_channels", "representation_size",
+)}  # fmt: skip
 
 
 def build(cfg: ModelConfig, weights: Any, weights_backbone: Any, num_classes: int) -> nn.Module:
-    kw = {arg: getattr(cfg, key) for key, arg in _RENAMED.items() if getattr(cfg, key) is not None}
+    kw = set_keys(cfg, _KEYS)
     anchors = None
     if cfg.anchor_sizes is not None:
         sizes = tuple(tuple(int(s) for s in level) for level in cfg.anchor_sizes)
@@ -163,7 +154,7 @@ FAMILY = Family(
     model_type=D.FasterRCNN,
     models=MODELS,
     own_models=frozenset({"fasterrcnn_resnet18_fpn", "fasterrcnn_resnet34_fpn"}),
-    keys=frozenset(_RENAMED) - {"returned_layers", "fpn_channels", "representation_size"} | {"anchor_sizes"},
+    keys=frozenset(_KEYS) - {"returned_layers", "fpn_channels", "representation_size"} | {"anchor_sizes"},
     own_keys=frozenset({"returned_layers", "fpn_channels", "representation_size"}),
     build=build,
     head_modules=head_modules,

@@ -14,23 +14,17 @@ from torchvision.models import detection as D
 from torchvision.ops import boxes as box_ops
 
 from detector.config import ModelConfig
-from detector.families import Family, float32, loss_key
+from detector.families import Family, set_keys
+from detector.families.dense import KEYS, one_pass
 
 MODELS = {
     "ssd300_vgg16": (D.ssd300_vgg16, D.SSD300_VGG16_Weights),
     "ssdlite320_mobilenet_v3_large": (D.ssdlite320_mobilenet_v3_large, D.SSDLite320_MobileNet_V3_Large_Weights),
 }
 
-_RENAMED = {
-    "box_score_thresh": "score_thresh",
-    "box_nms_thresh": "nms_thresh",
-    "box_detections_per_img": "detections_per_img",
-    "topk_candidates": "topk_candidates",
-}
-
 
 def build(cfg: ModelConfig, weights: Any, weights_backbone: Any, num_classes: int) -> nn.Module:
-    kw = {arg: getattr(cfg, key) for key, arg in _RENAMED.items() if getattr(cfg, key) is not None}
+    kw = set_keys(cfg, KEYS)
     builder, _ = MODELS[cfg.name]
     model = builder(weights=weights, weights_backbone=weights_backbone, num_classes=num_classes,
                     trainable_backbone_layers=cfg.trainable_backbone_layers)  # fmt: skip
@@ -64,30 +58,23 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
     head.num_columns = num_classes + 1
 
 
+def _loss(model, targets, head_outputs, anchors, features):
+    matched = []
+    for a, t in zip(anchors, targets):
+        if t["boxes"].numel() == 0:
+            matched.append(torch.full((a.size(0),), -1, dtype=torch.int64, device=a.device))
+        else:
+            matched.append(model.proposal_matcher(box_ops.box_iou(t["boxes"], a)))
+    return model.compute_loss(targets, head_outputs, anchors, matched)
+
+
+def _detect(model, head_outputs, anchors, features, image_sizes):
+    return model.postprocess_detections(head_outputs, anchors, image_sizes)
+
+
 def loss_and_detections(model, images, targets, autocast):
     """SSD's losses and detections with one backbone pass."""
-    original_sizes = [tuple(im.shape[-2:]) for im in images]
-    with autocast():
-        image_list, targets_t = model.transform(images, targets)
-        features = list(model.backbone(image_list.tensors).values())
-    with float32(image_list.tensors.device):
-        features = [f.float() for f in features]
-        image_list.tensors = image_list.tensors.float()
-        head_outputs = model.head(features)
-        anchors = model.anchor_generator(image_list, features)
-        losses = {}
-        if targets_t is not None:
-            matched = []
-            for a, t in zip(anchors, targets_t):
-                if t["boxes"].numel() == 0:
-                    matched.append(torch.full((a.size(0),), -1, dtype=torch.int64, device=a.device))
-                else:
-                    matched.append(model.proposal_matcher(box_ops.box_iou(t["boxes"], a)))
-            raw = model.compute_loss(targets_t, head_outputs, anchors, matched)
-            losses = {loss_key(k): v for k, v in raw.items()}
-        detections = model.postprocess_detections(head_outputs, anchors, image_list.image_sizes)
-        detections = model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
-    return losses, detections
+    return one_pass(model, images, targets, autocast, _loss, _detect)
 
 
 FAMILY = Family(
@@ -95,7 +82,7 @@ FAMILY = Family(
     model_type=D.ssd.SSD,
     models=MODELS,
     own_models=frozenset(),
-    keys=frozenset(_RENAMED),
+    keys=frozenset(KEYS),
     own_keys=frozenset(),
     build=build,
     head_modules=head_modules,
