@@ -326,14 +326,15 @@ def check_metric_name(name: str, class_names: list[str] | None = None) -> None:
     """Raise ConfigError unless ``name`` is a metric validation reports (eval.best_metric).
 
     Args:
-        name: e.g. val/mAP, val/loss, val/loss_classifier, val/AP/<class>.
+        name: e.g. val/mAP, val/loss, val/loss_classifier, val/AP/<class>; masks: val/segm/mAP,
+            val/segm/AP/<class>.
         class_names: the dataset's classes, to check val/AP/<class> (skipped when None).
     """
-    fixed = ["val/loss", *(f"val/{s}" for s in COCO_STATS)]
+    fixed = ["val/loss", *(f"val/{s}" for s in COCO_STATS), *(f"val/segm/{s}" for s in COCO_STATS)]
     if name in fixed or (name.startswith("val/loss_") and len(name) > len("val/loss_")):
         return
-    if name.startswith("val/AP/"):
-        if class_names is None or name[len("val/AP/") :] in class_names:
+    if name.startswith(("val/AP/", "val/segm/AP/")):
+        if class_names is None or name.split("/AP/", 1)[1] in class_names:
             return
         close = difflib.get_close_matches(name, [f"val/AP/{c}" for c in class_names], n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -342,7 +343,7 @@ def check_metric_name(name: str, class_names: list[str] | None = None) -> None:
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise ConfigError(
         f"eval.best_metric: unknown metric '{name}'{hint}; use val/loss, val/loss_<part>, "
-        f"val/<{'|'.join(COCO_STATS)}> or val/AP/<class name>"
+        f"val/<{'|'.join(COCO_STATS)}>, val/AP/<class name> or (Mask R-CNN) val/segm/<stat>, val/segm/AP/<class name>"
     )
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from detector.evaluation import CocoResult, detections_to_coco, evaluate_coco, flat_metrics
 from detector.families import loss_and_detections, loss_key
 from detector.labels import LabelMap
+from detector.segm import segm_metrics
 
 
 class NonFiniteLossError(RuntimeError):
@@ -34,7 +35,7 @@ def to_device(
 ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     """uint8 images -> float [0, 1] on the device (the conversion happens here, not in workers)."""
     imgs = [im.to(device, non_blocking=True).float().div_(255.0) for im in images]
-    tgts = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+    tgts = [{k: t[k].to(device) for k in ("boxes", "labels", "masks") if k in t} for t in targets]
     return imgs, tgts
 
 
@@ -321,6 +322,7 @@ def evaluate(
         results = [row for r in gathered for row in r[3]]
         coco = evaluate_coco(gt, results, backend)
         metrics.update(flat_metrics(coco))
+        metrics.update(segm_metrics(gt, results, backend)[0])  # val/segm/...: masked ground truth only
         metrics["val/images"] = n_total
         metrics["val/skipped_images"] = sum(r[4] for r in gathered)
         payload = [(metrics, coco, results)]

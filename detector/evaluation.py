@@ -57,7 +57,7 @@ def detections_to_coco(
         cats = label_map.to_category_ids(det["labels"].cpu().numpy())
         scores = det["scores"].detach().float().cpu().numpy()
         image_id = int(tgt["image_id"])
-        rows.extend(
+        new = [
             {
                 "image_id": image_id,
                 "category_id": int(c),
@@ -65,7 +65,14 @@ def detections_to_coco(
                 "score": round(float(s), 5),
             }
             for b, c, s in zip(boxes, cats, scores)
-        )
+        ]
+        if "masks" in det:  # Mask R-CNN: compressed RLE at the json's image size
+            from detector.segm import mask_rles
+
+            size = tgt.get("size") or (det["masks"].shape[-1], det["masks"].shape[-2])
+            for row, rle in zip(new, mask_rles(det["masks"], tgt.get("scale", (1.0, 1.0)), size)):
+                row["segmentation"] = rle
+        rows.extend(new)
     return rows
 
 
@@ -94,13 +101,16 @@ def coco_gt(gt: dict[str, Any], backend: str = "pycocotools") -> Any:
     return obj
 
 
-def evaluate_coco(gt: dict[str, Any] | Any, results: list[dict[str, Any]], backend: str = "pycocotools") -> CocoResult:
-    """Score COCO result rows against ground truth with COCOeval (bbox).
+def evaluate_coco(
+    gt: dict[str, Any] | Any, results: list[dict[str, Any]], backend: str = "pycocotools", iou_type: str = "bbox"
+) -> CocoResult:
+    """Score COCO result rows against ground truth with COCOeval (bbox, or segm: see detector.segm).
 
     Args:
         gt: a COCO ground-truth dict (e.g. CocoIndex.to_coco_gt()) or a COCO object.
         results: COCO result rows (image_id, category_id, bbox xywh, score).
         backend: "pycocotools" (reference) or "faster_coco_eval".
+        iou_type: "bbox" or "segm" (rows with a ``segmentation``).
 
     Returns:
         The 12 stats; no detections at all gives zeros rather than pycocotools' IndexError.
@@ -125,7 +135,7 @@ def evaluate_coco(gt: dict[str, Any] | Any, results: list[dict[str, Any]], backe
     _, COCOeval = _backend(backend)
     with contextlib.redirect_stdout(io.StringIO()):
         dt_obj = gt_obj.loadRes([dict(r) for r in results])  # loadRes adds keys to the dicts it is given
-        ev = COCOeval(gt_obj, dt_obj, "bbox")
+        ev = COCOeval(gt_obj, dt_obj, iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

@@ -274,7 +274,8 @@ def preempted(run_dir: Path, accelerator: Accelerator, reason: str, log) -> int:
 
 def epoch_line(m: dict[str, Any]) -> str:
     parts = [f"epoch {m['epoch']}", f"train loss {m.get('train/loss', float('nan')):.4f}"]
-    for key, name in (("val/loss", "val loss"), ("val/mAP", "mAP"), ("val/mAP50", "mAP50")):
+    for key, name in (("val/loss", "val loss"), ("val/mAP", "mAP"), ("val/mAP50", "mAP50"),
+                      ("val/segm/mAP", "segm mAP"), ("val/segm/mAP50", "segm mAP50")):  # fmt: skip
         if key in m:
             parts.append(f"{name} {m[key]:.4f}")
     parts.append(f"{m.get('train/images_per_s', 0):.1f} img/s")
@@ -291,7 +292,8 @@ def summary_rows(m: dict[str, Any], pos: dict[str, Any], cfg: Config, run_dir: P
     rows = [("epochs", str(m.get("epoch", 0)))]
     if m.get("epoch", 0) < cfg.train.epochs and cfg.eval.early_stop_patience:
         rows.append(("stopped early", f"no better {cfg.eval.best_metric} in {pos.get('evals_since_best')} evaluations"))
-    for key in ("train/loss", "val/loss", "val/mAP", "val/mAP50", "val/mAP75"):
+    for key in ("train/loss", "val/loss", "val/mAP", "val/mAP50", "val/mAP75", "val/segm/mAP", "val/segm/mAP50",
+                "val/segm/mAP75"):  # fmt: skip
         if key in m:
             rows.append((f"last {key}", f"{m[key]:.4f}"))
     if best is not None:

@@ -63,6 +63,14 @@ def check_files(index: CocoIndex, root: Path, cfg: DataConfig) -> list[str]:
     return problems
 
 
+def _needs_masks(cfg: Config) -> bool:
+    """Whether the model trains on instance masks (only then are they read)."""
+    from detector.families import all_models
+
+    fam = all_models().get(cfg.model.name)
+    return bool(fam is not None and fam.masks)
+
+
 def load_splits(cfg: Config, log: Callable[[str], None] = print, progress: Callable | None = None) -> Splits:
     """Validate both splits (generating the demo data first when configured).
 
@@ -84,6 +92,7 @@ def load_splits(cfg: Config, log: Callable[[str], None] = print, progress: Calla
         "allow_outside_root": d.allow_outside_root,
         "read_headers": d.check_images,
         "progress": progress,
+        "masks": _needs_masks(cfg),
     }
     train = CocoIndex(train_ann, drop_empty=d.drop_empty, images_root=train_root, **opts)
     val = CocoIndex(val_ann, label_map=train.label_map, label_source=str(train_ann), images_root=val_root, **opts)

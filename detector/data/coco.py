@@ -123,6 +123,8 @@ class CocoIndex:
         report: problems found and what was repaired, dropped or counted.
     """
 
+    masks: Any = None  # a data.masks.MaskStore when the index was read with masks=True
+
     def __init__(
         self,
         path: str | Path,
@@ -135,6 +137,7 @@ class CocoIndex:
         read_headers: bool = True,
         progress: Any = None,
         max_pixels: int | None = None,
+        masks: bool = False,
     ) -> None:
         """Parse and validate a COCO detection json.
 
@@ -157,6 +160,8 @@ class CocoIndex:
                 that the file exists.
             progress: optional wrapper for an iterable (a progress bar) for the header scan.
             max_pixels: with images_root, images declaring more pixels are listed as too large.
+            masks: also parse and validate the instance masks (``segmentation``) into flat
+                buffers (see data.masks); box-only families leave them unread.
 
         Raises:
             DatasetError: naming the file, the json location and the id of every problem.
@@ -194,6 +199,12 @@ class CocoIndex:
         rows = self._parse_annotations_fast(data["annotations"], img_ids, widths, heights, cats)
         if rows is None:  # something needs a closer look: the item-by-item parser says what
             rows = self._parse_annotations(data["annotations"], img_ids, widths, heights, cats, repair)
+        self.masks = None
+        if masks:
+            from detector.data.mask_index import parse_masks
+
+            rows, self.masks = parse_masks(self, data["annotations"], rows, widths, heights, names, repair)
+        rows = rows[:6]
         del data
         # Problems that cannot be repaired, or any problem in "error" mode, stop here.
         self.report.raise_if_any(
@@ -233,8 +244,14 @@ class CocoIndex:
         self.labels = label_map.to_labels(self.category_ids)
         self.iscrowd = ann_crowd[order]
         self.areas = ann_area[order].astype(np.float64)  # the json's area (w*h where it has none)
+        if self.masks is not None:
+            self.masks.select(np.flatnonzero(known)[order] if not known.all() else order)
         self._set_names(names)
         self._check_swapped_frames()
+        if self.masks is not None:
+            from detector.data.mask_index import drop_maskless
+
+            drop_maskless(self)
         if drop_empty:
             self.drop_images(np.flatnonzero(counts == 0), "images without annotations dropped (data.drop_empty)")
 
@@ -369,7 +386,8 @@ class CocoIndex:
         n = len(items)
         if n == 0:
             e = np.empty(0)
-            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 4)), np.empty((0, 4)), e.astype(bool), e
+            return (np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 4)), np.empty((0, 4)), e.astype(bool), e,
+                    np.empty(0, np.int64))  # fmt: skip
         try:
             if not all(type(a) is dict for a in items):
                 return None
@@ -428,7 +446,7 @@ class CocoIndex:
         for near_or_far in (over & ~far, over & far):  # counted as the item-by-item parser counts them
             if near_or_far.any():
                 self.repairs[_clip_reason(self.on_invalid, far[near_or_far])] += int(near_or_far.sum())
-        return img.astype(np.int64), cat_a, clipped, boxes, crowd.astype(bool), areas
+        return img.astype(np.int64), cat_a, clipped, boxes, crowd.astype(bool), areas, np.arange(n, dtype=np.int64)
 
     def _parse_annotations(self, items, img_ids, widths, heights, cats, repair):
         id_to_idx = {int(i): k for k, i in enumerate(img_ids.tolist())}
@@ -439,6 +457,7 @@ class CocoIndex:
         out_raw = np.empty((n, 4), np.float64)
         out_crowd = np.empty(n, bool)
         out_area = np.empty(n, np.float64)
+        out_src = np.empty(n, np.int64)  # the json position of each kept annotation
         seen_ids: set = set()
         k = 0
         rep = self.report
@@ -560,13 +579,14 @@ class CocoIndex:
             out_raw[k] = (x, y, w, h)
             out_crowd[k] = bool(crowd)
             out_area[k] = area
+            out_src[k] = i
             k += 1
         for iid, n in sorted(of_rejected.items()):
             reject("annotations of rejected images dropped", "annotations of a rejected image", f"images (id {iid})",
                    f"its {n} annotation(s) are not used: the image entry was rejected above")  # fmt: skip
             if repair:
                 self.repairs["annotations of rejected images dropped"] += n - 1
-        return out_img[:k], out_cat[:k], out_box[:k], out_raw[:k], out_crowd[:k], out_area[:k]
+        return out_img[:k], out_cat[:k], out_box[:k], out_raw[:k], out_crowd[:k], out_area[:k], out_src[:k]
 
     def drop_images(self, positions: Sequence[int], reason: str) -> None:
         """Remove images (by position) and their annotations, counting them under ``reason``."""
@@ -580,6 +600,8 @@ class CocoIndex:
         self.image_ids, self.widths, self.heights = self.image_ids[keep], self.widths[keep], self.heights[keep]
         for attr in ("boxes", "gt_xywh", "category_ids", "labels", "iscrowd", "areas"):
             setattr(self, attr, getattr(self, attr)[ann_keep])
+        if self.masks is not None:
+            self.masks.select(np.flatnonzero(ann_keep))
         self.ann_start = np.concatenate([[0], np.cumsum(counts[keep])]).astype(np.int64)
         self._set_names(names)
         new_pos = np.cumsum(keep) - 1
@@ -640,6 +662,11 @@ class CocoIndex:
             }
             for k in range(len(xywh))
         ]
+        if self.masks is not None:
+            from detector.data.mask_index import gt_segmentations
+
+            for a, seg in zip(annotations, gt_segmentations(self)):
+                a["segmentation"] = seg
         categories = [{"id": c, "name": n} for c, n in zip(self.label_map.category_ids, self.label_map.names)]
         return {"info": dict(self.info), "images": images, "annotations": annotations, "categories": categories}
 
@@ -667,6 +694,10 @@ class CocoIndex:
             )
         for what, n in sorted(self.repairs.items()):
             lines.append(f"  repaired: {what}: {n}")
+        maskless = getattr(self, "maskless_names", [])
+        if maskless:
+            more = f" ... and {len(maskless) - MAX_LISTED} more" if len(maskless) > MAX_LISTED else ""
+            lines.append(f"  images dropped for annotations without a mask: {', '.join(maskless[:MAX_LISTED])}{more}")
         return "\n".join(lines)
 
 
@@ -788,10 +819,19 @@ class CocoDetection(torch.utils.data.Dataset):
         if sx != 1.0 or sy != 1.0:
             boxes = boxes * np.array([sx, sy, sx, sy], dtype=np.float32)
         boxes = np.clip(boxes, 0, [w0, h0, w0, h0]).astype(np.float32)
-        arr, boxes, labels = apply(self.transform, arr, boxes, labels, seed)
+        masks = None
+        if self.index.masks is None:
+            arr, boxes, labels = apply(self.transform, arr, boxes, labels, seed)
+        else:
+            from detector.data.mask_index import apply_with_masks, item_masks
+
+            masks = item_masks(self.index, i, (w0, h0))
+            arr, boxes, labels, masks = apply_with_masks(self.transform, arr, boxes, labels, masks, seed)
         h1, w1 = arr.shape[:2]
         wh = boxes[:, 2:] - boxes[:, :2]
         ok = np.isfinite(boxes).all(1) & (wh >= 1.0).all(1)
+        if masks is not None:  # a mask that vanished under augmentation goes with its box
+            ok &= masks.any(axis=(1, 2))
         dropped = int(len(crowd) - int(crowd.sum()) - int(ok.sum()))
         if not arr.flags.writeable:  # PIL's arrays are read-only; torch wants to own writable memory
             arr = arr.copy()
@@ -806,4 +846,6 @@ class CocoDetection(torch.utils.data.Dataset):
             "size": (int(self.index.widths[i]), int(self.index.heights[i])),  # json (width, height)
             "dropped": dropped,
         }
+        if masks is not None:
+            target["masks"] = torch.from_numpy(np.ascontiguousarray(masks[ok]))
         return image, target

@@ -54,6 +54,19 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[float, float, f
         draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=color)
 
 
+def _polygon(kind: str, box: list[float]) -> list[float]:
+    """The shape's outline as one COCO polygon part (what _draw_shape fills)."""
+    x1, y1, x2, y2 = box
+    if kind == "circle":
+        cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+        pts = [(cx + rx * math.cos(t), cy + ry * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 32, endpoint=False)]
+    elif kind == "square":
+        pts = [(x1, y1), (x2, y1), (x2, y2), (x1, y2)]
+    else:
+        pts = [((x1 + x2) / 2, y1), (x2, y2), (x1, y2)]
+    return [round(float(v), 2) for p in pts for v in p]
+
+
 def _iou(a: list[float], b: list[float]) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -62,7 +75,7 @@ def _iou(a: list[float], b: list[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _make_split(root: Path, split: str, n: int, seed: int) -> Path:
+def _make_split(root: Path, split: str, n: int, seed: int, masks: bool = True) -> Path:
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     img_dir = root / split
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +113,7 @@ def _make_split(root: Path, split: str, n: int, seed: int) -> Path:
                     "bbox": [x, y, bw, bh],
                     "area": round(bw * bh, 2),
                     "iscrowd": 0,
-                    "segmentation": [],
+                    "segmentation": [_polygon(cat["name"], box)] if masks else [],
                 }
             )
             ann_id += 1
@@ -121,7 +134,9 @@ def _make_split(root: Path, split: str, n: int, seed: int) -> Path:
     return ann_path
 
 
-def make_dataset(root: str | Path, num_train: int = 384, num_val: int = 96, seed: int = 0) -> dict[str, Path]:
+def make_dataset(
+    root: str | Path, num_train: int = 384, num_val: int = 96, seed: int = 0, masks: bool = True
+) -> dict[str, Path]:
     """Write the demo dataset.
 
     Args:
@@ -129,14 +144,16 @@ def make_dataset(root: str | Path, num_train: int = 384, num_val: int = 96, seed
         num_train: training images.
         num_val: validation images.
         seed: the dataset is a pure function of (seed, counts).
+        masks: write each shape's outline as its polygon ``segmentation`` (Mask R-CNN); the
+            images and boxes are the same either way.
 
     Returns:
         Paths of the annotation files, by split.
     """
     root = Path(root)
     return {
-        "train": _make_split(root, "train", num_train, seed),
-        "val": _make_split(root, "val", num_val, seed),
+        "train": _make_split(root, "train", num_train, seed, masks),
+        "val": _make_split(root, "val", num_val, seed, masks),
     }
 
 
@@ -144,7 +161,7 @@ def ensure_dataset(root: str | Path, num_train: int, num_val: int, seed: int) ->
     """Generate the demo dataset unless a complete one with these settings is already there."""
     root = Path(root)
     stamp = root / "SETTINGS.json"
-    want = {"num_train": num_train, "num_val": num_val, "seed": seed, "version": 1}
+    want = {"num_train": num_train, "num_val": num_val, "seed": seed, "version": 2}  # 2: with polygons
     complete = (root / "train.json").is_file() and (root / "val.json").is_file()
     if complete and stamp.is_file() and json.loads(stamp.read_text()) == want:
         return {"train": root / "train.json", "val": root / "val.json"}

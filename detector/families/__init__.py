@@ -49,6 +49,7 @@ class Family:
             pass, eval mode; losses keyed like training's (see ``loss_key``).
         outputs: the keys of the model's detection dicts in their order (an exported graph's
             outputs come in this order and are named by it).
+        masks: the family trains on instance masks and its detections carry ``masks``.
     """
 
     name: str
@@ -62,6 +63,7 @@ class Family:
     replace_head: Callable[[nn.Module, int], None]
     loss_and_detections: LossAndDetections
     outputs: tuple[str, ...] = ("boxes", "scores", "labels")
+    masks: bool = False  # trains on instance masks (the data layer reads them only then)
 
 
 def loss_key(name: str) -> str:
@@ -71,9 +73,10 @@ def loss_key(name: str) -> str:
 
 
 def _families() -> tuple[Family, ...]:
-    from detector.families import fcos, rcnn, retinanet, ssd
+    from detector.families import fcos, maskrcnn, rcnn, retinanet, ssd
 
-    return (rcnn.FAMILY, retinanet.FAMILY, fcos.FAMILY, ssd.FAMILY)
+    # Mask R-CNN before Faster R-CNN: its models are FasterRCNN instances too
+    return (maskrcnn.FAMILY, rcnn.FAMILY, retinanet.FAMILY, fcos.FAMILY, ssd.FAMILY)
 
 
 def all_models() -> dict[str, Family]:

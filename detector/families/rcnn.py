@@ -74,15 +74,17 @@ _KEYS = {k: k for k in (
 )}  # fmt: skip
 
 
-def build(cfg: ModelConfig, weights: Any, weights_backbone: Any, num_classes: int) -> nn.Module:
+def build(cfg: ModelConfig, weights: Any, weights_backbone: Any, num_classes: int, models: Any = None) -> nn.Module:
+    """Build a model of ``models`` (this family's by default; Mask R-CNN passes its own)."""
+    models = models or MODELS
     kw = set_keys(cfg, _KEYS)
     anchors = None
     if cfg.anchor_sizes is not None:
         sizes = tuple(tuple(int(s) for s in level) for level in cfg.anchor_sizes)
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-        if cfg.name in FAMILY.own_models:  # ours build the RPN head for the anchors they are given
+        if models[cfg.name][1] is None:  # ours build the RPN head for the anchors they are given
             kw["rpn_anchor_generator"] = anchors
-    builder, _ = MODELS[cfg.name]
+    builder, _ = models[cfg.name]
     model = builder(weights=weights, weights_backbone=weights_backbone, num_classes=num_classes,
                     trainable_backbone_layers=cfg.trainable_backbone_layers, **kw)  # fmt: skip
     if anchors is not None and "rpn_anchor_generator" not in kw:  # torchvision's builders set their own
@@ -107,11 +109,13 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
     model.roi_heads.box_predictor = FastRCNNPredictor(head.cls_score.in_features, num_classes + 1)
 
 
-def loss_and_detections(model, images, targets, autocast):
+def loss_and_detections(model, images, targets, autocast, extra_losses=None):
     """Faster R-CNN's losses and detections with one backbone pass.
 
     The losses use the test-time proposals (what the model will see when it is used); their
-    random anchor/proposal sampling follows the caller's RNG state.
+    random anchor/proposal sampling follows the caller's RNG state. ``extra_losses`` (Mask
+    R-CNN's mask loss) gets (model, features, sampled proposals, their matched targets, their
+    labels, image sizes, targets) and returns more loss parts.
     """
     original_sizes = [tuple(im.shape[-2:]) for im in images]
     with autocast():
@@ -136,7 +140,7 @@ def loss_and_detections(model, images, targets, autocast):
             labels, matched = rpn.assign_targets_to_anchors(anchors, targets_t)
             reg_targets = rpn.box_coder.encode(matched, anchors)
             loss_obj, loss_rpn = rpn.compute_loss(objectness, deltas, labels, reg_targets)
-            props, _, cls_labels, box_targets = heads.select_training_samples(boxes, targets_t)
+            props, matched, cls_labels, box_targets = heads.select_training_samples(boxes, targets_t)
             feats_roi = heads.box_head(heads.box_roi_pool(features, props, image_list.image_sizes))
             class_logits, box_regression = heads.box_predictor(feats_roi)
             loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, cls_labels, box_targets)
@@ -146,6 +150,9 @@ def loss_and_detections(model, images, targets, autocast):
                 "loss_objectness": loss_obj,
                 "loss_rpn_box_reg": loss_rpn,
             }
+            if extra_losses is not None:
+                losses.update(extra_losses(model, features, props, matched, cls_labels, image_list.image_sizes,
+                                           targets_t))  # fmt: skip
     return losses, detections
 
 

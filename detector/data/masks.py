@@ -1,0 +1,216 @@
+"""Instance masks in flat buffers: parsed and validated once, rasterised per item in the worker.
+
+A COCO ``segmentation`` is a polygon (a list of parts, each a flat ``[x1, y1, x2, y2, ...]``),
+an uncompressed RLE (``{"size": [h, w], "counts": [ints]}``, what crowd regions usually are) or
+a compressed RLE (``counts`` a string). ``MaskStore`` keeps every polygon coordinate in one
+float32 array (with part offsets) and every RLE as compressed bytes in one uint8 buffer (with
+offsets); per annotation it keeps only a kind and an index range. Nothing is decoded to pixels
+at start-up: ``rasterize`` draws the masks of one image with pycocotools when the item is read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+NONE, POLYGON, RLE = 0, 1, 2  # kind of an annotation's mask
+
+# Problem kinds (the report's names) and what repair mode counts when it drops the annotation.
+BAD_POLYGON = "bad polygon"
+BAD_RLE = "bad RLE"
+REPAIRED = "annotations with an unusable mask dropped"
+NO_MASKS_IMAGES = "images with annotations without a mask dropped (Mask R-CNN trains on masks)"
+
+
+@dataclass
+class MaskStore:
+    """The masks of an index's annotations.
+
+    Attributes:
+        kind: (n_ann,) uint8: NONE, POLYGON or RLE.
+        start, stop: (n_ann,) int64: polygon parts [start, stop) of ``part_off``, or the RLE
+            entry ``start`` of ``rle_off``.
+        coords: float32, every polygon coordinate (x, y interleaved).
+        part_off: int64 (n_parts + 1,): coordinates of part j are coords[part_off[j]:part_off[j+1]].
+        rle_buf: uint8, compressed RLE counts back to back; rle_off: int64 (n_rle + 1,).
+    """
+
+    kind: np.ndarray
+    start: np.ndarray
+    stop: np.ndarray
+    coords: np.ndarray
+    part_off: np.ndarray
+    rle_buf: np.ndarray
+    rle_off: np.ndarray
+
+    def select(self, rows: np.ndarray) -> None:
+        """Keep (and reorder) the per-annotation entries; the buffers they point into stay."""
+        self.kind, self.start, self.stop = self.kind[rows], self.start[rows], self.stop[rows]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.kind, self.start, self.stop, self.coords, self.part_off, self.rle_buf,
+                                      self.rle_off))  # fmt: skip
+
+    def polygon(self, a: int) -> list[np.ndarray]:
+        return [self.coords[self.part_off[j] : self.part_off[j + 1]] for j in range(self.start[a], self.stop[a])]
+
+    def rle_counts(self, a: int) -> bytes:
+        j = self.start[a]
+        return bytes(self.rle_buf[self.rle_off[j] : self.rle_off[j + 1]])
+
+    def to_coco(self, a: int, height: int, width: int) -> Any:
+        """The annotation's segmentation as COCO json (polygons, or a compressed RLE dict)."""
+        if self.kind[a] == POLYGON:
+            return [[round(float(v), 3) for v in part] for part in self.polygon(a)]
+        if self.kind[a] == RLE:
+            return {"size": [int(height), int(width)], "counts": self.rle_counts(a).decode("ascii")}
+        return []
+
+
+def _finite_numbers(part: Any) -> bool:
+    return isinstance(part, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in part
+    )
+
+
+def check_segmentation(seg: Any, height: int, width: int) -> tuple[str, str] | None:
+    """Why a segmentation cannot be used as written, as (kind, message), or None when it can.
+
+    An empty or missing segmentation is not checked here (the annotation has no mask).
+    """
+    if isinstance(seg, list):
+        for j, part in enumerate(seg):
+            if not _finite_numbers(part):
+                return BAD_POLYGON, f"polygon part {j} must be a list of finite numbers [x1, y1, x2, y2, ...]"
+            if len(part) % 2:
+                return BAD_POLYGON, f"polygon part {j} has an odd number of coordinates ({len(part)})"
+            if len(part) < 6:
+                return BAD_POLYGON, f"polygon part {j} has {len(part) // 2} point(s); a polygon needs at least 3"
+        return None
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)):
+            return BAD_RLE, f"RLE 'size' must be [height, width], got {size!r}"
+        if list(size) != [int(height), int(width)]:
+            return BAD_RLE, f"RLE size {size} (height, width) disagrees with the {width}x{height} image"
+        if isinstance(counts, list):
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+                return BAD_RLE, "uncompressed RLE 'counts' must be non-negative integers"
+            if sum(counts) != height * width:
+                return BAD_RLE, f"RLE counts cover {sum(counts)} pixels, the image has {height * width}"
+            return None
+        if isinstance(counts, (str, bytes)):
+            try:
+                area = int(mask_utils.area({"size": size, "counts": counts}))
+            except Exception as exc:  # pycocotools raises what its C code meets
+                return BAD_RLE, f"compressed RLE 'counts' cannot be read ({exc})"
+            if not 0 <= area <= height * width:
+                return BAD_RLE, "compressed RLE 'counts' do not fit the image"
+            return None
+        return BAD_RLE, f"RLE 'counts' must be a list of integers or a string, got {type(counts).__name__}"
+    return BAD_POLYGON, f"segmentation must be a list of polygons or an RLE object, got {type(seg).__name__}"
+
+
+def has_mask(seg: Any) -> bool:
+    return (isinstance(seg, list) and len(seg) > 0) or isinstance(seg, dict)
+
+
+class MaskBuilder:
+    """Collects validated segmentations into a MaskStore, one annotation at a time."""
+
+    def __init__(self) -> None:
+        self.kind: list[int] = []
+        self.start: list[int] = []
+        self.stop: list[int] = []
+        self.coords: list[Any] = []
+        self.part_len: list[int] = []
+        self.rle: list[bytes] = []
+
+    def add(self, seg: Any, height: int, width: int) -> None:
+        """Add a segmentation that ``check_segmentation`` accepted (or none)."""
+        if isinstance(seg, list) and seg:
+            first = len(self.part_len)
+            for part in seg:
+                self.coords.append(part)
+                self.part_len.append(len(part))
+            self.kind.append(POLYGON)
+            self.start.append(first)
+            self.stop.append(len(self.part_len))
+        elif isinstance(seg, dict):
+            counts = seg["counts"]
+            if isinstance(counts, list):  # uncompressed -> compressed (no pixels are decoded)
+                counts = mask_utils.frPyObjects(seg, int(height), int(width))["counts"]
+            self.kind.append(RLE)
+            self.start.append(len(self.rle))
+            self.stop.append(len(self.rle) + 1)
+            self.rle.append(counts.encode("ascii") if isinstance(counts, str) else bytes(counts))
+        else:
+            self.kind.append(NONE)
+            self.start.append(0)
+            self.stop.append(0)
+
+    def build(self) -> MaskStore:
+        coords = (
+            np.fromiter((v for part in self.coords for v in part), np.float32, sum(self.part_len))
+            if self.part_len
+            else np.zeros(0, np.float32)
+        )
+        rle_len = [len(r) for r in self.rle]
+        return MaskStore(
+            kind=np.asarray(self.kind, np.uint8),
+            start=np.asarray(self.start, np.int64),
+            stop=np.asarray(self.stop, np.int64),
+            coords=coords,
+            part_off=np.concatenate([[0], np.cumsum(self.part_len, dtype=np.int64)]).astype(np.int64),
+            rle_buf=np.frombuffer(b"".join(self.rle), np.uint8).copy() if self.rle else np.zeros(0, np.uint8),
+            rle_off=np.concatenate([[0], np.cumsum(rle_len, dtype=np.int64)]).astype(np.int64),
+        )
+
+
+def rasterize(
+    store: MaskStore, rows: np.ndarray, height: int, width: int, out_size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """The masks of annotations ``rows`` as uint8 (n, H, W) arrays.
+
+    Args:
+        store: the index's masks.
+        rows: annotation rows (of the index's order).
+        height, width: the image size the json describes (what RLEs and polygons are in).
+        out_size: (width, height) of the decoded image when it differs (reduced-scale JPEG
+            decoding): polygons are drawn scaled, RLEs decoded and resized (nearest).
+    """
+    ow, oh = out_size if out_size is not None else (width, height)
+    out = np.zeros((len(rows), oh, ow), np.uint8)
+    sx, sy = ow / width, oh / height
+    for k, a in enumerate(rows):
+        kind = store.kind[a]
+        if kind == POLYGON:
+            parts = store.polygon(a)
+            if (sx, sy) != (1.0, 1.0):
+                scale = np.tile(np.asarray([sx, sy], np.float32), 1)
+                parts = [(p.reshape(-1, 2) * scale).reshape(-1) for p in parts]
+            rles = mask_utils.frPyObjects([p.astype(np.float64).tolist() for p in parts], oh, ow)
+            out[k] = mask_utils.decode(mask_utils.merge(rles))
+        elif kind == RLE:
+            m = mask_utils.decode({"size": [int(height), int(width)], "counts": store.rle_counts(a)})
+            if (ow, oh) != (width, height):
+                import cv2
+
+                m = cv2.resize(m, (ow, oh), interpolation=cv2.INTER_NEAREST)
+            out[k] = m
+    return out
+
+
+def encode(masks: np.ndarray) -> list[dict[str, Any]]:
+    """Binary (n, H, W) masks -> compressed RLE dicts with str counts (json-ready)."""
+    if not len(masks):
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    for r in rles:
+        r["counts"] = r["counts"].decode("ascii")
+    return rles

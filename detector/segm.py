@@ -1,0 +1,77 @@
+"""Instance masks in evaluation: predicted masks -> compressed RLE at the json's image size,
+and COCOeval ``segm`` beside ``bbox``.
+
+Only the RLE (a few hundred bytes an object) travels between processes, never a full mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from detector.data.masks import encode
+
+SEGM_PREFIX = "val/segm/"
+MASK_THRESHOLD = 0.5  # torchvision's own threshold for its mask probabilities
+
+
+def to_original_size(
+    masks: torch.Tensor, scale: tuple[float, float], size: tuple[int, int], threshold: float = MASK_THRESHOLD
+) -> np.ndarray:
+    """Mask probabilities in the decoded image's pixels -> binary masks at the json's image size.
+
+    Args:
+        masks: (n, 1, H, W) (or (n, H, W)) probabilities, as Mask R-CNN pastes them into the
+            image it was given.
+        scale: (sx, sy) the decoded content over the json size (reduced-scale decoding, a resize).
+        size: (width, height) of the image the json describes.
+        threshold: probability above which a pixel belongs to the object.
+
+    Returns:
+        uint8 (n, height, width).
+    """
+    m = masks.detach().float().cpu()
+    if m.ndim == 3:
+        m = m[:, None]
+    w, h = int(size[0]), int(size[1])
+    sx, sy = float(scale[0]), float(scale[1])
+    if len(m) and ((sx, sy) != (1.0, 1.0) or tuple(m.shape[-2:]) != (h, w)):
+        full = (max(1, round(m.shape[-2] / sy)), max(1, round(m.shape[-1] / sx)))
+        m = F.interpolate(m, size=full, mode="bilinear", align_corners=False)
+        # a reduced-scale decode covers up to one block past the edge: crop (or pad) to the image
+        m = F.pad(m[..., :h, :w], (0, max(0, w - m.shape[-1]), 0, max(0, h - m.shape[-2])))
+    return (m[:, 0] > threshold).numpy().astype(np.uint8).reshape(-1, h, w)
+
+
+def mask_rles(masks: torch.Tensor, scale: tuple[float, float], size: tuple[int, int]) -> list[dict[str, Any]]:
+    """Compressed RLEs (json-ready) of predicted masks, at the json's image size."""
+    return encode(to_original_size(masks, scale, size))
+
+
+def has_masks(gt: dict[str, Any]) -> bool:
+    """Whether a ground truth carries instance masks (a Mask R-CNN run's)."""
+    return any("segmentation" in a for a in gt.get("annotations", []))
+
+
+def segm_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Result rows for COCOeval segm: with their bbox left out, pycocotools takes each detection's
+    area (which sets its small/medium/large range) from the mask, as it should for masks."""
+    return [{k: v for k, v in r.items() if k != "bbox"} for r in results if "segmentation" in r]
+
+
+def segm_metrics(gt: Any, results: list[dict[str, Any]], backend: str = "pycocotools", prefix: str = SEGM_PREFIX):
+    """COCOeval segm stats as val/segm/<stat> and val/segm/AP/<class> ({} for box ground truth).
+
+    Returns:
+        (metrics, CocoResult or None).
+    """
+    from detector.evaluation import evaluate_coco, flat_metrics
+
+    gt_dict = gt if isinstance(gt, dict) else getattr(gt, "dataset", {})
+    if not has_masks(gt_dict):
+        return {}, None
+    result = evaluate_coco(gt, segm_rows(results), backend, iou_type="segm")
+    return flat_metrics(result, prefix), result
