@@ -117,7 +117,8 @@ def check_segmentation(seg: Any, height: int, width: int) -> tuple[str, str] | N
 
 
 def has_mask(seg: Any) -> bool:
-    return (isinstance(seg, list) and len(seg) > 0) or isinstance(seg, dict)
+    """Whether an annotation gives a mask at all (anything but a missing, null or empty one)."""
+    return not (seg is None or (isinstance(seg, (list, dict)) and len(seg) == 0))
 
 
 class MaskBuilder:

@@ -1,0 +1,249 @@
+"""Instance masks in the data layer and in evaluation: every COCO mask form, the bad-mask corpus,
+ground truth fed back as predictions, augmentation and reduced-scale decoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from detector.config import BboxConfig
+from detector.data.coco import CocoDetection, CocoIndex, DatasetError
+from detector.data.masks import NO_MASKS_IMAGES, POLYGON, REPAIRED, RLE, encode, rasterize
+from detector.data.transforms import build_transform
+from detector.evaluation import detections_to_coco, evaluate_coco
+from detector.segm import segm_metrics
+
+W, H = 64, 48
+
+
+def _rle_of(mask: np.ndarray, compressed: bool) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    if compressed:
+        return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    # uncompressed: run lengths in column-major order, starting with a run of zeros
+    flat = mask.astype(np.uint8).flatten(order="F")
+    counts, cur, run = [], 0, 0
+    for v in flat:
+        if v == cur:
+            run += 1
+        else:
+            counts.append(run)
+            cur, run = v, 1
+    counts.append(run)
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
+
+
+def _block(x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
+    m = np.zeros((H, W), np.uint8)
+    m[y1:y2, x1:x2] = 1
+    return m
+
+
+def _write(folder: Path, segs: list, crowd: list[int] | None = None, boxes: list | None = None) -> Path:
+    """Two images; annotation k on image 1 + k % 2 with segmentation segs[k]."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in ("a.png", "b.png"):
+        Image.new("RGB", (W, H), (90, 90, 90)).save(folder / n)
+    anns = []
+    for k, seg in enumerate(segs):
+        bbox = boxes[k] if boxes else [4.0 + k, 4.0, 20.0, 16.0]
+        anns.append({"id": k + 1, "image_id": 1 + k % 2, "category_id": 1, "bbox": bbox,
+                     "iscrowd": (crowd or [0] * len(segs))[k], "segmentation": seg})  # fmt: skip
+    images = [{"id": 1, "file_name": "a.png", "width": W, "height": H},
+              {"id": 2, "file_name": "b.png", "width": W, "height": H}]  # fmt: skip
+    path = folder / "masks.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
+    return path
+
+
+def _bbox_of(m: np.ndarray) -> list[float]:
+    return [float(v) for v in mask_utils.toBbox(mask_utils.encode(np.asfortranarray(m)))]
+
+
+# -- every form, ground truth fed back as predictions ------------------------------------------
+
+
+def _forms() -> dict[str, tuple[list, list[int]]]:
+    a, b = _block(4, 4, 24, 20), _block(30, 10, 60, 40)
+    return {
+        "polygon": ([[[4, 4, 24, 4, 24, 20, 4, 20]], [[30, 10, 60, 10, 45, 40]]], [0, 0]),
+        "multipart_polygon": (
+            [[[4, 4, 14, 4, 14, 14, 4, 14], [20, 20, 30, 20, 30, 30, 20, 30]], [[30, 10, 60, 10, 45, 40]]],
+            [0, 0],
+        ),
+        "uncompressed_rle": ([_rle_of(a, False), _rle_of(b, False)], [0, 0]),
+        "compressed_rle": ([_rle_of(a, True), _rle_of(b, True)], [0, 0]),
+        # a crowd region (uncompressed RLE, as COCO writes them) beside ordinary objects
+        "crowd_region": ([_rle_of(a, True), _rle_of(b, True), _rle_of(_block(40, 30, 63, 47), False)], [0, 0, 1]),
+    }
+
+
+@pytest.mark.parametrize("form", list(_forms()))
+def test_ground_truth_as_predictions_scores_one(tmp_path, form):
+    segs, crowd = _forms()[form]
+    # the boxes are the masks' own, as exports write them
+    boxes = []
+    for k, seg in enumerate(segs):
+        if isinstance(seg, list):
+            m = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(seg, H, W)))
+        elif isinstance(seg["counts"], str):
+            m = mask_utils.decode(seg)
+        else:
+            m = mask_utils.decode(mask_utils.frPyObjects(seg, H, W))
+        boxes.append(_bbox_of(m))
+    index = CocoIndex(_write(tmp_path, segs, crowd, boxes), masks=True)
+    assert index.masks is not None
+    kinds = set(index.masks.kind.tolist())
+    assert kinds == ({POLYGON} if "polygon" in form else {RLE})
+    gt = index.to_coco_gt()
+    assert all("segmentation" in a for a in gt["annotations"])
+    # the store's own rasterisation, encoded as a model's results would be
+    results = []
+    for i in range(len(index)):
+        s, e = index.ann_start[i], index.ann_start[i + 1]
+        masks = rasterize(index.masks, np.arange(s, e), H, W)
+        for k, rle in zip(range(s, e), encode(masks)):
+            x1, y1, x2, y2 = index.boxes[k].tolist()
+            results.append({"image_id": int(index.image_ids[i]), "category_id": 1, "score": 1.0,
+                            "bbox": [x1, y1, x2 - x1, y2 - y1], "segmentation": rle})  # fmt: skip
+    metrics, segm = segm_metrics(gt, results)
+    assert segm is not None
+    assert metrics["val/segm/mAP"] == pytest.approx(1.0)
+    assert metrics["val/segm/AR100"] == pytest.approx(1.0)
+    assert evaluate_coco(gt, results).stats["mAP"] == pytest.approx(1.0)  # bbox too
+
+
+def test_shifted_masks_score_below_one(tmp_path):
+    """The check above can fail: masks one object off score less."""
+    segs, crowd = _forms()["compressed_rle"]
+    index = CocoIndex(_write(tmp_path, segs, crowd), masks=True)
+    gt = index.to_coco_gt()
+    wrong = _block(0, 30, 10, 47)
+    results = [{"image_id": a["image_id"], "category_id": 1, "score": 1.0, "segmentation": encode(wrong[None])[0]}
+               for a in gt["annotations"]]  # fmt: skip
+    assert segm_metrics(gt, results)[0]["val/segm/mAP"] < 0.1
+
+
+def test_masks_mapped_back_from_reduced_scale(tmp_path):
+    """Masks predicted on a half-size decode come back at the json's size (RLE size) and score."""
+    segs, crowd = _forms()["compressed_rle"]
+    index = CocoIndex(_write(tmp_path, segs, crowd), masks=True)
+    gt = index.to_coco_gt()
+    dets, targets = [], []
+    for i in range(len(index)):
+        s, e = index.ann_start[i], index.ann_start[i + 1]
+        half = rasterize(index.masks, np.arange(s, e), H, W, out_size=(W // 2, H // 2))
+        dets.append({
+            "boxes": torch.from_numpy(index.boxes[s:e] / 2), "labels": torch.ones(e - s, dtype=torch.int64),
+            "scores": torch.ones(e - s), "masks": torch.from_numpy(half).float()[:, None],
+        })  # fmt: skip
+        targets.append({"image_id": int(index.image_ids[i]), "scale": (0.5, 0.5), "size": (W, H)})
+    rows = detections_to_coco(dets, targets, index.label_map)
+    assert all(r["segmentation"]["size"] == [H, W] for r in rows)
+    assert segm_metrics(gt, rows)[0]["val/segm/mAP"] > 0.9
+
+
+def test_box_families_do_not_read_masks(tmp_path):
+    segs, crowd = _forms()["polygon"]
+    index = CocoIndex(_write(tmp_path, segs, crowd))
+    assert index.masks is None
+    assert all("segmentation" not in a for a in index.to_coco_gt()["annotations"])
+    assert segm_metrics(index.to_coco_gt(), [])[0] == {}
+
+
+def test_flat_buffers(tmp_path):
+    """No per-annotation Python objects: a handful of numpy arrays whatever the dataset size."""
+    segs, crowd = _forms()["crowd_region"]
+    index = CocoIndex(_write(tmp_path, segs + [[[1, 1, 9, 1, 9, 9]]], crowd + [0]), masks=True)
+    store = index.masks
+    for value in vars(store).values():
+        assert isinstance(value, np.ndarray)
+    assert store.coords.dtype == np.float32 and store.rle_buf.dtype == np.uint8
+    assert len(store.kind) == index.num_annotations == 4
+
+
+# -- bad masks ------------------------------------------------------------------------------------
+
+BAD = {
+    "two_points": ([[1, 1, 9, 9]], "bad polygon", "needs at least 3"),
+    "nan": ([[1, 1, float("nan"), 9, 9, 1]], "bad polygon", "finite numbers"),
+    "odd": ([[1, 1, 9, 9, 1]], "bad polygon", "odd number"),
+    "rle_size": ({"size": [H + 1, W], "counts": [H * W + W]}, "bad RLE", "disagrees with the 64x48 image"),
+    "rle_counts": ({"size": [H, W], "counts": [10, 5]}, "bad RLE", "cover 15 pixels"),
+    "not_a_mask": (7, "bad polygon", "must be a list of polygons or an RLE object"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_mask_named_or_repaired(tmp_path, case):
+    seg, kind, text = BAD[case]
+    good = [[4, 4, 24, 4, 24, 20, 4, 20]]
+    path = _write(tmp_path, [good, seg, good])
+    with pytest.raises(DatasetError) as err:
+        CocoIndex(path, masks=True)
+    message = str(err.value)
+    assert str(path) in message and "annotations[1] (id 2, image 'b.png')" in message
+    assert kind in message and text in message
+    assert "annotations[0]" not in message and "annotations[2]" not in message
+    index = CocoIndex(path, masks=True, on_invalid="repair")
+    assert index.repairs[REPAIRED] == 1
+    assert index.num_annotations == 2 and len(index.masks.kind) == 2
+    assert CocoIndex(path).num_annotations == 3  # a box model does not look at masks
+
+
+def test_json_without_masks_stops_clearly(tmp_path):
+    path = _write(tmp_path, [[], None])
+    with pytest.raises(DatasetError, match="no annotation has a 'segmentation'.*Mask R-CNN"):
+        CocoIndex(path, masks=True)
+
+
+def test_images_with_unmasked_annotations_named_and_counted(tmp_path):
+    good = [[4, 4, 24, 4, 24, 20, 4, 20]]
+    index = CocoIndex(_write(tmp_path, [good, [], good]), masks=True)  # annotation 2 on b.png has none
+    assert len(index) == 1 and index.file_name(0) == "a.png"
+    assert index.repairs[NO_MASKS_IMAGES] == 1
+    assert "b.png" in index.summary()
+
+
+# -- the dataset: rasterised per item, augmented with the boxes -----------------------------------
+
+
+def test_augmentation_moves_masks_with_boxes_and_drops_vanished(tmp_path):
+    boxes = [[4.0, 4.0, 20.0, 16.0], [40.0, 30.0, 20.0, 16.0]]
+    segs = [[[4, 4, 24, 4, 24, 20, 4, 20]], [[40, 30, 60, 30, 60, 46, 40, 46]]]
+    path = _write(tmp_path, [segs[0], segs[0], segs[1], segs[1]], boxes=[boxes[0], boxes[0], boxes[1], boxes[1]])
+    index = CocoIndex(path, masks=True)
+    flip = build_transform([{"HorizontalFlip": {"p": 1.0}}], BboxConfig())
+    _, t = CocoDetection(index, tmp_path, flip)[(0, 1)]
+    for b, m in zip(t["boxes"].numpy(), t["masks"].numpy()):
+        assert _bbox_of(m) == pytest.approx([b[0], b[1], b[2] - b[0], b[3] - b[1]], abs=1.0)
+    assert t["boxes"][0, 0] == pytest.approx(W - 24, abs=0.5)
+    # a crop that keeps only the top-left object: the other's mask goes with its box, counted
+    crop = build_transform([{"Crop": {"x_min": 0, "y_min": 0, "x_max": 30, "y_max": 25}}], BboxConfig())
+    _, t = CocoDetection(index, tmp_path, crop)[(0, 1)]
+    assert t["masks"].shape == (1, 25, 30) and len(t["boxes"]) == 1 and t["dropped"] == 1
+    assert t["masks"].dtype == torch.uint8
+
+
+def test_reduced_scale_decoding_scales_masks(tmp_path):
+    big = 512
+    Image.new("RGB", (big, big), (80, 80, 80)).save(tmp_path / "a.jpg")
+    seg = [[100, 100, 300, 100, 300, 200, 100, 200]]
+    rle = _rle_of(np.pad(np.ones((100, 200), np.uint8), ((300, 112), (200, 112))), True)
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [100, 100, 200, 100], "segmentation": seg},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [200, 300, 200, 100], "segmentation": rle}]  # fmt: skip
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": big, "height": big}],
+                                "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))  # fmt: skip
+    index = CocoIndex(path, masks=True)
+    image, t = CocoDetection(index, tmp_path, None, model_size=(128, 128))[0]
+    assert image.shape[1] < big and t["masks"].shape[1:] == image.shape[1:]
+    for b, m in zip(t["boxes"].numpy(), t["masks"].numpy()):
+        x, y, w, h = _bbox_of(m)
+        assert [x, y, x + w, y + h] == pytest.approx(b.tolist(), abs=1.5)
