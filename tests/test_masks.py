@@ -89,7 +89,7 @@ def test_ground_truth_as_predictions_scores_one(tmp_path, form):
     segs, crowd = _forms()[form]
     # the boxes are the masks' own, as exports write them
     boxes = []
-    for k, seg in enumerate(segs):
+    for seg in segs:
         if isinstance(seg, list):
             m = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(seg, H, W)))
         elif isinstance(seg["counts"], str):
