@@ -30,9 +30,18 @@ class Detections:
     names: list[str]
     scores: np.ndarray  # (n,) float32
     category_ids: np.ndarray  # (n,) the dataset's own category ids
+    masks: np.ndarray | None = None  # (n, H, W) bool at the image's full size (Mask R-CNN), else None
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    def rles(self) -> list[dict]:
+        """The masks as COCO compressed RLE dicts (json-ready), in detection order."""
+        if self.masks is None:
+            raise ValueError("these detections have no masks (the model is not a Mask R-CNN)")
+        from detector.data.masks import encode
+
+        return encode(self.masks.astype(np.uint8))
 
 
 class Predictor:
@@ -130,7 +139,8 @@ class Predictor:
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> list[Detections]:
         """Detect objects in one image or a list of them (float32; batches of batch_size).
 
-        Boxes are in the pixels of the full image (after EXIF orientation for files).
+        Boxes are in the pixels of the full image (after EXIF orientation for files); a Mask R-CNN's
+        masks are binary arrays of that size (``Detections.rles()`` gives them as COCO RLE).
         """
         if isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor)) and not (
             isinstance(images, torch.Tensor) and images.ndim == 4
@@ -145,6 +155,11 @@ class Predictor:
                 labels = d["labels"].cpu().numpy().astype(np.int64)
                 boxes = d["boxes"].float().cpu().numpy() / scale
                 boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
+                masks = None
+                if "masks" in d:  # probabilities in the decoded pixels -> binary at the full size
+                    from detector.segm import to_original_size
+
+                    masks = to_original_size(d["masks"], (scale, scale), (w, h)).astype(bool)
                 out.append(
                     Detections(
                         boxes=boxes,
@@ -152,6 +167,7 @@ class Predictor:
                         names=[self.label_map.names[i - 1] for i in labels],
                         scores=d["scores"].cpu().numpy().astype(np.float32),
                         category_ids=self.label_map.to_category_ids(labels),
+                        masks=masks,
                     )
                 )
         return out

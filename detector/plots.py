@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from torchvision.utils import draw_bounding_boxes, make_grid  # noqa: E402
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid  # noqa: E402
 
 from detector.evaluation import CocoResult  # noqa: E402
 from detector.tracking import epoch_rows, read_metrics  # noqa: E402
@@ -107,8 +107,10 @@ def draw_detections(
     scores: Sequence[float] | None = None,
     color: str | None = None,
     width: int = 2,
+    masks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boxes with class names (and scores) drawn on a uint8 CHW image (torchvision's drawing)."""
+    """Boxes with class names (and scores) drawn on a uint8 CHW image (torchvision's drawing);
+    ``masks`` (n, H, W), when given, are filled in the boxes' colours under them."""
     if len(boxes) == 0:
         return image
     text = [
@@ -117,6 +119,8 @@ def draw_detections(
     ]
     palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
     colors = color or [palette[(int(lab) - 1) % len(palette)] for lab in labels]
+    if masks is not None and len(masks):
+        image = draw_segmentation_masks(image, masks.bool().cpu(), alpha=0.45, colors=colors)
     return draw_bounding_boxes(image, boxes.float(), labels=text, colors=colors, width=width)
 
 
@@ -133,7 +137,7 @@ def prediction_grid(samples: list[dict[str, Any]], class_names: Sequence[str], p
     size = max(max(s["image"].shape[1:]) for s in samples) if samples else 64
     for s in samples:
         im = draw_detections(s["image"], s["gt_boxes"], s["gt_labels"], class_names, color="white", width=1)
-        im = draw_detections(im, s["boxes"], s["labels"], class_names, s["scores"])
+        im = draw_detections(im, s["boxes"], s["labels"], class_names, s["scores"], masks=s.get("masks"))
         pad = torch.zeros(3, size, size, dtype=torch.uint8)
         pad[:, : im.shape[1], : im.shape[2]] = im[:, :size, :size]
         tiles.append(pad)

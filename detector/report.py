@@ -37,6 +37,9 @@ def sample_predictions(model: torch.nn.Module, dataset: CocoDetection, n: int, d
                 "image_id": target["image_id"],
             }
         )
+        if "masks" in dets[0]:  # Mask R-CNN: binary masks in the image's pixels
+            samples[-1]["masks"] = (dets[0]["masks"][keep, 0] > 0.5).cpu()
+            samples[-1]["gt_masks"] = target.get("masks")
     return samples
 
 
@@ -72,6 +75,7 @@ def epoch_report(
                 s["scores"],
                 names,
                 f"image {s['image_id']}",
+                masks=(s.get("gt_masks"), s.get("masks")) if "masks" in s else None,
             )
             for s in samples[:num_wandb_images]
         ]

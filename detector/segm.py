@@ -75,3 +75,12 @@ def segm_metrics(gt: Any, results: list[dict[str, Any]], backend: str = "pycocot
         return {}, None
     result = evaluate_coco(gt, segm_rows(results), backend, iou_type="segm")
     return flat_metrics(result, prefix), result
+
+
+def class_index_map(masks: Any, labels: Any, size: tuple[int, int]) -> np.ndarray:
+    """Binary masks (n, H, W) and their labels -> one (H, W) map of labels (0: background), for
+    W&B's mask overlays; later masks are drawn over earlier ones."""
+    out = np.zeros(tuple(int(v) for v in size), np.int64)
+    for m, lab in zip(np.asarray(masks, dtype=bool), np.asarray(labels).reshape(-1)):
+        out[m[: out.shape[0], : out.shape[1]]] = int(lab)
+    return out

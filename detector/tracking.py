@@ -171,8 +171,10 @@ def wandb_boxes(
     det_scores,
     class_names: list[str],
     caption: str,
+    masks: tuple[Any, Any] | None = None,
 ):
-    """A wandb.Image with ground-truth and predicted boxes (pixel coordinates) and class labels."""
+    """A wandb.Image with ground-truth and predicted boxes (pixel coordinates) and class labels;
+    ``masks`` (ground truth, predicted: binary (n, H, W) or None) as W&B's mask overlays."""
     import wandb
 
     class_labels = {i + 1: n for i, n in enumerate(class_names)}
@@ -192,9 +194,17 @@ def wandb_boxes(
             out.append(item)
         return out
 
+    overlays = {}
+    if masks is not None:
+        from detector.segm import class_index_map
+
+        for key, ms, ls in (("ground_truth", masks[0], gt_labels), ("predictions", masks[1], det_labels)):
+            if ms is not None:
+                overlays[key] = {"mask_data": class_index_map(ms, ls, image.shape[1:]), "class_labels": class_labels}
     return wandb.Image(
         image.permute(1, 2, 0).numpy(),
         caption=caption,
+        **({"masks": overlays} if overlays else {}),
         boxes={
             "ground_truth": {"box_data": boxes(gt_boxes, gt_labels), "class_labels": class_labels},
             "predictions": {"box_data": boxes(det_boxes, det_labels, det_scores), "class_labels": class_labels},

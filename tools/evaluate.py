@@ -3,7 +3,8 @@
     accelerate launch tools/evaluate.py --checkpoint best.pt --annotations A --images I [--batch-size N] [--output metrics.json]
     python tools/evaluate.py --predictions results.json --annotations A [--images I] [--output metrics.json]
 
-Prints the 12 COCO stats and a per-class AP table; --output writes them as one flat JSON object;
+Prints the 12 COCO stats and a per-class AP table (and the segm ones for a Mask R-CNN checkpoint or
+results with a segmentation); --output writes them as one flat JSON object (masks: segm/<stat>);
 --results writes the model's COCO results json; --plots DIR writes the PR curves and AP bars.
 """
 
@@ -21,6 +22,7 @@ from detector.config import DataConfig  # noqa: E402
 from detector.data import check_files  # noqa: E402
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError, read_json  # noqa: E402
 from detector.evaluation import CocoResult, evaluate_coco, flat_metrics  # noqa: E402
+from detector.segm import segm_metrics  # noqa: E402
 
 
 def report(result: CocoResult) -> str:
@@ -31,19 +33,24 @@ def report(result: CocoResult) -> str:
 
 
 def score_file(args) -> dict:
-    gt = CocoIndex(args.annotations, on_invalid=args.on_invalid)
     rows = read_json(Path(args.predictions))
     if isinstance(rows, dict) and "annotations" in rows:
         rows = rows["annotations"]
     if not isinstance(rows, list):
         raise DatasetError(f"{args.predictions}: expected a list of COCO results (image_id, category_id, bbox, score)")
+    masks = any(isinstance(r, dict) and "segmentation" in r for r in rows)  # Mask R-CNN results: segm too
+    gt = CocoIndex(args.annotations, on_invalid=args.on_invalid, masks=masks)
     known = set(gt.image_ids.tolist())
     unknown = sum(1 for r in rows if r.get("image_id") not in known)
     if unknown:
         raise DatasetError(f"{args.predictions}: {unknown} result(s) name images that are not in {args.annotations}")
-    result = evaluate_coco(gt.to_coco_gt(), rows, args.backend)
+    gt_dict = gt.to_coco_gt()
+    result = evaluate_coco(gt_dict, rows, args.backend)
     print(report(result))
-    return {"metrics": flat_metrics(result, prefix=""), "result": result}
+    segm, segm_result = segm_metrics(gt_dict, rows, args.backend, prefix="segm/")
+    if segm_result is not None:
+        print("segm (masks):\n" + report(segm_result))
+    return {"metrics": {**flat_metrics(result, prefix=""), **segm}, "result": result}
 
 
 def evaluate_checkpoint(args) -> dict | None:
@@ -57,6 +64,9 @@ def evaluate_checkpoint(args) -> dict | None:
     accelerator = runtime.make_accelerator()
     overrides = {"box_score_thresh": args.score_threshold} if args.score_threshold is not None else {}
     model, label_map, meta = load_model(args.checkpoint, **overrides)
+    from detector.families import family_of_model
+
+    masks = family_of_model(model).masks  # Mask R-CNN: the masks are read and scored (segm) too
     trained_on = meta.get("config", {}).get("data", {}).get("train", {}).get("annotations") or "its training json"
     index = CocoIndex(
         args.annotations,
@@ -64,6 +74,7 @@ def evaluate_checkpoint(args) -> dict | None:
         on_invalid=args.on_invalid,
         label_source=f"{args.checkpoint} (trained on {trained_on})",
         images_root=args.images,
+        masks=masks,
     )
     # Images resized since labelling would be scored in the wrong frame: the same checks as training.
     data_cfg = DataConfig(on_invalid=args.on_invalid, on_corrupt_image=args.on_corrupt_image)
@@ -95,6 +106,9 @@ def evaluate_checkpoint(args) -> dict | None:
     if not accelerator.is_main_process:
         return None
     print(report(result))
+    if masks:
+        print("segm (masks):\n" + "\n".join(f"{k[len('val/segm/'):]:>11}: {v:.4f}" for k, v in metrics.items()
+                                            if k.startswith("val/segm/") and "/AP/" not in k))  # fmt: skip
     print(f"{'val loss':>11}: {metrics['val/loss']:.6f}")
     if args.results:  # in the annotation file's own category ids
         back = {t: c for c, t in index.category_remap.items()}

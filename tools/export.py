@@ -5,7 +5,8 @@
 ONNX graphs take one float RGB image (3, H, W) in [0, 1] of the export size (default: the
 model's min_size x a 4:3 width). A metadata file FILE.json is written beside the model (class
 names, input size, normalisation). The check runs both on sample images and fails (exit 1)
-when labels differ or boxes differ by more than --box-tolerance pixels.
+when labels differ or boxes differ by more than --box-tolerance pixels (a Mask R-CNN's graph
+includes the mask head: its masks must overlap eager PyTorch's by at least --mask-iou IoU).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from detector import export, runtime  # noqa: E402
+from detector.families import family_of_model  # noqa: E402
 from detector.inference import Predictor, load_model  # noqa: E402
 
 
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--score-threshold", type=float, default=0.3, help="detections compared in the check")
     ap.add_argument("--box-tolerance", type=float, default=1.0, help="max box difference in pixels")
     ap.add_argument("--score-tolerance", type=float, default=1e-3, help="max score difference")
+    ap.add_argument("--mask-iou", type=float, default=0.95, help="Mask R-CNN: min IoU of exported vs eager masks")
     args = ap.parse_args(argv)
 
     model, label_map, meta = load_model(args.checkpoint)
@@ -73,6 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         "score_tolerance": args.score_tolerance,
         "score_threshold": args.score_threshold,
     }
+    masks_ok = True
+    if family_of_model(model).masks:  # the mask head is in the graph: compare masks too
+        from detector.mask_export import mask_parity, mask_runner
+
+        info["outputs"]["masks"] = "(n, 1, H, W) probabilities in input pixels (object where > 0.5)"
+        mp = mask_parity(model, images, mask_runner(path, args.format), args.score_threshold)
+        info["parity"].update({**mp, "mask_iou_tolerance": args.mask_iou})
+        print(f"mask parity on {mp['mask_pairs']} detection(s): min IoU {mp['min_mask_iou']:.4f}, "
+              f"mean {mp['mean_mask_iou']:.4f}")  # fmt: skip
+        masks_ok = mp["mask_pairs"] > 0 and mp["min_mask_iou"] >= args.mask_iou
     meta_path = export.write_metadata(info, path)
     print(f"wrote {path} and {meta_path}")
     print(
@@ -87,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    if not parity.ok(args.box_tolerance, args.score_tolerance):
+    if not parity.ok(args.box_tolerance, args.score_tolerance) or not masks_ok:
         print(
             f"error: the exported model disagrees with eager PyTorch (tolerance {args.box_tolerance} px, "
-            f"{args.score_tolerance} in score)",
+            f"{args.score_tolerance} in score, mask IoU >= {args.mask_iou})",
             file=sys.stderr,
         )
         return 1

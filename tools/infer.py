@@ -3,9 +3,9 @@
     python tools/infer.py --checkpoint best.pt [--score-threshold T] [--output DIR] INPUT...
 
 INPUT may be image files, folders (searched recursively) or glob patterns. Writes to DIR the
-images with boxes, class names and scores drawn, and results.json: COCO-format results
-(image_id = position in images.json, category_id = the dataset's own ids, bbox xywh) plus
-images.json mapping image ids to files.
+images with boxes, class names and scores drawn (and a Mask R-CNN's masks), and results.json:
+COCO-format results (image_id = position in images.json, category_id = the dataset's own ids,
+bbox xywh, and segmentation as compressed RLE for masks) plus images.json mapping image ids to files.
 """
 
 from __future__ import annotations
@@ -91,13 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         for (f, (w, h)), det in zip(batch, dets):
             image_id = len(images)
             images.append({"id": image_id, "file_name": str(f), "height": h, "width": w})
-            for b, c, s in zip(det.boxes.tolist(), det.category_ids.tolist(), det.scores.tolist()):
+            rles = det.rles() if det.masks is not None else [None] * len(det)
+            for b, c, s, rle in zip(det.boxes.tolist(), det.category_ids.tolist(), det.scores.tolist(), rles):
                 results.append(
                     {
                         "image_id": image_id,
                         "category_id": int(c),
                         "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
                         "score": s,
+                        **({"segmentation": rle} if rle is not None else {}),  # Mask R-CNN: compressed RLE
                     }
                 )
             if not args.no_draw:
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                     det.labels,
                     predictor.class_names,
                     det.scores,
+                    masks=torch.from_numpy(det.masks) if det.masks is not None else None,
                 )
                 Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out / f"{image_id:05d}_{f.stem}.png")
         bar.update(len(files[start : start + args.batch_size]))
