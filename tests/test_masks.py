@@ -247,3 +247,39 @@ def test_reduced_scale_decoding_scales_masks(tmp_path):
     for b, m in zip(t["boxes"].numpy(), t["masks"].numpy()):
         x, y, w, h = _bbox_of(m)
         assert [x, y, x + w, y + h] == pytest.approx(b.tolist(), abs=1.5)
+
+
+# -- drawing, W&B overlays, settings -----------------------------------------------------------
+
+
+def test_plots_and_wandb_images_show_masks():
+    from detector.plots import draw_detections
+    from detector.segm import class_index_map
+    from detector.tracking import wandb_boxes
+
+    image = torch.zeros(3, H, W, dtype=torch.uint8)
+    mask = torch.from_numpy(_block(20, 20, 30, 30)).bool()[None]
+    box = torch.tensor([[5.0, 5.0, 40.0, 40.0]])
+    drawn = draw_detections(image, box, [1], ["x"], [0.9], masks=mask)
+    assert drawn[:, 25, 25].sum() > 0  # inside the mask: filled
+    assert drawn[:, 35, 35].sum() == 0  # inside the box, outside the mask: untouched
+    assert draw_detections(image, box, [1], ["x"], [0.9])[:, 25, 25].sum() == 0
+    labels = class_index_map(mask.numpy(), [2], (H, W))
+    assert labels[25, 25] == 2 and labels[35, 35] == 0
+    im = wandb_boxes(image, box, torch.tensor([1]), box, torch.tensor([1]), [0.9], ["x", "y"], "c",
+                     masks=(mask.numpy(), mask.numpy()))  # fmt: skip
+    assert set(im._masks) == {"ground_truth", "predictions"}
+
+
+def test_segm_best_metric_needs_a_mask_model(tiny_dataset):
+    from detector import config, data
+
+    from .conftest import TINY, data_overrides
+
+    cfg = config.load(TINY, [*data_overrides(tiny_dataset), "eval.best_metric=val/segm/mAP"])
+    with pytest.raises(config.ConfigError, match="segm.*predicts no masks"):
+        data.load_splits(cfg, log=lambda _: None)
+    with pytest.raises(config.ConfigError, match="unknown metric"):
+        config.load(TINY, ["eval.best_metric=val/segm/mAPP"])
+    splits = data.load_splits(config.load(TINY, data_overrides(tiny_dataset)), log=lambda _: None)
+    assert splits.train.masks is None  # a box model leaves the polygons unread

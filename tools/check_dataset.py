@@ -48,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("images")
     ap.add_argument("--draw", type=int, default=0, help="draw N images with their boxes")
     ap.add_argument("--output", default="dataset_check", help="folder for the drawings")
+    ap.add_argument("--masks", action="store_true", help="also check the instance masks (as Mask R-CNN reads them)")
     args = ap.parse_args(argv)
 
     problems: list[str] = []
     try:  # what training with the default data.on_invalid=clip would stop on
-        CocoIndex(args.annotations, images_root=args.images)
+        CocoIndex(args.annotations, images_root=args.images, masks=args.masks)
     except DatasetError as exc:
         if not exc.problems:
             raise
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         images_root=args.images,
         progress=lambda it, total: _wrap(bar, it, total),
         max_pixels=DataConfig().max_image_pixels,
+        masks=args.masks,
     )
     bar.close()
     found = index.files

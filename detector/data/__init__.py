@@ -85,6 +85,14 @@ def load_splits(cfg: Config, log: Callable[[str], None] = print, progress: Calla
     else:
         train_ann, val_ann = Path(d.train.annotations), Path(d.val.annotations)  # type: ignore[arg-type]
         train_root, val_root = Path(d.train.images), Path(d.val.images)  # type: ignore[arg-type]
+    masks = _needs_masks(cfg)
+    if cfg.eval.best_metric.startswith("val/segm/") and not masks:
+        from detector.config import ConfigError
+
+        raise ConfigError(
+            f"eval.best_metric={cfg.eval.best_metric} is a mask (segm) stat, but model.name={cfg.model.name} "
+            "predicts no masks; use a box stat (e.g. val/mAP) or a Mask R-CNN model (maskrcnn_*)"
+        )
     Image.MAX_IMAGE_PIXELS = d.max_image_pixels  # PIL's own bomb check follows the same limit
     opts = {
         "max_pixels": d.max_image_pixels,
@@ -92,7 +100,7 @@ def load_splits(cfg: Config, log: Callable[[str], None] = print, progress: Calla
         "allow_outside_root": d.allow_outside_root,
         "read_headers": d.check_images,
         "progress": progress,
-        "masks": _needs_masks(cfg),
+        "masks": masks,
     }
     train = CocoIndex(train_ann, drop_empty=d.drop_empty, images_root=train_root, **opts)
     val = CocoIndex(val_ann, label_map=train.label_map, label_source=str(train_ann), images_root=val_root, **opts)
