@@ -54,7 +54,8 @@ def _stand_in_batch(
         return last
     blank = torch.zeros(3, 64, 64, device=device)
     return [blank], [{"boxes": torch.zeros(0, 4, device=device), "labels": torch.zeros(0, dtype=torch.int64,
-                                                                                     device=device)}]  # fmt: skip
+                                                                                     device=device),
+                      "masks": torch.zeros(0, 64, 64, dtype=torch.uint8, device=device)}]  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ TINY_MASK = ROOT / "tests" / "configs" / "tiny_mask.yaml"
 def mask_run(tiny_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mask_run")
     args = ["--config", TINY_MASK, f"output_dir={out}", "train.epochs=1", "model.box_score_thresh=0.01",
+            "model.box_detections_per_img=20",
             "eval.best_metric=val/segm/mAP50", *data_overrides(tiny_dataset)]  # fmt: skip
     res = launch("train.py", args)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
