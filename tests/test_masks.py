@@ -283,3 +283,22 @@ def test_segm_best_metric_needs_a_mask_model(tiny_dataset):
         config.load(TINY, ["eval.best_metric=val/segm/mAPP"])
     splits = data.load_splits(config.load(TINY, data_overrides(tiny_dataset)), log=lambda _: None)
     assert splits.train.masks is None  # a box model leaves the polygons unread
+
+
+def test_replaced_head_predicts_masks_for_k_classes():
+    from detector.config import ModelConfig
+    from detector.families import family_of
+    from detector.models import build_model
+
+    cfg = ModelConfig(name="maskrcnn_resnet18_fpn", weights=None, min_size=64, max_size=64, returned_layers=[3, 4],
+                      fpn_channels=16, representation_size=32)  # fmt: skip
+    model = build_model(cfg, num_classes=7)
+    fam = family_of(cfg.name)
+    fam.replace_head(model, 4)  # what a COCO checkpoint gets: box and mask predictors for 4 classes
+    assert model.roi_heads.box_predictor.cls_score.out_features == 5
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 5
+    assert fam.head_modules(model) == ["roi_heads.box_predictor", "roi_heads.mask_predictor"]
+    model.eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 64, 64)])[0]
+    assert out["masks"].shape[1:] == (1, 64, 64)
