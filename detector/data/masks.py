@@ -193,7 +193,7 @@ def rasterize(
         if kind == POLYGON:
             parts = store.polygon(a)
             if (sx, sy) != (1.0, 1.0):
-                scale = np.tile(np.asarray([sx, sy], np.float32), 1)
+                scale = np.asarray([sx, sy], np.float32)
                 parts = [(p.reshape(-1, 2) * scale).reshape(-1) for p in parts]
             rles = mask_utils.frPyObjects([p.astype(np.float64).tolist() for p in parts], oh, ow)
             out[k] = mask_utils.decode(mask_utils.merge(rles))

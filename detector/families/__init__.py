@@ -1,4 +1,4 @@
-"""Model families: what differs between Faster R-CNN, RetinaNet, FCOS and SSD, one file each.
+"""Model families: what differs between Faster R-CNN, Mask R-CNN, RetinaNet, FCOS and SSD, one file each.
 
 A ``Family`` declares its builders and torchvision weights enums, the config keys it takes, how
 its classification head is replaced for K classes (and which state-dict keys that drops), and
