@@ -66,9 +66,9 @@ def parse_masks(
         builder.add(seg, h, w)
     if len(src) and missing.all():
         raise DatasetError(
-            f"{index.path}: no annotation has a 'segmentation' (instance mask): this model (Mask R-CNN) trains and "
-            "is scored on masks. Export the dataset with its polygons or RLE masks, or use a box model "
-            "(e.g. model.name=fasterrcnn_resnet50_fpn)."
+            f"{index.path}: no annotation has a 'segmentation' (instance mask), so a Mask R-CNN model can neither "
+            "train on it nor be scored on it (segm). Export the dataset with its polygons or RLE masks, or use a "
+            "box model (e.g. model.name=fasterrcnn_resnet50_fpn)."
         )
     store = builder.build()
     index.maskless = sorted({int(i) for i in img[missing & keep].tolist()})
