@@ -526,7 +526,7 @@ def gallery(analysis: Analysis, key: str, images_root: str | Path, path: Path, n
     grid = make_grid(padded, nrow=min(4, len(padded)), padding=4)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, compress_level=1)  # level 6 takes 5x longer
     os.replace(tmp, path)
     return path
 
@@ -567,7 +567,42 @@ def log_wandb(logger: Any, analysis: Analysis, plots: dict[str, Path], step: int
     ]  # fmt: skip
     logger.log_table("val/per_class_prf", cols, rows, step)
     images = [wandb.Image(str(p), caption=name) for name, p in plots.items()]
-    logger.log_images("val/analysis", images, step)
+    logger.log_images("val/analysis", images, step)  # nothing when no PNG was drawn
+
+
+def epoch_analysis(
+    run_dir: Path,
+    gt: dict[str, Any],
+    results: list[dict[str, Any]],
+    images_root: str | Path | None,
+    cfg: Any,
+    logger: Any,
+    step: int,
+    *,
+    best: bool,
+    plots: bool,
+    warn: Callable[[str], None] = print,
+) -> Analysis:
+    """The analysis of one evaluation during training (main process, from the gathered detections).
+
+    ``analysis.json`` in the run directory at every evaluation, copied to ``analysis_best.json``
+    when this evaluation chose best.pt. With ``plots``, the PNGs in ``plots/analysis/``: drawn
+    when the evaluation chose best.pt (``eval.analysis_plots=best``, the default: about a second
+    each time, mostly the galleries) or at every evaluation (``every``). W&B gets the tables at
+    every evaluation and the PNGs whenever they are drawn.
+
+    Args:
+        cfg: the EvalConfig (analysis_iou, analysis_score, analysis_gallery, analysis_plots).
+    """
+    found = analyze(gt, results, cfg.analysis_iou, cfg.analysis_score)
+    write_json(found, run_dir / "analysis.json")
+    if best:
+        write_json(found, run_dir / "analysis_best.json")
+    paths: dict[str, Path] = {}
+    if plots and (best or cfg.analysis_plots == "every"):
+        paths = write_plots(found, run_dir / "plots" / "analysis", images_root, cfg.analysis_gallery, warn)
+    log_wandb(logger, found, paths, step)
+    return found
 
 
 def report(analysis: Analysis) -> str:

@@ -159,6 +159,14 @@ class EvalConfig:
     best_metric: str = "val/mAP"  # val/loss, val/loss_<part>, val/<COCO stat> or val/AP/<class name>
     best_mode: Literal["max", "min"] | None = None  # null: min for losses, max for the rest
     early_stop_patience: int = 0  # stop after this many evaluations without a better best_metric (0: off)
+    # Error analysis at every evaluation (detector/analysis.py): analysis.json (+ analysis_best.json)
+    # and W&B tables; one more COCOeval pass per evaluation. With logging.plots, its PNGs in
+    # plots/analysis/, drawn when the evaluation chose best.pt (best) or at every evaluation (every).
+    analysis: bool = True
+    analysis_plots: Literal["best", "every"] = "best"
+    analysis_iou: float = 0.5  # IoU for a match in the confusion matrix and the per-class P/R/F1
+    analysis_score: float = 0.25  # score threshold of the confusion matrix and the galleries
+    analysis_gallery: int = 8  # images per gallery of worst images (0: no galleries)
 
 
 @dataclass(frozen=True)
@@ -284,6 +292,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.checkpoint_every_epochs >= 1, "train.checkpoint_every_epochs must be >= 1"),
         (0 < cfg.train.ema_decay < 1, "train.ema_decay must be in (0, 1)"),
         (cfg.eval.early_stop_patience >= 0, "eval.early_stop_patience must be >= 0"),
+        (0 < cfg.eval.analysis_iou <= 1, "eval.analysis_iou must be in (0, 1]"),
+        (cfg.eval.analysis_gallery >= 0, "eval.analysis_gallery must be >= 0"),
         (
             cfg.model.min_size is None or cfg.model.max_size is None or cfg.model.min_size <= cfg.model.max_size,
             "model.min_size must be <= model.max_size",

@@ -177,3 +177,63 @@ def test_evaluate_tool_predictions_file_plots(tmp_path, capsys):
     assert saved["confusion_matrix"]["counts"][3] == [0, 4, 1, 0]
     for name in ("confusion_matrix", "per_class_prf", "ap_by_size", "worst_false_positives", "worst_missed"):
         assert_non_blank_png(tmp_path / "plots" / f"{name}.png")
+
+
+def test_wandb_gets_the_tables_and_pictures(tmp_path, monkeypatch):
+    """The real wandb library, offline, read back from its run file."""
+    from detector.analysis import log_wandb
+    from detector.config import WandbConfig
+    from detector.tracking import RunLogger
+
+    from .test_tracking import _summarise
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    gt, dets = hand_case()
+    a = analyze(gt, dets)
+    paths = write_plots(a, tmp_path / "plots", None)
+    logger = RunLogger(tmp_path, enabled=True)
+    logger.start_wandb(WandbConfig(enabled=True, mode="offline"), {}, None, print_fn=lambda m: None)
+    log_wandb(logger, a, paths, step=3)
+    logger.close()
+    history, _, _ = _summarise(next(tmp_path.glob("wandb/offline-run-*/*.wandb")))
+    for key in ("val/confusion_matrix", "val/per_class_prf", "val/analysis"):
+        assert any(k.startswith(key + "/") or k == key for k in history), (key, history)
+    tables = [json.loads(p.read_text()) for p in tmp_path.glob("wandb/offline-run-*/files/media/table/**/*.json")]
+    matrix = next(t for t in tables if t["columns"][0] == "ground truth")
+    assert matrix["data"][1] == ["dog", 1, 1, 0, 0] and matrix["data"][3] == ["background", 0, 4, 1, 0]
+
+
+# -- training and the evaluate tool on the tiny trained run --------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_directory_has_the_analysis(trained_run):
+    """tests/configs/tiny.yaml keeps the defaults: the analysis at every evaluation, the PNGs of
+    the evaluation that chose best.pt in plots/analysis/."""
+    saved = json.loads((trained_run / "analysis.json").read_text())
+    best = json.loads((trained_run / "analysis_best.json").read_text())
+    counts = np.array(saved["confusion_matrix"]["counts"])
+    assert saved["classes"] == ["circle", "square", "triangle"] and counts.shape == (4, 4)
+    # every object of the val split is in exactly one cell of its row (22 objects, no crowd)
+    assert counts[:3].sum() == saved["counts"]["objects"] == best["counts"]["objects"] > 0
+    assert counts[3, 3] == 0
+    for name in ("confusion_matrix", "per_class_prf", "ap_by_size"):
+        assert_non_blank_png(trained_run / "plots" / "analysis" / f"{name}.png")
+
+
+@pytest.mark.slow
+def test_evaluate_checkpoint_on_2_processes_gives_the_analysis_of_1(trained_run, tiny_dataset, tmp_path):
+    """tools/evaluate.py on 2 processes writes the very analysis that the 1-process training wrote
+    for best.pt's epoch (same weights, same val batches: the same gathered detections)."""
+    out = tmp_path / "plots"
+    res = launch("evaluate.py", ["--checkpoint", trained_run / "best.pt", "--annotations", tiny_dataset["val"],
+                                 "--images", tiny_dataset["root"] / "val", "--num-workers", "0",
+                                 "--batch-size", "2", "--plots", out], nproc=2)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "error analysis at IoU 0.5" in res.stdout
+    two = (out / "analysis.json").read_text()
+    one = (trained_run / "analysis_best.json").read_text()
+    assert json.loads(two)["counts"]["tp"] + json.loads(two)["counts"]["false_alarm"] > 0  # not vacuous
+    assert two == one
+    for name in ("confusion_matrix", "worst_false_positives", "worst_missed"):
+        assert_non_blank_png(out / f"{name}.png")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from detector import checkpoint, config, data, engine, optim, runtime  # noqa: E402
+from detector import analysis, checkpoint, config, data, engine, optim, runtime  # noqa: E402
 from detector.data.loader import EvalBatchSampler, TrainBatchSampler, build_loader, steps_per_epoch  # noqa: E402
 from detector.models import build_model, model_input_size  # noqa: E402
 from detector.report import epoch_report  # noqa: E402
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 main_proc and cfg.logging.progress, total=len(val_sampler), desc="evaluate", leave=False,
                 interval=cfg.logging.progress_interval_s,
             )  # fmt: skip
-            val, coco, _ = engine.evaluate(
+            val, coco, rows = engine.evaluate(
                 scored, val_loader, val_sampler.batch_ids(), accelerator, label_map, gt,
                 backend=cfg.eval.backend, seed=cfg.train.seed, progress=bar,
             )  # fmt: skip
@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 pos["evals_since_best"] += 1
             stop_early = 0 < cfg.eval.early_stop_patience <= pos["evals_since_best"] and epoch + 1 < cfg.train.epochs
+            if main_proc and cfg.eval.analysis:  # from the gathered detections: the same for any process count
+                analysis.epoch_analysis(run_dir, gt, rows, val_ds.root, cfg.eval, logger, pos["step"],
+                                        best=pos["best_epoch"] == epoch + 1, plots=cfg.logging.plots, warn=log)  # fmt: skip
             if main_proc and cfg.logging.plots:
                 epoch_report(run_dir, accelerator.unwrap_model(scored), val_ds, coco, logger, pos["step"],
                              cfg.logging.num_plot_images, cfg.logging.wandb.num_images, accelerator.device)  # fmt: skip
