@@ -580,16 +580,18 @@ def epoch_analysis(
     step: int,
     *,
     best: bool,
+    last: bool,
     plots: bool,
     warn: Callable[[str], None] = print,
 ) -> Analysis:
     """The analysis of one evaluation during training (main process, from the gathered detections).
 
-    ``analysis.json`` in the run directory at every evaluation, copied to ``analysis_best.json``
-    when this evaluation chose best.pt. With ``plots``, the PNGs in ``plots/analysis/``: drawn
-    when the evaluation chose best.pt (``eval.analysis_plots=best``, the default: about a second
-    each time, mostly the galleries) or at every evaluation (``every``). W&B gets the tables at
-    every evaluation and the PNGs whenever they are drawn.
+    ``analysis.json`` in the run directory at every evaluation (about 0.05 s for the tiny test
+    set), copied to ``analysis_best.json`` when this evaluation chose best.pt. With ``plots``, the
+    PNGs in ``plots/analysis/`` (about a second each time): drawn at the run's last evaluation
+    (``eval.analysis_plots=last``, the default), also whenever best.pt changes (``best``), or at
+    every evaluation (``every``). W&B gets the tables at every evaluation and the PNGs whenever
+    they are drawn.
 
     Args:
         cfg: the EvalConfig (analysis_iou, analysis_score, analysis_gallery, analysis_plots).
@@ -599,7 +601,8 @@ def epoch_analysis(
     if best:
         write_json(found, run_dir / "analysis_best.json")
     paths: dict[str, Path] = {}
-    if plots and (best or cfg.analysis_plots == "every"):
+    draw = last or cfg.analysis_plots == "every" or (best and cfg.analysis_plots == "best")
+    if plots and draw:
         paths = write_plots(found, run_dir / "plots" / "analysis", images_root, cfg.analysis_gallery, warn)
     log_wandb(logger, found, paths, step)
     return found

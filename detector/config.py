@@ -161,9 +161,10 @@ class EvalConfig:
     early_stop_patience: int = 0  # stop after this many evaluations without a better best_metric (0: off)
     # Error analysis at every evaluation (detector/analysis.py): analysis.json (+ analysis_best.json)
     # and W&B tables; one more COCOeval pass per evaluation. With logging.plots, its PNGs in
-    # plots/analysis/, drawn when the evaluation chose best.pt (best) or at every evaluation (every).
+    # plots/analysis/, drawn at the last evaluation (last), also when best.pt changes (best), or at
+    # every evaluation (every).
     analysis: bool = True
-    analysis_plots: Literal["best", "every"] = "best"
+    analysis_plots: Literal["last", "best", "every"] = "last"
     analysis_iou: float = 0.5  # IoU for a match in the confusion matrix and the per-class P/R/F1
     analysis_score: float = 0.25  # score threshold of the confusion matrix and the galleries
     analysis_gallery: int = 8  # images per gallery of worst images (0: no galleries)

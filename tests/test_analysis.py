@@ -195,6 +195,9 @@ def test_wandb_gets_the_tables_and_pictures(tmp_path, monkeypatch):
     logger.start_wandb(WandbConfig(enabled=True, mode="offline"), {}, None, print_fn=lambda m: None)
     log_wandb(logger, a, paths, step=3)
     logger.close()
+    import wandb
+
+    wandb.teardown()  # the service process flushes the run file before it exits (read here, in-process)
     history, _, _ = _summarise(next(tmp_path.glob("wandb/offline-run-*/*.wandb")))
     for key in ("val/confusion_matrix", "val/per_class_prf", "val/analysis"):
         assert any(k.startswith(key + "/") or k == key for k in history), (key, history)
@@ -203,13 +206,32 @@ def test_wandb_gets_the_tables_and_pictures(tmp_path, monkeypatch):
     assert matrix["data"][1] == ["dog", 1, 1, 0, 0] and matrix["data"][3] == ["background", 0, 4, 1, 0]
 
 
+def test_epoch_analysis_writes_json_every_time_and_pngs_when_asked(tmp_path):
+    from detector.analysis import epoch_analysis
+    from detector.config import EvalConfig
+
+    gt, dets = hand_case()
+
+    def run(best: bool, last: bool, **cfg) -> set[str]:
+        epoch_analysis(tmp_path, gt, dets, None, EvalConfig(**cfg), None, 0, best=best, last=last, plots=True)
+        return {p.name for p in (tmp_path / "plots" / "analysis").glob("*.png")}
+
+    assert run(best=True, last=False) == set()  # default "last": not drawn at a better, non-final evaluation
+    assert json.loads((tmp_path / "analysis_best.json").read_text())["counts"]["tp"] == 3
+    assert run(best=False, last=False, analysis_iou=0.95, analysis_plots="best") == set()
+    assert json.loads((tmp_path / "analysis.json").read_text())["iou_threshold"] == 0.95
+    assert json.loads((tmp_path / "analysis_best.json").read_text())["iou_threshold"] == 0.5  # not the best
+    assert run(best=True, last=False, analysis_plots="best") == {"confusion_matrix.png", "per_class_prf.png",
+                                                                  "ap_by_size.png"}  # fmt: skip
+
+
 # -- training and the evaluate tool on the tiny trained run --------------------------------------------
 
 
 @pytest.mark.slow
 def test_run_directory_has_the_analysis(trained_run):
     """tests/configs/tiny.yaml keeps the defaults: the analysis at every evaluation, the PNGs of
-    the evaluation that chose best.pt in plots/analysis/."""
+    the last one in plots/analysis/."""
     saved = json.loads((trained_run / "analysis.json").read_text())
     best = json.loads((trained_run / "analysis_best.json").read_text())
     counts = np.array(saved["confusion_matrix"]["counts"])

@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             stop_early = 0 < cfg.eval.early_stop_patience <= pos["evals_since_best"] and epoch + 1 < cfg.train.epochs
             if main_proc and cfg.eval.analysis:  # from the gathered detections: the same for any process count
                 analysis.epoch_analysis(run_dir, gt, rows, val_ds.root, cfg.eval, logger, pos["step"],
-                                        best=pos["best_epoch"] == epoch + 1, plots=cfg.logging.plots, warn=log)  # fmt: skip
+                                        best=pos["best_epoch"] == epoch + 1, last=epoch + 1 == cfg.train.epochs or stop_early,
+                                        plots=cfg.logging.plots, warn=log)  # fmt: skip
             if main_proc and cfg.logging.plots:
                 epoch_report(run_dir, accelerator.unwrap_model(scored), val_ds, coco, logger, pos["step"],
                              cfg.logging.num_plot_images, cfg.logging.wandb.num_images, accelerator.device)  # fmt: skip
