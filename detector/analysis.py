@@ -471,15 +471,13 @@ def draw_image(analysis: Analysis, image_id: int, images_root: str | Path, tile:
     from detector.images import load_image
 
     info = next(im for im in analysis.gt["images"] if im["id"] == image_id)
-    w, h = float(info.get("width", 0)), float(info.get("height", 0))
-    arr, _, _ = load_image(Path(images_root) / info["file_name"], (tile, tile))
+    # as the dataset decodes it (EXIF orientation applied, maybe at reduced scale: content scale cx, cy)
+    arr, cx, cy = load_image(Path(images_root) / info["file_name"], (tile, tile))
     image = torch.from_numpy(arr.copy()).permute(2, 0, 1)  # load_image's array may be read-only
-    scale = tile / max(image.shape[1:])
-    image = resize(image, [max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale))],
-                   antialias=True)  # fmt: skip
-    # boxes are in the json's frame (width x height); the decoded image may be smaller (draft)
-    sx = image.shape[2] / w if w else scale
-    sy = image.shape[1] / h if h else scale
+    h0, w0 = image.shape[1:]
+    scale = tile / max(h0, w0)
+    image = resize(image, [max(1, round(h0 * scale)), max(1, round(w0 * scale))], antialias=True)
+    sx, sy = cx * image.shape[2] / w0, cy * image.shape[1] / h0  # json pixels -> tile pixels
     boxes, colors, texts = [], [], []
     names = dict(zip(analysis.category_ids, analysis.class_names))
     for a, s in analysis.gt_status.items():
@@ -617,6 +615,10 @@ def report(analysis: Analysis) -> str:
         f"(of {c['objects']} objects)",
         f"{'class':>20}  {'thresh':>7}  {'P':>6}  {'R':>6}  {'F1':>6}  {'AP_S':>6}  {'AP_M':>6}  {'AP_L':>6}",
     ]
+    if c["unknown_category"]:
+        lines.insert(1, f"  {c['unknown_category']} detection(s) of categories not in the ground truth left out")
+    if c["beyond_max_dets"]:
+        lines.insert(1, f"  {c['beyond_max_dets']} detection(s) beyond COCOeval's 100 per image and class left out")
     for n, pc in analysis.per_class.items():
         thr = "-" if pc["threshold"] is None else f"{pc['threshold']:.3f}"
         nums = [pc[k] for k in ("precision", "recall", "f1")] + [analysis.ap_by_size[n][a] for a in AREAS]

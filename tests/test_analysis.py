@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from detector.analysis import _best_f1, analyze, write_json, write_plots
+from detector.analysis import _best_f1, analyze, report, write_json, write_plots
 
 from .conftest import launch, run_tool_in_process
 
@@ -120,6 +120,14 @@ def test_no_detections_and_unknown_images():
     assert a.per_class["dog"]["recall"] == 0.0 and a.ap_by_size["dog"]["medium"] == 0.0
     with pytest.raises(ValueError, match="1 image id"):
         analyze(gt, [_det(99, 1, A, 0.5)])
+    # a category the ground truth does not have is counted and said, not matched
+    odd = analyze(gt, [*dets, _det(1, 42, C, 0.9)])
+    assert odd.counts["unknown_category"] == 1 and odd.confusion.tolist() == analyze(gt, dets).confusion.tolist()
+    assert "1 detection(s) of categories not in the ground truth left out" in report(odd)
+    # COCOeval keeps the 100 best detections per image and class: the 101st is left out, and said
+    many = analyze(gt, [_det(3, 1, [k % 90, 0, 5, 5], 0.3 + k / 1000) for k in range(101)])
+    assert many.counts["beyond_max_dets"] == 1 and many.confusion[3, 0] == 100
+    assert "1 detection(s) beyond COCOeval's 100 per image and class left out" in report(many)
 
 
 def _write_images(root: Path) -> None:
