@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from detector.analysis import _best_f1, analyze, report, write_json, write_plots
+from detector.analysis import _best_f1, analyze, gallery, report, write_json, write_plots
 
 from .conftest import launch, run_tool_in_process
 
@@ -167,8 +167,8 @@ def test_plots_and_galleries_are_non_blank_pngs(tmp_path):
     # a missing image is left out of the gallery with a warning naming it
     (tmp_path / "images" / "im1.png").unlink()
     warnings: list[str] = []
-    paths = write_plots(a, tmp_path / "plots2", tmp_path / "images", gallery_size=2, warn=warnings.append)
-    assert "worst_missed" not in paths and any("im1.png" in w for w in warnings)
+    assert gallery(a, "fn", tmp_path / "images", tmp_path / "missed.png", warn=warnings.append) is None
+    assert any("im1.png" in w for w in warnings)
 
 
 def test_evaluate_tool_predictions_file_plots(tmp_path, capsys):
