@@ -454,6 +454,7 @@ def plot_ap_by_size(analysis: Analysis, path: Path) -> Path:
     return _save(fig, path)
 
 
+CAPTION_PX = 14  # the strip under each gallery tile: file name and counts
 # Outcome colours in the gallery.
 COLORS = {TP: "#3cb44b", CONFUSED: "#f58231", FALSE_ALARM: "#e6194b", MISSED: "#ffe119", "gt": "#ffffff"}
 
@@ -502,25 +503,30 @@ def gallery(analysis: Analysis, key: str, images_root: str | Path, path: Path, n
             warn: Callable[[str], None] = print) -> Path | None:  # fmt: skip
     """A grid of the n images with the most false positives (key "fp") or missed objects ("fn").
     None when no image has any; unreadable images are left out with a warning."""
-    from PIL import Image
+    from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
 
     from detector.images import ImageDecodeError
 
-    tiles = []
+    tiles, captions = [], []
+    names = {img["id"]: img.get("file_name", "") for img in analysis.gt.get("images", [])}
     for image_id in analysis.worst_images(key, n):
         try:
             tiles.append(draw_image(analysis, image_id, images_root))
         except ImageDecodeError as exc:
             warn(f"warning: gallery: {exc}")
+            continue
+        c = analysis.image_counts[image_id]
+        captions.append(f"{names.get(image_id, image_id)}: {c['fp']} false pos., {c['fn']} missed")
     if not tiles:
         return None
     size = max(max(t.shape[1:]) for t in tiles)
     padded = []
-    for t in tiles:
-        pad = torch.zeros(3, size, size, dtype=torch.uint8)
-        pad[:, : t.shape[1], : t.shape[2]] = t
-        padded.append(pad)
+    for t, caption in zip(tiles, captions):  # each tile with a caption strip below it
+        canvas = Image.new("RGB", (size, size + CAPTION_PX))
+        canvas.paste(Image.fromarray(t.permute(1, 2, 0).numpy()), (0, 0))
+        ImageDraw.Draw(canvas).text((3, size + 2), caption, fill=(255, 255, 255))
+        padded.append(torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1))
     grid = make_grid(padded, nrow=min(4, len(padded)), padding=4)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from detector.analysis import _best_f1, analyze, gallery, report, write_json, write_plots
+from detector.analysis import CAPTION_PX, _best_f1, analyze, gallery, report, write_json, write_plots
 
 from .conftest import launch, run_tool_in_process
 
@@ -155,11 +155,13 @@ def test_plots_and_galleries_are_non_blank_pngs(tmp_path):
     assert set(paths) == names
     for p in paths.values():
         assert_non_blank_png(p)
-    with Image.open(paths["worst_false_positives"]) as im:  # two 320 px tiles side by side (4 px padding)
-        assert im.size == (2 * 320 + 3 * 4, 320 + 2 * 4)
+    with Image.open(paths["worst_false_positives"]) as im:  # two 320 px tiles and captions (4 px padding)
+        assert im.size == (2 * 320 + 3 * 4, 320 + CAPTION_PX + 2 * 4)
     # the gallery draws the boxes: the tile differs from the plain image scaled up
     tile = np.asarray(Image.open(paths["worst_missed"]).convert("RGB"))  # one image: no grid padding
-    assert tile.shape == (320, 320, 3)
+    assert tile.shape == (320 + CAPTION_PX, 320, 3)
+    assert (tile[320:] > 200).sum() > 50  # the caption is written
+    tile = tile[:320]
     plain = np.asarray(Image.open(tmp_path / "images" / "im1.png").convert("RGB").resize((320, 320)))
     assert (np.abs(tile.astype(int) - plain.astype(int)).sum(axis=2) > 100).sum() > 500
     saved = json.loads(write_json(a, tmp_path / "analysis.json").read_text())
