@@ -18,6 +18,8 @@ from detector.config import Config, ConfigError, TrainConfig, save_yaml
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a resumable state
 EXIT_NONFINITE = 3  # stopped after too many non-finite losses in a row
 EXIT_WORKER_DIED = 76  # a DataLoader worker was killed (usually out of memory)
+EXIT_PEER_LOST = 77  # a collective failed: another training process died or hangs
+EXIT_WRITE_FAILED = 74  # EX_IOERR: a checkpoint or weights file could not be written (disk full...)
 PREEMPTED_MARKER = "PREEMPTED"  # written in the run directory (accelerate launch maps exit codes to 1)
 
 
@@ -53,7 +55,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """
     torch.set_num_threads(cfg.threads if cfg.threads > 0 else auto_threads())
     accelerator = make_accelerator(
-        resolve_mixed_precision(cfg.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
+        resolve_mixed_precision(cfg.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION")),
+        cfg.dist_timeout_minutes,
     )
     set_seed(cfg.seed + accelerator.process_index)
     return accelerator
@@ -72,15 +75,28 @@ def auto_threads() -> int:
     return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", dist_timeout_minutes: float = 10.0) -> Accelerator:
     """An Accelerator; several processes without CUDA use gloo on the CPU.
 
     Launched torchrun-style (LOCAL_RANK set) on a machine without CUDA, Accelerate would fall
     back to one process per launcher unless told to use the CPU: we tell it, so that
     ``launch/cpu2.yaml`` (and torchrun) give a real multi-process CPU run.
+
+    ``dist_timeout_minutes`` bounds every collective (gloo and NCCL alike): a process whose
+    peer died or hangs raises instead of waiting for torch's 30-minute default.
     """
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if not dist_timeout_minutes > 0:
+        raise ConfigError(f"train.dist_timeout_minutes={dist_timeout_minutes}: must be > 0")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mixed_precision, cpu=distributed and not torch.cuda.is_available())
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=distributed and not torch.cuda.is_available(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=dist_timeout_minutes))],
+    )
 
 
 LOCK_FILE = "RUNNING.lock"
@@ -318,6 +334,14 @@ def run_main(main) -> int:
         return 2
     except RuntimeError as exc:
         text = str(exc)
+        if _peer_lost(exc):
+            print(
+                f"error: a collective operation with the other processes failed ({_first_line(text)}). Another "
+                "process died or hangs (its own log says why: out of memory, a data error, a lost node); a process "
+                "waits train.dist_timeout_minutes for its peers. Fix the cause and resume with train.resume=auto.",
+                file=sys.stderr,
+            )
+            return EXIT_PEER_LOST
         if "DataLoader worker (pid" not in text:
             raise
         print(
@@ -327,6 +351,24 @@ def run_main(main) -> int:
             file=sys.stderr,
         )
         return EXIT_WORKER_DIED
+
+
+_PEER_SIGNS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+               "collective operation timeout", "NCCL communicator was aborted")  # fmt: skip
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """Did a collective fail because another process died or hangs (gloo or NCCL)?"""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(s in str(exc) for s in _PEER_SIGNS)
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "no message"
+    return line.split("] ", 1)[-1] if line.startswith("[") else line  # gloo prefixes its source location
 
 
 def _from_worker(exc: BaseException) -> bool:

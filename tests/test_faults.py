@@ -3,6 +3,7 @@ a run directory in use or unusable, broken images in the workers, hostile json."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,7 +19,7 @@ from detector import checkpoint, runtime
 from detector.config import ConfigError, load
 from detector.data.coco import CocoIndex, DatasetError
 
-from .conftest import ROOT, TINY, assert_same_weights, data_overrides, tool_env, write_coco
+from .conftest import ROOT, TINY, assert_same_weights, data_overrides, launch, launch_cmd, tool_env, write_coco
 
 
 def _train_cmd(run: Path, ds, *extra: str) -> list[str]:
@@ -185,3 +187,72 @@ def test_image_bombs_stop_at_start_up_from_the_header(tmp_path, side):
     check_files(idx, tmp_path / "img", DataConfig(on_invalid="repair"))
     assert len(idx) == 0  # dropped, and counted
     assert sum(n for k, n in idx.repairs.items() if "dropped" in k) == 1
+
+
+# -- one of several training processes dies or hangs ------------------------------------------------
+
+
+def _training_processes(launcher: subprocess.Popen, n: int, timeout: float = 120) -> dict[int, Any]:
+    """The launcher's training processes by rank (psutil; torchrun gives them their own sessions)."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ranks = {}
+        for p in psutil.Process(launcher.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "train.py" in " ".join(p.cmdline()) and "RANK" in (env := p.environ()):
+                    ranks[int(env["RANK"])] = p
+        if len(ranks) == n:
+            return ranks
+        time.sleep(0.2)
+    raise AssertionError(f"did not find {n} training processes")
+
+
+def _two_process_run(run: Path, ds, *extra: str) -> subprocess.Popen:
+    args = [f"output_dir={run}", "logging.plots=false", "train.checkpoint_every_steps=2", *data_overrides(ds), *extra]
+    return subprocess.Popen(launch_cmd("train.py", ["--config", TINY, *args], nproc=2), env=tool_env(),
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_one_of_two_training_processes_dies_or_hangs(tiny_dataset, tmp_path, fault):
+    """A peer killed (the OOM killer, a node lost) or hung (stuck file system, a stopped
+    process): the survivor must not wait out torch's 30-minute collective timeout. A killed
+    peer is seen by the launcher at once; a hung one by the survivor's collective, after
+    train.dist_timeout_minutes. Either way the launcher exits non-zero in bounded time and the
+    run resumes from its last state."""
+    run = tmp_path / "run"
+    proc = _two_process_run(run, tiny_dataset, "train.epochs=30", "train.dist_timeout_minutes=0.1")
+    try:
+        ranks = _training_processes(proc, 2)
+        _wait_for_state(run)
+        t0 = time.time()
+        if fault == "killed":
+            ranks[1].send_signal(signal.SIGKILL)
+        else:
+            ranks[1].suspend()  # SIGSTOP: alive, holding its sockets open, never answering
+            ranks[0].wait(timeout=90)  # the survivor gives up after train.dist_timeout_minutes (6 s)
+            assert time.time() - t0 < 60, "the survivor waited far beyond train.dist_timeout_minutes"
+            ranks[1].resume()  # the hung node comes back (else torchrun waits 30 s before SIGKILL)
+        out, err = proc.communicate(timeout=150)
+        elapsed = time.time() - t0
+    finally:
+        with contextlib.suppress(Exception):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            ranks[1].kill()
+    assert proc.returncode != 0, err[-3000:]
+    assert elapsed < 120, f"the launcher took {elapsed:.0f} s to give up"
+    if fault == "hung":  # the survivor's own words: what happened and the key that bounds it
+        assert "error: a collective operation with the other processes failed" in err, err[-3000:]
+        assert "train.dist_timeout_minutes" in err and "[rank0]: Traceback" not in err, err[-3000:]
+    if fault == "hung":
+        return  # the resume after a lost peer is the same either way: shown once, below
+    steps = json.loads((checkpoint.list_states(run)[-1] / checkpoint.COMPLETE).read_text())["step"]
+    res = launch("train.py", ["--config", TINY, f"output_dir={run}", "logging.plots=false", "train.epochs=2",
+                              "train.resume=auto", *data_overrides(tiny_dataset)], nproc=2)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from {run / checkpoint.STATE_DIR}" in res.stdout and f"step {steps}" in res.stdout, res.stdout
