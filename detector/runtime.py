@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -325,6 +326,7 @@ def run_main(main) -> int:
     from detector.config import ConfigError
     from detector.data.coco import DatasetError
     from detector.models import WeightsError
+    from detector.weights import WriteError, write_error
 
     try:
         return main()
@@ -332,6 +334,14 @@ def run_main(main) -> int:
         if os.environ.get("RANK", "0") == "0" or _from_worker(exc):  # a worker's error is its process's alone
             print(f"error: {_message(exc)}", file=sys.stderr)
         return 2
+    except (WriteError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in _WRITE_ERRNOS:
+            raise
+        if os.environ.get("RANK", "0") == "0":  # every process raises the same WriteError
+            error = exc if isinstance(exc, WriteError) else write_error(exc.filename or "a file of the run", exc)
+            print(f"error: {error}. Free some space (or choose another output_dir) and resume with "
+                  "train.resume=auto.", file=sys.stderr)  # fmt: skip
+        return EXIT_WRITE_FAILED
     except RuntimeError as exc:
         text = str(exc)
         if _peer_lost(exc):
@@ -353,6 +363,7 @@ def run_main(main) -> int:
         return EXIT_WORKER_DIED
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 _PEER_SIGNS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
                "collective operation timeout", "NCCL communicator was aborted")  # fmt: skip
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from detector import checkpoint, runtime
+from detector import checkpoint, runtime, weights
 from detector.config import ConfigError, load
 from detector.data.coco import CocoIndex, DatasetError
 
@@ -256,3 +256,32 @@ def test_one_of_two_training_processes_dies_or_hangs(tiny_dataset, tmp_path, fau
                               "train.resume=auto", *data_overrides(tiny_dataset)], nproc=2)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resumed from {run / checkpoint.STATE_DIR}" in res.stdout and f"step {steps}" in res.stdout, res.stdout
+
+
+# -- the disk fills up while saving -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("full_at", "nproc"), [("best.pt", 1), ("state.pt", 2)])
+def test_disk_full_while_saving_keeps_the_previous_files(tiny_dataset, tmp_path, full_at, nproc):
+    """The second save of best.pt (or of a state, whose writer is the main process of two) hits a
+    full disk: the run stops at once with the path and the free space, on every process (no
+    process left waiting at a barrier), and what the first epoch saved stays valid."""
+    run = tmp_path / "run"
+    args = ["--config", TINY, f"output_dir={run}", "logging.plots=false", "train.epochs=3",
+            "eval.best_metric=val/loss", *data_overrides(tiny_dataset)]  # fmt: skip
+    res = launch("../tests/scripts/disk_full.py", args, nproc=nproc, timeout=300,
+                 env={"FULL_AT": full_at, "FULL_AFTER": "1"})  # fmt: skip
+    assert res.returncode != 0, res.stdout[-2000:]
+    assert "error: cannot write" in res.stderr and "free on" in res.stderr, res.stderr[-3000:]
+    assert f"{full_at}: No space left on device" in res.stderr, res.stderr[-3000:]
+    assert str(ROOT / "detector") not in res.stderr and "[rank" not in res.stderr, "a traceback of ours"
+    assert not list(run.rglob(".*tmp*")), "a temporary file was left behind"
+    states = checkpoint.list_states(run)
+    assert states, "the first epoch's state is gone"
+    state, _ = checkpoint.load_state_files(states[-1], 0)
+    assert state["position"]["epoch"] >= 1
+    best = weights.read(run / "best.pt")
+    assert best["epoch"] == 1  # the first best.pt, whole: the second was never moved over it
+    res = launch("train.py", [*args, "train.resume=auto"], nproc=nproc)
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
