@@ -386,6 +386,11 @@ def _from_worker(exc: BaseException) -> bool:
     return str(exc).startswith("Caught ") and "Original Traceback" in str(exc)
 
 
+def error_text(exc: BaseException) -> str:
+    """An error's message without the DataLoader worker's traceback around it."""
+    return _message(exc)
+
+
 def _message(exc: BaseException) -> str:
     """The error's own message; an error raised in a DataLoader worker arrives wrapped in the
     worker's whole traceback, of which only its last line says anything to a user."""

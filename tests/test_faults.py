@@ -19,7 +19,17 @@ from detector import checkpoint, runtime, weights
 from detector.config import ConfigError, load
 from detector.data.coco import CocoIndex, DatasetError
 
-from .conftest import ROOT, TINY, assert_same_weights, data_overrides, launch, launch_cmd, tool_env, write_coco
+from .conftest import (
+    ROOT,
+    TINY,
+    assert_same_weights,
+    data_overrides,
+    epoch_records,
+    launch,
+    launch_cmd,
+    tool_env,
+    write_coco,
+)
 
 
 def _train_cmd(run: Path, ds, *extra: str) -> list[str]:
@@ -285,3 +295,53 @@ def test_disk_full_while_saving_keeps_the_previous_files(tiny_dataset, tmp_path,
     assert best["epoch"] == 1  # the first best.pt, whole: the second was never moved over it
     res = launch("train.py", [*args, "train.resume=auto"], nproc=nproc)
     assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
+
+
+# -- images vanish mid-run ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def vanishing_copy(tiny_dataset, tmp_path):
+    """A copy of the tiny dataset whose two first training images vanish after the first state."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset["root"], root)
+    ds = {"root": root, "train": root / "train.json", "val": root / "val.json"}
+    names = [im["file_name"] for im in json.loads(ds["train"].read_text())["images"][:2]]
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    env = {"VANISH": os.pathsep.join(str(root / "train" / n) for n in names), "VANISH_TO": str(gone)}
+    return ds, names, gone, env
+
+
+@pytest.mark.slow
+def test_images_vanishing_mid_run_stop_with_a_saved_state(vanishing_copy, tmp_path):
+    """data.on_corrupt_image=error, 2 processes with workers: the process that meets the missing
+    file stops every process before the batch changes anything, a state is saved, the message
+    names the file; with the file back, the run resumes."""
+    ds, names, gone, env = vanishing_copy
+    run = tmp_path / "run"
+    args = ["--config", TINY, f"output_dir={run}", "logging.plots=false", "train.epochs=2", "data.num_workers=2",
+            *data_overrides(ds)]  # fmt: skip
+    res = launch("../tests/scripts/vanish.py", args, nproc=2, timeout=300, env=env)
+    assert res.returncode != 0, res.stdout[-2000:]
+    assert any(f"cannot decode image {ds['root'] / 'train' / n}" in res.stderr for n in names), res.stderr[-3000:]
+    assert "A state was saved at step" in res.stderr and str(ROOT / "detector") not in res.stderr, res.stderr[-3000:]
+    state, _ = checkpoint.load_state_files(checkpoint.list_states(run)[-1], 0)
+    assert state["position"]["epoch"] == 1, "the state saved at the failure is inside epoch 2"
+    for n in names:  # the file system has them back
+        (gone / n).rename(ds["root"] / "train" / n)
+    res = launch("train.py", [*args, "train.resume=auto"], nproc=2)
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_images_vanishing_mid_run_are_skipped_and_counted(vanishing_copy, tmp_path):
+    ds, names, gone, env = vanishing_copy
+    run = tmp_path / "run"
+    res = launch("../tests/scripts/vanish.py", ["--config", TINY, f"output_dir={run}", "logging.plots=false",
+                 "train.epochs=2", "data.on_corrupt_image=skip", *data_overrides(ds)], env=env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    skipped = [r["train/skipped_images"] for r in epoch_records(run)]
+    assert skipped == [0, len(names)], skipped
