@@ -176,6 +176,9 @@ class WandbConfig:
     mode: Literal["online", "offline", "disabled"] = "online"
     log_checkpoint: bool = False
     num_images: int = 8
+    # The longest W&B may hold training up: connecting at the start (past it the run logs
+    # offline, to be uploaded later with `wandb sync`) and uploading at the end.
+    timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
