@@ -140,8 +140,9 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
 def take_lock(run_dir: Path) -> None:
     """One run per run directory: a lock file naming the process and host that holds it.
 
-    A lock left by a process that no longer runs on this host (killed, machine restarted) is
-    stale and taken over; one held by a live process, or by another host (which cannot be
+    A lock left by a process that no longer runs on this host (killed, machine restarted), or
+    by an earlier run of this same SLURM job (requeued, perhaps onto another node), is stale
+    and taken over; one held by a live process, or by another host (which cannot be
     checked from here), stops this run. The lock goes when the process exits.
     """
     import atexit
@@ -149,7 +150,8 @@ def take_lock(run_dir: Path) -> None:
     import socket
 
     path = run_dir / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "slurm_job": os.environ.get("SLURM_JOB_ID")}  # fmt: skip
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -158,8 +160,10 @@ def take_lock(run_dir: Path) -> None:
                 holder = json.loads(path.read_text())
             except (OSError, ValueError):
                 holder = {}
-            if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
-                print(f"warning: {path}: stale lock of pid {holder.get('pid')} (no longer running); taking it over")
+            requeued = me["slurm_job"] is not None and holder.get("slurm_job") == me["slurm_job"]
+            if requeued or (holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1)))):
+                why = f"left by SLURM job {me['slurm_job']} before it was requeued" if requeued else "no longer running"
+                print(f"warning: {path}: stale lock of pid {holder.get('pid')} ({why}); taking it over")
                 path.unlink(missing_ok=True)
                 continue
             raise ConfigError(

@@ -345,3 +345,86 @@ def test_images_vanishing_mid_run_are_skipped_and_counted(vanishing_copy, tmp_pa
     assert res.returncode == 0, res.stderr[-3000:]
     skipped = [r["train/skipped_images"] for r in epoch_records(run)]
     assert skipped == [0, len(names)], skipped
+
+
+# -- launch/slurm.sh: preemption, requeue, resume -----------------------------------------------------
+
+FAKE_SRUN = """#!{python}
+# srun as far as launch/slurm.sh needs it: run the task (the last argument, `bash -c CMD`) on this
+# node, and deliver the signals srun receives to every process of the step, as SLURM's process
+# tracking does (torchrun's training processes live in sessions of their own).
+import os, signal, subprocess, sys
+import psutil
+task = subprocess.Popen(sys.argv[sys.argv.index("bash"):], env={{**os.environ, "SLURM_NODEID": "0"}})
+def relay(signum, frame):
+    for p in [psutil.Process(task.pid), *psutil.Process(task.pid).children(recursive=True)]:
+        try:
+            p.send_signal(signum)
+        except psutil.Error:
+            pass
+for s in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(s, relay)
+sys.exit(task.wait())
+"""
+FAKE_SCONTROL = """#!/bin/bash
+# scontrol: 'show hostnames LIST' prints this machine; anything else is recorded.
+if [ "$1" = show ]; then echo 127.0.0.1; else echo "$*" >> "{log}"; fi
+"""
+
+
+@pytest.mark.slow
+def test_slurm_script_requeues_a_preempted_job_which_then_resumes(tiny_dataset, tmp_path):
+    """launch/slurm.sh with fake srun and scontrol on PATH, 2 processes: SIGUSR1 to the batch
+    script (SLURM's early warning) saves a state, the script requeues the job and exits 0; the
+    requeued job resumes and finishes without asking for another requeue."""
+    from .conftest import _free_port
+
+    bin_dir, log, run = tmp_path / "bin", tmp_path / "scontrol.log", tmp_path / "run"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN.format(python=sys.executable))
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL.format(log=log))
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = tool_env({
+        "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_NAME": "detector", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1]", "SLURM_NNODES": "1",
+        "SLURM_GPUS_ON_NODE": "2", "RUN_DIR": str(run), "LAUNCH_CONFIG": "launch/cpu2.yaml",
+    })  # fmt: skip
+    cmd = ["bash", "launch/slurm.sh", str(TINY), "logging.plots=false", "train.epochs=2",
+           "train.checkpoint_every_steps=2", *data_overrides(tiny_dataset)]  # fmt: skip
+    job = subprocess.Popen(cmd, env={**env, "MAIN_PORT": str(_free_port())}, cwd=ROOT, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _wait_for_state(run)
+        job.send_signal(signal.SIGUSR1)  # to the batch script, as `--signal=B:USR1@120` or scancel -s USR1 -b do
+        out, err = job.communicate(timeout=180)
+    finally:
+        with contextlib.suppress(Exception):
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, out[-2000:] + err[-3000:]
+    assert "requeueing job 4242" in out and log.read_text().split("\n")[0] == "requeue 4242", out[-2000:]
+    assert (run / "PREEMPTED").is_file()
+    res = subprocess.run(cmd, env={**env, "MAIN_PORT": str(_free_port())}, cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "resumed from" in res.stdout and "requeueing job" not in res.stdout, res.stdout[-2000:]
+    assert log.read_text().count("requeue") == 1 and not (run / "PREEMPTED").exists()
+    assert [r["epoch"] for r in epoch_records(run)][-1] == 2
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch, capsys):
+    """A job killed at its time limit leaves its lock; requeued (maybe onto another node) it must
+    start, while a different job on another host is still refused."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / runtime.LOCK_FILE
+    theirs = {"pid": 1, "host": "node-17", "started": "2026-11-24 10:00:00", "slurm_job": "4242"}
+    monkeypatch.setenv("SLURM_JOB_ID", "5151")
+    lock.write_text(json.dumps(theirs))
+    with pytest.raises(ConfigError, match="in use by another run .pid 1 on host node-17"):
+        runtime.take_lock(run)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    runtime.take_lock(run)
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "left by SLURM job 4242 before it was requeued" in capsys.readouterr().out
+    runtime._release(lock, os.getpid())
