@@ -145,6 +145,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 20  # stop after this many non-finite losses in a row
     time_limit_minutes: float = 0.0  # 0: no limit; else stop (with a checkpoint) after this long
+    # How long a process waits in a collective (all-reduce, barrier) for the others before it
+    # gives up: a process that died or hangs on another node then ends the run in minutes, not
+    # after torch's 30-minute default. Raise it if one process legitimately works alone longer.
+    dist_timeout_minutes: float = 10.0
     threads: int = 0  # torch intra-op threads per process; 0: the usable CPUs / processes on this machine
     # An exponential moving average of the weights: what validation scores and best.pt/last.pt hold.
     ema: bool = False
@@ -181,6 +185,9 @@ class WandbConfig:
     mode: Literal["online", "offline", "disabled"] = "online"
     log_checkpoint: bool = False
     num_images: int = 8
+    # The longest W&B may hold training up: connecting at the start (past it the run logs
+    # offline, to be uploaded later with `wandb sync`) and uploading at the end.
+    timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                 clip_grad_norm=cfg.train.clip_grad_norm, max_nonfinite_steps=cfg.train.max_nonfinite_steps,
                 nonfinite_in_row=pos["nonfinite_in_row"], should_stop=stop, on_step=on_step, progress=bar,
             )  # fmt: skip
+        except engine.DataFailure as exc:  # an image vanished or broke mid-run: keep the work done so far
+            save_state()
+            raise data.DatasetError(
+                f"{exc}. A state was saved at step {pos['step']}: restore the file and resume with train.resume=auto"
+            ) from None
         except engine.NonFiniteLossError as exc:
             save_weights("last.pt", metrics, epoch)
             log(f"error: {exc}. {run_dir / 'last.pt'} holds the last good weights.")
@@ -131,11 +136,19 @@ def main(argv: list[str] | None = None) -> int:
                 main_proc and cfg.logging.progress, total=len(val_sampler), desc="evaluate", leave=False,
                 interval=cfg.logging.progress_interval_s,
             )  # fmt: skip
-            val, coco, rows = engine.evaluate(
-                scored, val_loader, val_sampler.batch_ids(), accelerator, label_map, gt,
-                backend=cfg.eval.backend, seed=cfg.train.seed, progress=bar,
-            )  # fmt: skip
-            bar.close()
+            try:
+                val, coco, rows = engine.evaluate(
+                    scored, val_loader, val_sampler.batch_ids(), accelerator, label_map, gt,
+                    backend=cfg.eval.backend, seed=cfg.train.seed, progress=bar,
+                )  # fmt: skip
+            except engine.DataFailure as exc:  # the epoch's training is kept; its validation is not redone
+                save_state()
+                raise data.DatasetError(
+                    f"{exc}. The state after epoch {epoch + 1}'s training was saved (its validation is not repeated "
+                    "on resume): restore the file and resume with train.resume=auto"
+                ) from None
+            finally:
+                bar.close()
             metrics.update(val)
             if cfg.eval.best_metric not in val:  # a loss part this model does not have
                 parts = sorted(k for k in val if k.startswith("val/loss"))
