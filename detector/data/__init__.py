@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from detector import storage
 from detector.config import Config, DataConfig
 from detector.data.coco import MAX_LISTED, CocoDetection, CocoIndex, DatasetError, LabelMap
 from detector.data.synthetic import ensure_dataset
@@ -22,11 +23,11 @@ class Splits:
 
     train: CocoIndex
     val: CocoIndex
-    train_root: Path
-    val_root: Path
+    train_root: Path | str  # a folder, or an fsspec URL prefix (str)
+    val_root: Path | str
 
 
-def check_files(index: CocoIndex, root: Path, cfg: DataConfig) -> list[str]:
+def check_files(index: CocoIndex, root: Path | str, cfg: DataConfig) -> list[str]:
     """Act on what the index's file scan found (every missing/unreadable file, size mismatches).
 
     Returns the problems that were tolerated (and their images dropped, counted); raises
@@ -38,7 +39,7 @@ def check_files(index: CocoIndex, root: Path, cfg: DataConfig) -> list[str]:
         listed = "\n".join(f"  - {p}" for _, p in found["missing"][:MAX_LISTED])
         more = f"\n  ... and {len(found['missing']) - MAX_LISTED} more" if len(found["missing"]) > MAX_LISTED else ""
         raise DatasetError(
-            f"{index.path}: {len(found['missing'])} of {len(index)} image files are missing under {root}:\n{listed}{more}"
+            f"{index.path}: {len(found['missing'])} of {len(index)} image files are missing under {storage.redact(root)}:\n{listed}{more}"
         )
     for kind, setting in (
         ("too_large", cfg.on_invalid == "repair"),
@@ -75,8 +76,14 @@ def load_splits(cfg: Config, log: Callable[[str], None] = print, progress: Calla
         train_ann, val_ann = paths["train"], paths["val"]
         train_root, val_root = Path(s.root) / "train", Path(s.root) / "val"
     else:
-        train_ann, val_ann = Path(d.train.annotations), Path(d.val.annotations)  # type: ignore[arg-type]
-        train_root, val_root = Path(d.train.images), Path(d.val.images)  # type: ignore[arg-type]
+        for key in ("train.annotations", "train.images", "val.annotations", "val.images"):
+            split, field = key.split(".")
+            try:
+                storage.check_url(getattr(getattr(d, split), field), f"data.{key}")
+            except storage.StorageError as exc:
+                raise DatasetError(str(exc)) from None
+        train_ann, val_ann = storage.local_or_url(d.train.annotations), storage.local_or_url(d.val.annotations)  # type: ignore[arg-type]
+        train_root, val_root = storage.local_or_url(d.train.images), storage.local_or_url(d.val.images)  # type: ignore[arg-type]
     Image.MAX_IMAGE_PIXELS = d.max_image_pixels  # PIL's own bomb check follows the same limit
     opts = {
         "max_pixels": d.max_image_pixels,
