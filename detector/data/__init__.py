@@ -64,6 +64,23 @@ def check_files(index: CocoIndex, root: Path | str, cfg: DataConfig) -> list[str
     return problems
 
 
+def header_progress(enabled: bool, interval: float = 30.0) -> Callable:
+    """A progress wrapper for the start-up header scan (``CocoIndex(progress=...)``): one bar per
+    split, on the main process (the scan of an object-store prefix takes a while)."""
+    from detector import runtime
+
+    def wrap(iterable, total):
+        bar = runtime.progress(enabled, total=total, desc="reading image headers", unit="img", interval=interval)
+        try:
+            for item in iterable:
+                bar.update(1)
+                yield item
+        finally:
+            bar.close()
+
+    return wrap
+
+
 def load_splits(cfg: Config, log: Callable[[str], None] = print, progress: Callable | None = None) -> Splits:
     """Validate both splits (generating the demo data first when configured).
 
