@@ -15,7 +15,7 @@ import pytest
 from detector import storage
 from detector.data.coco import CocoIndex, DatasetError
 from detector.images import load_image
-from tests.conftest import epoch_records, train, write_coco
+from tests.conftest import epoch_records, run_tool_in_process, train, write_coco
 
 pytest.importorskip("s3fs", reason="pip install 'detector[s3]'")  # a declared dev dependency
 moto_server = pytest.importorskip("moto.server", reason="pip install 'moto[server]'")
@@ -94,6 +94,44 @@ def test_missing_objects_and_credentials_in_urls_are_named_without_secrets(s3, t
                   images_root=f"https://h/x?X-Amz-Credential={SECRET}")  # fmt: skip
 
 
+def test_header_scan_over_s3_lists_once_and_reads_headers_with_bounded_concurrency(s3, monkeypatch):
+    import threading
+    import time
+
+    from detector import images
+
+    fs = s3["fs"]
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{BUCKET}/tiny/train"))
+    calls = {"find": 0, "isfile": 0, "now": 0, "peak": 0}
+    lock = threading.Lock()
+    real_find, real_header = type(fs).find, images.header_info
+
+    def find(self, *a, **k):
+        calls["find"] += 1
+        return real_find(self, *a, **k)
+
+    def header(path, max_pixels=None):
+        with lock:
+            calls["now"] += 1
+            calls["peak"] = max(calls["peak"], calls["now"])
+        time.sleep(0.02)  # a slow round trip: the pool fills up
+        try:
+            return real_header(path, max_pixels)
+        finally:
+            with lock:
+                calls["now"] -= 1
+
+    monkeypatch.setattr(type(fs), "find", find)
+    monkeypatch.setattr(images, "header_info", header)
+    seen = []
+    found = images.scan_images(f"{s3['url']}/train", [*names, "gone.jpg"], None, threads=32,
+                               progress=lambda it, total: (seen.append(total), it)[1])  # fmt: skip
+    assert found["missing"] == [(len(names), f"{s3['url']}/train/gone.jpg")] and not found["unreadable"]
+    assert calls["find"] == 1  # one listing of the prefix, not a request per file
+    assert 1 < calls["peak"] <= storage.MAX_REMOTE_THREADS  # concurrent, and bounded even when asked for 32
+    assert seen == [len(names)]  # the progress bar saw every header read
+
+
 @pytest.mark.slow
 def test_two_process_training_from_s3_matches_the_local_folder(s3, tiny_dataset, tmp_path):
     """1 epoch, 2 processes: the same losses and COCO metrics from S3 as from the local folder
@@ -113,6 +151,28 @@ def test_two_process_training_from_s3_matches_the_local_folder(s3, tiny_dataset,
     written = [out_s3, *(p.read_text(errors="replace") for p in (tmp_path / "s3").glob("*") if p.suffix in (".yaml", ".jsonl", ".csv", ".txt", ".log"))]  # fmt: skip
     assert not any(SECRET in text or "AKIDTESTONLY" in text for text in written)  # ...the keys never
     assert out_local
+
+    # evaluate.py and infer.py read their inputs from the same URLs (in this process, where the
+    # server's environment is set; a DataLoader worker reads the images for evaluate): the scores
+    # of last.pt are the ones training logged for it, the detections those on the local folder
+    out = tmp_path / "eval_s3.json"
+    args = ["--checkpoint", tmp_path / "s3" / "last.pt", "--annotations", f"{url}/val.json", "--images", f"{url}/val",
+            "--batch-size", "2", "--num-workers", "1", "--output", out]  # fmt: skip
+    assert run_tool_in_process("evaluate.py", *args) == 0
+    scored = json.loads(out.read_text())
+    common = [k for k in scored if f"val/{k}" in want]
+    assert "mAP" in common and "loss" in common
+    # (losses to float rounding: this process runs torch with more threads than the launched ones)
+    assert {k: scored[k] for k in common} == pytest.approx({k: want[f"val/{k}"] for k in common}, rel=1e-6)
+    found = {}
+    for where, inputs in (("s3", f"{url}/val"), ("local", tiny_dataset["root"] / "val")):
+        args = ["--checkpoint", tmp_path / "s3" / "last.pt", "--score-threshold", "0.0", "--batch-size", "8",
+                "--no-draw", "--output", tmp_path / f"infer_{where}", inputs]  # fmt: skip
+        assert run_tool_in_process("infer.py", *args) == 0
+        images = json.loads((tmp_path / f"infer_{where}" / "images.json").read_text())["images"]
+        results = json.loads((tmp_path / f"infer_{where}" / "results.json").read_text())
+        found[where] = ([Path(str(im["file_name"])).name for im in images], results)
+    assert found["s3"] == found["local"] and len(found["s3"][0]) == 7 and found["s3"][1]
 
 
 class _Remote(dict):
