@@ -206,7 +206,7 @@ def videos(tmp_path_factory) -> Path:
     return write_coco(tmp_path_factory.mktemp("split") / "all.json", images, anns, cats)
 
 
-SHARE_TOLERANCE = 0.1  # stated: each class's share of annotations per split is within 0.1 of its ratio (worst seen over 30 seeds: 0.067)
+SHARE_TOLERANCE = 0.05  # stated: each class's share of annotations per split is within 0.05 of its ratio (worst seen over 30 seeds and 3 ratio sets: 0.03)
 
 
 @pytest.mark.parametrize("ratios", [(0.8, 0.2), (0.6, 0.2, 0.2)])
@@ -252,10 +252,19 @@ def test_split_and_merge_refuse_bad_input_like_the_data_layer(videos, tmp_path, 
 
 
 def test_merge_matches_categories_by_name(tmp_path, capsys):
-    a = write_coco(tmp_path / "a.json", [{"id": 1, "file_name": "x.jpg", "width": 50, "height": 50}],
-                   [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]},
-                    {"id": 2, "image_id": 1, "category_id": 2, "bbox": [1, 1, 6, 6]}],
-                   [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}])  # fmt: skip
+    a = write_coco(
+        tmp_path / "a.json",
+        [{"id": 1, "file_name": "x.jpg", "width": 50, "height": 50}],
+        [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [1, 1, 6, 6]},
+        ],
+        [
+            {"id": 0, "name": "animals"},
+            {"id": 1, "name": "cat", "supercategory": "animals"},
+            {"id": 2, "name": "dog", "supercategory": "animals"},
+        ],
+    )  # fmt: skip  (Roboflow's placeholder 0)
     b = write_coco(tmp_path / "b.json", [{"id": 1, "file_name": "x.jpg", "width": 50, "height": 50}],
                    [{"id": 1, "image_id": 1, "category_id": 0, "bbox": [2, 2, 5, 5]},
                     {"id": 2, "image_id": 1, "category_id": 1, "bbox": [3, 3, 5, 5]}],

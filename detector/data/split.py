@@ -202,7 +202,8 @@ def merge(
 
     Returns:
         (merged json, a few lines on what was matched). Category ids are 1..K in order of first
-        appearance; image and annotation ids are renumbered from 1.
+        appearance (unused placeholder categories, which CocoIndex leaves out, are dropped);
+        image and annotation ids are renumbered from 1.
 
     Raises:
         DatasetError: an input the data layer refuses, or the same image file in two inputs.
@@ -220,14 +221,18 @@ def merge(
         index, data = load_strict(path)
         prefix = (prefixes[f].rstrip("/") + "/") if prefixes and prefixes[f] else ""
         cat_map = {}
+        placeholders = {c for c, _ in index.dropped_categories}  # Roboflow's unused dataset-level category
         for c in data["categories"]:
+            if c["id"] in placeholders:
+                continue
             name = renames.get(str(c.get("name")), str(c.get("name")))
             if name not in names:
                 names[name] = len(names) + 1
             cat_map[c["id"]] = names[name]
         moved = {c: t for c, t in cat_map.items() if c != t}
         notes.append(f"{path}: {len(index)} images, {index.num_annotations} annotations"
-                     + (f"; category ids {moved} renumbered by name" if moved else ""))  # fmt: skip
+                     + (f"; category ids {moved} renumbered by name" if moved else "")
+                     + "".join(f"; unused placeholder category {c} '{n}' left out" for c, n in index.dropped_categories))  # fmt: skip
         img_map = {}
         for im in data["images"]:
             name = prefix + im["file_name"].replace("\\", "/")
@@ -250,5 +255,5 @@ def merge(
             f"{len(clashes)} image file(s) appear in more than one input (give --prefix per file if they are "
             f"different images under different roots):\n{shown}"
         )
-    categories = [{"id": i, "name": n, "supercategory": ""} for n, i in names.items()]
+    categories = [{"id": i, "name": n} for n, i in names.items()]
     return {"images": images, "annotations": annotations, "categories": categories}, notes
