@@ -186,3 +186,16 @@ class _Remote(dict):
 class _Url(str):
     def __truediv__(self, other: str) -> str:
         return f"{self}/{other}"
+
+
+def test_config_refuses_credentials_in_urls_before_anything_is_written():
+    from detector import config
+    from tests.conftest import TINY
+
+    urls = [f"data.train.annotations=s3://{BUCKET}/t.json", f"data.val.annotations=s3://{BUCKET}/v.json",
+            f"data.train.images=s3://AKIDTESTONLY:{SECRET}@{BUCKET}/img", f"data.val.images=s3://{BUCKET}/img"]  # fmt: skip
+    with pytest.raises(config.ConfigError) as err:
+        config.load(TINY, urls)
+    assert str(err.value).startswith(f"data.train.images: s3://{BUCKET}/img: credentials in the URL are not accepted")
+    assert SECRET not in str(err.value) and "AKIDTESTONLY" not in str(err.value)
+    config.load(TINY, [u.replace(f"AKIDTESTONLY:{SECRET}@", "") for u in urls])  # without them: accepted
