@@ -119,8 +119,12 @@ def test_voc_round_trip(truth, tmp_path, capsys):
     sizes = {im["file_name"]: (im["width"], im["height"]) for im in truth["data"]["images"]}
     for f, boxes in _by_image(truth["data"]).items():
         (xmls / (Path(f).stem + ".xml")).write_text(_voc_xml(f, *sizes[f], boxes))
+    first = xmls / "img_00.xml"
+    first.write_text(first.read_text().replace("<difficult>0</difficult>", "<difficult>1</difficult>", 1))
     out = tmp_path / "voc.json"
+    capsys.readouterr()
     assert run_tool_in_process("convert_dataset.py", "voc", xmls, "--images", truth["images"], "--output", out) == 0
+    assert "VOC objects marked difficult (kept as ordinary annotations): 1" in capsys.readouterr().out
     _assert_round_trip(truth, out)
     # the other convention on the same files: every box moves by one pixel, so the strict boxes differ
     run_tool_in_process("convert_dataset.py", "voc", xmls, "--images", truth["images"], "--output", out,

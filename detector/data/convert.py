@@ -14,7 +14,8 @@ what this module therefore does itself:
   a whole W-wide image is xmin=1, xmax=W): ``voc_origin=1`` (the default) maps them to COCO's
   continuous frame as x = xmin - 1, w = xmax - xmin + 1 (detectron2 reads VOC the same way);
   ``voc_origin=0`` takes them as 0-based continuous coordinates (what CVAT and Label Studio
-  write in their VOC exports);
+  write in their VOC exports); objects marked ``difficult`` stay ordinary annotations (COCO has
+  no such flag), counted;
 - every error names the source file (and line or object) at fault, and the result is checked
   by loading it with ``CocoIndex`` in strict mode (``on_invalid=error``) against the images.
 """
@@ -167,15 +168,19 @@ def _check_yolo_lines(path: Path, lines: list[str], num_classes: int, problems: 
     return len(problems.items) == before
 
 
-def _from_voc(folder: Path, origin: int, problems: _Problems):
+def _from_voc(folder: Path, origin: int, problems: _Problems, counts: Counter):
     globox = _globox()
     out = []
     for xml in sorted(folder.rglob("*.xml")):
         try:
             ann = globox.Annotation.from_xml(xml)
-        except (globox.ParsingError, ValueError, AssertionError) as exc:
+            # globox drops VOC's difficult flag; COCO has none either: such objects stay, counted
+            difficult = sum(o.findtext("difficult", "0").strip() == "1" for o in ET.parse(xml).getroot().iter("object"))
+        except (globox.ParsingError, ET.ParseError, ValueError, AssertionError) as exc:
             problems.add(str(xml), f"not a Pascal VOC annotation: {exc or 'needs filename, size and objects'}")
             continue
+        if difficult:
+            counts["VOC objects marked difficult (kept as ordinary annotations)"] += difficult
         shift = 1.0 if origin == 1 else 0.0  # 1-based inclusive pixel indices: see the module docstring
         boxes = [(b.label, b.xmin - shift, b.ymin - shift, b.xmax, b.ymax, f"{xml} object {k + 1}")
                  for k, b in enumerate(ann.boxes)]  # fmt: skip
@@ -277,7 +282,7 @@ def convert(
             )
         items = _from_yolo(source, images, classes, problems, counts)
     elif fmt == "voc":
-        items = _from_voc(source, voc_origin, problems)
+        items = _from_voc(source, voc_origin, problems, counts)
     elif fmt == "cvat":
         items, cvat_labels = _from_cvat(source, problems, counts)
         classes = classes or cvat_labels or None
