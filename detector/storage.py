@@ -150,11 +150,17 @@ def isfile(path: str | os.PathLike) -> bool:
 
 def existing(root: str | os.PathLike, names: list[str]) -> list[bool]:
     """Which of root/name exist. Under a URL the prefix is listed once (a few paged requests)
-    rather than asked about file by file (one round trip each)."""
+    rather than asked about file by file (one round trip each); http(s) roots, which cannot be
+    listed, are asked per file, MAX_REMOTE_THREADS at a time."""
     if not is_url(root):
         return [os.path.isfile(os.path.join(root, n)) for n in names]
     fs, p = _fs(str(root))
     p = p.rstrip("/")
+    if str(root).startswith(("http://", "https://")):  # a web server cannot be listed: ask per file
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(MAX_REMOTE_THREADS) as pool:
+            return list(pool.map(lambda n: isfile(join(root, n)), names))
     try:
         listed = {f[len(p) + 1 :] for f in fs.find(p)} if names else set()
     except FileNotFoundError:

@@ -199,3 +199,31 @@ def test_config_refuses_credentials_in_urls_before_anything_is_written():
     assert str(err.value).startswith(f"data.train.images: s3://{BUCKET}/img: credentials in the URL are not accepted")
     assert SECRET not in str(err.value) and "AKIDTESTONLY" not in str(err.value)
     config.load(TINY, [u.replace(f"AKIDTESTONLY:{SECRET}@", "") for u in urls])  # without them: accepted
+
+
+def test_http_image_root_without_listing(tiny_dataset):
+    """Another fsspec backend: a plain web server (which cannot list a folder) on 127.0.0.1."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tiny_dataset["root"])))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        remote = CocoIndex(f"{url}/val.json", images_root=f"{url}/val")
+        local = CocoIndex(tiny_dataset["val"], images_root=tiny_dataset["root"] / "val")
+        assert not any(remote.files[k] for k in ("missing", "unreadable", "size_mismatch"))
+        np.testing.assert_array_equal(remote.boxes, local.boxes)
+        a, _, _ = load_image(f"{url}/val/{local.file_name(0)}")
+        b, _, _ = load_image(tiny_dataset["root"] / "val" / local.file_name(0))
+        np.testing.assert_array_equal(a, b)
+        assert storage.existing(f"{url}/val", [local.file_name(0), "gone.jpg"]) == [True, False]
+    finally:
+        server.shutdown()
+        thread.join()
