@@ -20,8 +20,10 @@ NAMES = ["cat", "dog", "zebra"]  # "zebra" unused by some images; YOLO index ord
 
 @pytest.fixture(scope="module")
 def truth(tmp_path_factory) -> dict:
-    """12 small images of various sizes (some in a subfolder, two without objects) and their
-    boxes on integer pixel edges (so VOC's integer coordinates can hold them exactly)."""
+    """12 small images of various sizes (some in a subfolder, two without objects, one with an
+    EXIF rotation whose labels are on the displayed image, so YOLO's normalised boxes only come
+    back right with the size after EXIF) and their boxes on integer pixel edges (so VOC's
+    integer coordinates can hold them exactly)."""
     root = tmp_path_factory.mktemp("convert")
     images_dir = root / "images"
     rng = random.Random(3)
@@ -30,7 +32,12 @@ def truth(tmp_path_factory) -> dict:
         w, h = rng.randint(64, 128), rng.randint(64, 128)
         name = f"{'sub/' if i % 4 == 0 else ''}img_{i:02d}.jpg"
         (images_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (w, h), (i * 20, 40, 90)).save(images_dir / name)
+        if i == 5:  # stored h x w with EXIF "rotate 90": displayed (and labelled) w x h
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            Image.new("RGB", (h, w), (i * 20, 40, 90)).save(images_dir / name, exif=exif)
+        else:
+            Image.new("RGB", (w, h), (i * 20, 40, 90)).save(images_dir / name)
         images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
         for _ in range(0 if i in (3, 7) else rng.randint(1, 3)):
             bw, bh = rng.randint(8, w // 2), rng.randint(8, h // 2)
@@ -137,7 +144,7 @@ def test_voc_round_trip(truth, tmp_path, capsys):
     assert "broken.xml: not a Pascal VOC annotation" in err
 
 
-def test_cvat_and_labelme_round_trip(truth, tmp_path):
+def test_cvat_and_labelme_round_trip(truth, tmp_path, capsys):
     sizes = {im["file_name"]: (im["width"], im["height"]) for im in truth["data"]["images"]}
     by_image = _by_image(truth["data"])
     labels = "".join(f"<label><name>{n}</name></label>" for n in NAMES)
@@ -172,9 +179,16 @@ def test_cvat_and_labelme_round_trip(truth, tmp_path):
     try:
         assert run_tool_in_process("convert_dataset.py", "labelme", lm, "--images", lm, "--output", out) == 0
         _assert_round_trip(truth, out)
+        written.append(lm / "broken.json")
+        written[-1].write_text('{"shapes": []}')
+        err = refused(capsys, "convert_dataset.py", "labelme", lm, "--images", lm, "--output", out)
+        assert "broken.json: not a labelme file" in err
     finally:
         for js in written:
             js.unlink()
+    xml.write_text(xml.read_text().replace('occluded="0"', 'occluded="0" rotation="30"', 1))
+    err = refused(capsys, "convert_dataset.py", "cvat", xml, "--images", truth["images"], "--output", out)
+    assert "box 1: rotated by 30 degrees" in err
 
 
 def test_convert_result_is_checked_against_the_images(truth, tmp_path, capsys):
