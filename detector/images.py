@@ -199,6 +199,8 @@ def scan_images(
     remote = storage.is_url(root)
     try:
         exists = storage.existing(root, names)
+    except storage.StorageError:
+        raise
     except ValueError as exc:  # e.g. a NUL byte in a file name
         raise ImageDecodeError(f"bad file name under {storage.redact(root)}: {exc}") from None
     if remote:

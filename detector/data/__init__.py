@@ -93,12 +93,6 @@ def load_splits(cfg: Config, log: Callable[[str], None] = print, progress: Calla
         train_ann, val_ann = paths["train"], paths["val"]
         train_root, val_root = Path(s.root) / "train", Path(s.root) / "val"
     else:
-        for key in ("train.annotations", "train.images", "val.annotations", "val.images"):
-            split, field = key.split(".")
-            try:
-                storage.check_url(getattr(getattr(d, split), field), f"data.{key}")
-            except storage.StorageError as exc:
-                raise DatasetError(str(exc)) from None
         train_ann, val_ann = storage.local_or_url(d.train.annotations), storage.local_or_url(d.val.annotations)  # type: ignore[arg-type]
         train_root, val_root = storage.local_or_url(d.train.images), storage.local_or_url(d.val.images)  # type: ignore[arg-type]
     Image.MAX_IMAGE_PIXELS = d.max_image_pixels  # PIL's own bomb check follows the same limit

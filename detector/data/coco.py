@@ -261,7 +261,7 @@ class CocoIndex:
                 root, names, np.stack([widths, heights], 1), read_headers, progress, max_pixels=max_pixels
             )
         except (storage.StorageError, OSError) as exc:  # a URL prefix that cannot be listed
-            raise DatasetError(f"{storage.redact(self.path)}: image root {storage.redact(root)}: {exc}") from None
+            raise DatasetError(f"{storage.redact(self.path)}: image root: {exc}") from None  # exc names the URL
         swapped = [i for i, _ in found["exif_swapped"]]
         if swapped:
             widths, heights = widths.copy(), heights.copy()
