@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector import runtime  # noqa: E402
+from detector.data.coco import DatasetError  # noqa: E402
 from detector.data.convert import FORMATS, convert, read_class_names, validate  # noqa: E402
 
 
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     bar = runtime.progress(True, desc="checking the result", unit="img")
     try:
         index = validate(tmp, args.images, progress=lambda it, total: _wrap(bar, it, total))
+    except DatasetError as exc:  # named after the file it would have been
+        tmp.unlink(missing_ok=True)
+        raise DatasetError(str(exc).replace(str(tmp), f"{out} (not written)"), exc.problems) from None
     finally:
         bar.close()
     tmp.replace(out)  # only a file that loads cleanly is written
