@@ -300,3 +300,14 @@ def test_merge_matches_categories_by_name(tmp_path, capsys):
     assert got == [("A/x.jpg", "cat", [1, 1, 5, 5]), ("A/x.jpg", "dog", [1, 1, 6, 6]),
                    ("B/x.jpg", "car", [3, 3, 5, 5]), ("B/x.jpg", "dog", [2, 2, 5, 5])]  # fmt: skip
     assert CocoIndex(out, on_invalid="error").label_map.names == ("cat", "dog", "car")
+
+
+def test_group_keys():
+    from detector.data.split import group_keys
+
+    names = ["cam1/a.jpg", "cam1/b.jpg", "cam2/a.jpg", "c.jpg"]
+    assert group_keys(names, "dir") == ["cam1", "cam1", "cam2", "."]
+    assert group_keys(names, "none") == names
+    assert group_keys(names[:3], regex=r"^cam(\d)/") == ["1", "1", "2"]  # the first group is the key
+    with pytest.raises(DatasetError, match="does not match 1 file name"):
+        group_keys(names, regex=r"^cam(\d)/")
