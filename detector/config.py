@@ -315,6 +315,8 @@ def validate(cfg: Config) -> None:
 
     check_keys(cfg.model)
     if not cfg.data.synthetic.enabled:
+        from detector import storage
+
         for split in ("train", "val"):
             s = getattr(cfg.data, split)
             if not s.annotations or not s.images:
@@ -322,6 +324,11 @@ def validate(cfg: Config) -> None:
                     f"data.{split}.annotations and data.{split}.images must be set "
                     f"(e.g. data.{split}.annotations=path/to/{split}.json data.{split}.images=path/to/images)"
                 )
+            for key in ("annotations", "images"):  # before config.yaml is written into the run directory
+                try:
+                    storage.check_url(getattr(s, key), f"data.{split}.{key}")
+                except storage.StorageError as exc:
+                    raise ConfigError(str(exc)) from None
 
 
 COCO_STATS = (

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector import runtime  # noqa: E402
+from detector import runtime, storage  # noqa: E402
 from detector.config import DataConfig  # noqa: E402
 from detector.data import check_files  # noqa: E402
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError, read_json  # noqa: E402
@@ -71,7 +71,7 @@ def evaluate_checkpoint(args) -> dict | None:
     )
     # Images resized since labelling would be scored in the wrong frame: the same checks as training.
     data_cfg = DataConfig(on_invalid=args.on_invalid, on_corrupt_image=args.on_corrupt_image)
-    for problem in check_files(index, Path(args.images), data_cfg):
+    for problem in check_files(index, storage.local_or_url(args.images), data_cfg):
         accelerator.print(f"warning: {problem}")
     accelerator.print(index.summary())
     coco_gt = index.to_coco_gt()

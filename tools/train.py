@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"run directory {run_dir}; {runtime.world_info(accelerator)}")
 
     # -- build: data, model, optimizer ---------------------------------------------------------------
-    splits = data.load_splits(cfg, log)
+    splits = data.load_splits(cfg, log, data.header_progress(main_proc and cfg.logging.progress, cfg.logging.progress_interval_s))  # fmt: skip
     label_map = splits.train.label_map
     config.check_metric_name(cfg.eval.best_metric, list(label_map.names))
     best_mode = config.best_mode(cfg.eval)
