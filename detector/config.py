@@ -171,6 +171,9 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
     mode: Literal["online", "offline", "disabled"] = "online"
     log_checkpoint: bool = False
+    # The train and val json as a W&B dataset artifact of this name, declared as the run's input
+    # (stored once per content); null: not logged (the fingerprint is recorded either way).
+    dataset_artifact: str | None = None
     num_images: int = 8
 
 

@@ -4,7 +4,8 @@
     python tools/evaluate.py --predictions results.json --annotations A [--images I] [--output metrics.json]
 
 Prints the 12 COCO stats and a per-class AP table; --output writes them as one flat JSON object;
---results writes the model's COCO results json; --plots DIR writes the PR curves and AP bars.
+--results writes the model's COCO results json; --plots DIR writes the PR curves and AP bars;
+--wandb logs the stats to the W&B run that trained the checkpoint (as test/<stat>, beside its curves).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def evaluate_checkpoint(args) -> dict | None:
         rows = [{**r, "category_id": back.get(r["category_id"], r["category_id"])} for r in rows]
         Path(args.results).write_text(json.dumps(rows))
     flat = {k.removeprefix("val/"): v for k, v in metrics.items()}
-    return {"metrics": flat, "result": result}
+    return {"metrics": flat, "result": result, "meta": meta, "index": index}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,12 +122,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", help="write the stats as one flat JSON object")
     ap.add_argument("--results", help="write the model's detections as a COCO results json")
     ap.add_argument("--plots", help="folder for the PR curves and per-class AP plots")
+    ap.add_argument("--wandb", action="store_true", help="log the stats to the W&B run that trained the checkpoint")
+    ap.add_argument("--wandb-prefix", default="test", help="the stats' W&B names: PREFIX/mAP... (default: test)")
     args = ap.parse_args(argv)
+    if args.wandb:  # before evaluating: the checkpoint must name its run
+        if not args.checkpoint:
+            raise DatasetError("--wandb needs --checkpoint (the run is the one that trained it)")
+        from detector import lineage, weights
+
+        lineage.checkpoint_run(weights.read(args.checkpoint), args.checkpoint)
     out = score_file(args) if args.predictions else evaluate_checkpoint(args)
     if out is None:  # not the main process
         return 0
     if args.output:
         Path(args.output).write_text(json.dumps(out["metrics"], indent=1))
+    if args.wandb:
+        from detector import lineage
+
+        dataset = lineage.split_fingerprint(out["index"], args.images)
+        lineage.log_evaluation(args.checkpoint, out["meta"], out["metrics"], dataset, args.wandb_prefix)
     if args.plots:
         from detector.plots import plot_per_class_ap, plot_pr
 
