@@ -9,6 +9,7 @@ the checkpoint.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -290,6 +291,11 @@ def validate(cfg: Config) -> None:
         (
             cfg.model.min_size is None or cfg.model.max_size is None or cfg.model.min_size <= cfg.model.max_size,
             "model.min_size must be <= model.max_size",
+        ),
+        (
+            cfg.logging.wandb.dataset_artifact is None
+            or re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.logging.wandb.dataset_artifact) is not None,
+            "logging.wandb.dataset_artifact: a W&B artifact name has only letters, digits, '-', '_' and '.'",
         ),
     ]
     for ok, message in checks:

@@ -153,7 +153,7 @@ def test_git_info_outside_a_checkout_and_when_git_hangs(tmp_path, monkeypatch):
     assert lineage.git_info(installed) == {"commit": None, "dirty": None}
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "git").write_text("#!/bin/sh\nsleep 30\n")
+    (fake / "git").write_text("#!/bin/sh\nexec sleep 30\n")
     (fake / "git").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
     t0 = time.monotonic()
@@ -161,6 +161,11 @@ def test_git_info_outside_a_checkout_and_when_git_hangs(tmp_path, monkeypatch):
     assert time.monotonic() - t0 < 5
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # no git at all
     assert lineage.git_info(ROOT) == {"commit": None, "dirty": None}
+
+
+def test_bad_dataset_artifact_name_is_a_config_error():
+    with pytest.raises(config.ConfigError, match="logging.wandb.dataset_artifact"):
+        config.load(TINY, ["logging.wandb.dataset_artifact=my data:v1", "data.synthetic.enabled=true"])
 
 
 def test_file_sha256_streams(tmp_path):
