@@ -228,6 +228,7 @@ def test_lineage_in_run_files_and_best_pt(wandb_run, tiny_dataset):
     assert best["lineage"] == fp == json.loads((wandb_run / "lineage.json").read_text())
     run_id = next(r.run.run_id for r in records if r.WhichOneof("record_type") == "run")
     assert best["wandb_run"]["id"] == run_id and best["wandb_run"]["mode"] == "offline"
+    assert artifacts["model"].run_id == run_id == artifacts["dataset"].run_id  # both logged by this run
 
 
 @pytest.mark.slow
