@@ -245,6 +245,7 @@ def log_evaluation(
     mode = ref.get("mode") or "online"
     if mode == "online" and not _online(log):
         mode = "offline"
+    wandb_cfg = ((meta.get("config") or {}).get("logging") or {}).get("wandb") or {}
     run = wandb.init(
         id=ref["id"],
         project=ref.get("project"),
@@ -252,6 +253,7 @@ def log_evaluation(
         resume="allow",
         mode=mode,
         dir=str(Path(checkpoint).resolve().parent),
+        settings=wandb.Settings(init_timeout=float(wandb_cfg.get("timeout_s") or 90.0)),  # the run's own bound
     )
     try:
         run.define_metric(STEP_KEY)
