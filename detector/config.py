@@ -9,6 +9,7 @@ the checkpoint.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -184,6 +185,9 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
     mode: Literal["online", "offline", "disabled"] = "online"
     log_checkpoint: bool = False
+    # The train and val json as a W&B dataset artifact of this name, declared as the run's input
+    # (stored once per content); null: not logged (the fingerprint is recorded either way).
+    dataset_artifact: str | None = None
     num_images: int = 8
     # The longest W&B may hold training up: connecting at the start (past it the run logs
     # offline, to be uploaded later with `wandb sync`) and uploading at the end.
@@ -305,6 +309,11 @@ def validate(cfg: Config) -> None:
         (
             cfg.model.min_size is None or cfg.model.max_size is None or cfg.model.min_size <= cfg.model.max_size,
             "model.min_size must be <= model.max_size",
+        ),
+        (
+            cfg.logging.wandb.dataset_artifact is None
+            or re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.logging.wandb.dataset_artifact) is not None,
+            "logging.wandb.dataset_artifact: a W&B artifact name has only letters, digits, '-', '_' and '.'",
         ),
     ]
     for ok, message in checks:

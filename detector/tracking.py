@@ -135,11 +135,11 @@ class RunLogger:
         if self.wandb_run is not None and images:
             self.wandb_run.log({key: images, STEP_KEY: step})
 
-    def log_artifact(self, path: str | Path, name: str, kind: str = "model") -> None:
+    def log_artifact(self, path: str | Path, name: str, kind: str = "model", metadata: dict | None = None) -> None:
         if self.wandb_run is not None:
             import wandb
 
-            art = wandb.Artifact(name, type=kind)
+            art = wandb.Artifact(name, type=kind, metadata=metadata)
             art.add_file(str(path))
             self.wandb_run.log_artifact(art)
 

@@ -8,6 +8,7 @@ Prints the 12 COCO stats and a per-class AP table; --output writes them as one f
 the error analysis (detector/analysis.py): analysis.json, the confusion matrix at --confusion-iou and
 --confusion-score, per-class P/R/F1 at the best-F1 threshold, AP by object size and (with --images)
 galleries of the images with the most false positives and missed objects.
+--wandb logs the stats to the W&B run that trained the checkpoint (as test/<stat>, beside its curves).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def evaluate_checkpoint(args) -> dict | None:
         own = [{**r, "category_id": back.get(r["category_id"], r["category_id"])} for r in rows]
         Path(args.results).write_text(json.dumps(own))
     flat = {k.removeprefix("val/"): v for k, v in metrics.items()}
-    return {"metrics": flat, "result": result, "gt": coco_gt, "rows": rows}
+    return {"metrics": flat, "result": result, "gt": coco_gt, "rows": rows, "meta": meta, "index": index}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,14 +131,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--confusion-score", type=float, default=0.25,
                     help="score threshold of the confusion matrix and galleries")  # fmt: skip
     ap.add_argument("--gallery", type=int, default=8, help="images per gallery of worst images (0: none)")
+    ap.add_argument("--wandb", action="store_true", help="log the stats to the W&B run that trained the checkpoint")
+    ap.add_argument("--wandb-prefix", default="test", help="the stats' W&B names: PREFIX/mAP... (default: test)")
     args = ap.parse_args(argv)
     if not 0 < args.confusion_iou <= 1:
         ap.error(f"--confusion-iou {args.confusion_iou} is not in (0, 1]")
+    if args.wandb:  # before evaluating: the checkpoint must name its run
+        if not args.checkpoint:
+            raise DatasetError("--wandb needs --checkpoint (the run is the one that trained it)")
+        from detector import lineage, weights
+
+        lineage.checkpoint_run(weights.read(args.checkpoint), args.checkpoint)
     out = score_file(args) if args.predictions else evaluate_checkpoint(args)
     if out is None:  # not the main process
         return 0
     if args.output:
         Path(args.output).write_text(json.dumps(out["metrics"], indent=1))
+    if args.wandb:
+        from detector import lineage
+
+        dataset = lineage.split_fingerprint(out["index"], args.images)
+        lineage.log_evaluation(args.checkpoint, out["meta"], out["metrics"], dataset, args.wandb_prefix)
     if args.plots:
         from detector.plots import plot_per_class_ap, plot_pr
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from detector import analysis, checkpoint, config, data, engine, optim, runtime  # noqa: E402
+from detector import analysis, checkpoint, config, data, engine, lineage, optim, runtime  # noqa: E402
 from detector.data.loader import EvalBatchSampler, TrainBatchSampler, build_loader, steps_per_epoch  # noqa: E402
 from detector.models import build_model, model_input_size  # noqa: E402
 from detector.report import epoch_report  # noqa: E402
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     # -- build: data, model, optimizer ---------------------------------------------------------------
     splits = data.load_splits(cfg, log, data.header_progress(main_proc and cfg.logging.progress, cfg.logging.progress_interval_s))  # fmt: skip
     label_map = splits.train.label_map
+    fingerprint = lineage.fingerprint(cfg, splits) if main_proc else None  # dataset, code, config, versions
     config.check_metric_name(cfg.eval.best_metric, list(label_map.names))
     best_mode = config.best_mode(cfg.eval)
     if not cfg.eval.best_metric.startswith("val/loss") and not (~splits.val.iscrowd).any():
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         pos = checkpoint.adapt_position(pos, layout, spe, lr, optimizer, scheduler, log)
     logger = RunLogger(run_dir, enabled=main_proc)
     pos["wandb_id"] = logger.start_wandb(cfg.logging.wandb, config.to_dict(cfg), pos["wandb_id"], log, pos["step"])
+    if main_proc:  # lineage.json, the W&B dataset artifact and the fingerprint in the W&B config
+        lineage.record(run_dir, fingerprint, logger.wandb_run, cfg.logging.wandb.dataset_artifact, log)
+    provenance = {"lineage": fingerprint, "wandb_run": lineage.wandb_ref(logger.wandb_run)}  # into best.pt/last.pt
     stop = runtime.StopFlag(cfg.train.time_limit_minutes)
     gt = splits.val.to_coco_gt()
 
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save_weights(name: str, metrics: dict, epoch: int) -> None:
         checkpoint.save_weights(run_dir / name, accelerator, scored, cfg, label_map, metrics, epoch, pos["step"],
-                                {"ema": ema is not None})  # fmt: skip
+                                {"ema": ema is not None, **provenance})  # fmt: skip
 
     def on_step(record: dict) -> None:  # logging, weight average and mid-epoch checkpoints
         pos["step"] += 1
@@ -181,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- finish --------------------------------------------------------------------------------------
     if main_proc and cfg.logging.wandb.log_checkpoint and (run_dir / "best.pt").is_file():
-        logger.log_artifact(run_dir / "best.pt", f"best-{run_dir.name}")
+        logger.log_artifact(run_dir / "best.pt", f"best-{run_dir.name}",
+                            metadata=lineage.model_metadata(fingerprint, pos["best_epoch"], {cfg.eval.best_metric: pos["best"]}))  # fmt: skip
     logger.close()
     log(summary_table(runtime.summary_rows(metrics, pos, cfg, run_dir)))
     accelerator.wait_for_everyone()
