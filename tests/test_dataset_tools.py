@@ -15,6 +15,8 @@ from detector.data.coco import CocoIndex, DatasetError
 from detector.evaluation import evaluate_coco
 from tests.conftest import run_tool_in_process, write_coco
 
+pytestmark = [pytest.mark.xdist_group("dataset_tools")]  # its module fixtures are built once, on one xdist worker
+
 NAMES = ["cat", "dog", "zebra"]  # "zebra" unused by some images; YOLO index order differs from sorted order below
 
 

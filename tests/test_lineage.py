@@ -22,6 +22,8 @@ from detector.compare import runs_table, write_table
 from .conftest import ROOT, TINY, data_overrides, launch, run_tool, run_tool_in_process
 from .test_tracking import read_wandb_records
 
+pytestmark = [pytest.mark.xdist_group("lineage")]  # its module fixtures are built once, on one xdist worker
+
 SWEEP = ROOT / "configs" / "sweep.yaml"
 
 

@@ -17,6 +17,8 @@ from detector.data.coco import CocoIndex, DatasetError
 from detector.images import load_image
 from tests.conftest import epoch_records, run_tool_in_process, train, write_coco
 
+pytestmark = [pytest.mark.xdist_group("storage")]  # its module fixtures are built once, on one xdist worker
+
 try:  # declared dev dependencies: a skip locally without them, a failure under CI
     import moto.server as moto_server
     import s3fs  # noqa: F401
