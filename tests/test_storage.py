@@ -232,3 +232,20 @@ def test_http_image_root_without_listing(tiny_dataset):
     finally:
         server.shutdown()
         thread.join()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"https://acct.blob.core.windows.net/data/val.json?sv=2022-11-02&sp=r&sig={SECRET}",  # Azure SAS
+        f"https://h/val.json?client_secret={SECRET}",
+        f"https://h/val.json?password={SECRET}",
+    ],
+)
+def test_check_url_refuses_other_signed_urls(url):
+    """Not only S3/GCS's Signature/Credential parameters: an Azure SAS URL signs with 'sig', and
+    a secret or password in the query is one too; each would be saved into config.yaml."""
+    with pytest.raises(storage.StorageError, match="credentials in the URL are not accepted") as err:
+        storage.check_url(url, "data.val.annotations")
+    assert SECRET not in str(err.value)
+    storage.check_url("https://h/val.json?versionId=3", "data.val.annotations")  # an ordinary query: accepted
