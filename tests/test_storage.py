@@ -249,3 +249,23 @@ def test_check_url_refuses_other_signed_urls(url):
         storage.check_url(url, "data.val.annotations")
     assert SECRET not in str(err.value)
     storage.check_url("https://h/val.json?versionId=3", "data.val.annotations")  # an ordinary query: accepted
+
+
+def test_check_dataset_decode_reads_a_url_root(tiny_dataset, capsys):
+    """tools/check_dataset.py --decode on an image root in object storage (memory:// here) decodes
+    the objects, rather than looking for files under a 'memory:/...' folder."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = Path(tiny_dataset["root"])
+    for f in sorted((root / "val").iterdir()):
+        fs.pipe_file(f"/rev14-check/val/{f.name}", f.read_bytes())
+    fs.pipe_file("/rev14-check/val.json", Path(tiny_dataset["val"]).read_bytes())
+    try:
+        code = run_tool_in_process("check_dataset.py", "memory://rev14-check/val.json", "memory://rev14-check/val",
+                                   "--decode", "--workers", "1")  # fmt: skip
+    finally:
+        fs.rm("/rev14-check", recursive=True)
+    out = capsys.readouterr().out
+    assert "undecodable" not in out and "decoded 7 of 7 image(s) in full" in out, out[-2000:]
+    assert code == 0
