@@ -311,3 +311,18 @@ def test_group_keys():
     assert group_keys(names[:3], regex=r"^cam(\d)/") == ["1", "1", "2"]  # the first group is the key
     with pytest.raises(DatasetError, match="does not match 1 file name"):
         group_keys(names, regex=r"^cam(\d)/")
+
+
+def test_images_without_an_annotation_file_are_counted(truth, tmp_path, capsys):
+    """VOC, CVAT and labelme list only annotated images: an image file under the root that no
+    annotation names is not in the output, and the tool says how many (YOLO keeps them)."""
+    xmls = tmp_path / "Annotations"
+    xmls.mkdir()
+    sizes = {im["file_name"]: (im["width"], im["height"]) for im in truth["data"]["images"]}
+    for f, boxes in list(_by_image(truth["data"]).items())[1:]:  # the first image has no xml
+        (xmls / (Path(f).stem + ".xml")).write_text(_voc_xml(f, *sizes[f], boxes))
+    out = tmp_path / "voc.json"
+    capsys.readouterr()
+    assert run_tool_in_process("convert_dataset.py", "voc", xmls, "--images", truth["images"], "--output", out) == 0
+    assert "image files under the image root without annotations (left out): 1" in capsys.readouterr().out
+    assert len(json.loads(out.read_text())["images"]) == len(truth["data"]["images"]) - 1

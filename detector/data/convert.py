@@ -289,6 +289,11 @@ def convert(
     else:
         items = _from_labelme(source, images, include_poly, problems, counts)
     problems.raise_if_any()
+    if fmt != "yolo":  # these formats list annotated images only: say what the folder holds besides
+        listed = {f for f, _, _ in items}
+        unlisted = sum(1 for f in _image_files(images) if f not in listed)
+        if unlisted:
+            counts["image files under the image root without annotations (left out)"] = unlisted
     return Converted(_to_coco(items, classes, problems), counts)
 
 
