@@ -326,3 +326,18 @@ def test_images_without_an_annotation_file_are_counted(truth, tmp_path, capsys):
     assert run_tool_in_process("convert_dataset.py", "voc", xmls, "--images", truth["images"], "--output", out) == 0
     assert "image files under the image root without annotations (left out): 1" in capsys.readouterr().out
     assert len(json.loads(out.read_text())["images"]) == len(truth["data"]["images"]) - 1
+
+
+def test_cvat_video_export_is_refused_by_name(truth, tmp_path, capsys):
+    """A 'CVAT for video' export holds its boxes in <track> elements, which the image format's
+    reader does not see: refused with what to export instead, not converted into an empty file."""
+    xml = tmp_path / "annotations.xml"
+    xml.write_text(
+        "<annotations><version>1.1</version><meta><task><labels><label><name>cat</name></label></labels></task>"
+        '</meta><track id="0" label="cat"><box frame="0" outside="0" occluded="0" keyframe="1" xtl="1" ytl="1" '
+        'xbr="10" ybr="10" z_order="0"/></track></annotations>'
+    )
+    err = refused(
+        capsys, "convert_dataset.py", "cvat", xml, "--images", truth["images"], "--output", tmp_path / "o.json"
+    )
+    assert f"{xml}: 1 track(s)" in err and "CVAT for images 1.1" in err

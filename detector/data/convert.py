@@ -196,6 +196,12 @@ def _from_cvat(xml: Path, problems: _Problems, counts: Counter):
         root = ET.parse(xml).getroot()
     except (OSError, ET.ParseError) as exc:
         raise DatasetError(f"{xml}: not readable XML: {exc}") from None
+    tracks = len(root.findall("track"))
+    if tracks:  # "CVAT for video": boxes per track and frame, which the image format's reader does not see
+        raise DatasetError(
+            f"{xml}: {tracks} track(s): this is a 'CVAT for video 1.1' export; export the task as "
+            "'CVAT for images 1.1' (boxes per image) and convert that"
+        )
     for k, node in enumerate(root.iter("image")):
         where = f"{xml}: image {node.get('name')!r} (#{k + 1})"
         for j, box in enumerate(node.iter("box")):
