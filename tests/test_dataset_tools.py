@@ -341,3 +341,10 @@ def test_cvat_video_export_is_refused_by_name(truth, tmp_path, capsys):
         capsys, "convert_dataset.py", "cvat", xml, "--images", truth["images"], "--output", tmp_path / "o.json"
     )
     assert f"{xml}: 1 track(s)" in err and "CVAT for images 1.1" in err
+
+
+def test_split_refuses_the_same_output_name_twice(videos, tmp_path, capsys):
+    """Two splits named alike would write one file over the other: half the images lost."""
+    err = refused(capsys, "split_dataset.py", videos, "--output-dir", tmp_path, "--names", "train", "train")
+    assert "--names" in err and "train" in err
+    assert not list(tmp_path.glob("*.json"))
