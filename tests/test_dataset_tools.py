@@ -348,3 +348,20 @@ def test_split_refuses_the_same_output_name_twice(videos, tmp_path, capsys):
     err = refused(capsys, "split_dataset.py", videos, "--output-dir", tmp_path, "--names", "train", "train")
     assert "--names" in err and "train" in err
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_labelme_image_files_may_be_symlinks(truth, tmp_path):
+    """A labelme folder whose image files are symlinks into a cache (DVC, git-annex, a shared
+    store): the file names stay those under the image root, not the links' targets."""
+    root = tmp_path / "lm"
+    root.mkdir()
+    im = next(i for i in truth["data"]["images"] if "/" not in i["file_name"])
+    (root / "a.jpg").symlink_to(truth["images"] / im["file_name"])
+    (root / "a.json").write_text(json.dumps({"imagePath": "a.jpg", "imageWidth": im["width"],
+                                             "imageHeight": im["height"], "imageData": None,
+                                             "shapes": [{"label": "cat", "points": [[1, 2], [11, 12]],
+                                                         "shape_type": "rectangle"}]}))  # fmt: skip
+    out = tmp_path / "o.json"
+    assert run_tool_in_process("convert_dataset.py", "labelme", root, "--images", root, "--output", out) == 0
+    data = json.loads(out.read_text())
+    assert [i["file_name"] for i in data["images"]] == ["a.jpg"] and data["annotations"][0]["bbox"] == [1, 2, 10, 10]

@@ -236,7 +236,8 @@ def _from_labelme(folder: Path, images: Path, include_poly: bool, problems: _Pro
             1 for s in shapes if isinstance(s, dict) and s.get("shape_type") not in kept
         )
         # imagePath is relative to the json file; file_name must be relative to the image root
-        image = (js.parent / ann.image_id.replace("\\", "/")).resolve()
+        image = js.parent / ann.image_id.replace("\\", "/")
+        image = image.parent.resolve() / image.name  # the folders resolved, not the file: it may be a symlink
         try:
             name = image.relative_to(images.resolve()).as_posix()
         except ValueError:
