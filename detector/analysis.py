@@ -469,11 +469,12 @@ def draw_image(analysis: Analysis, image_id: int, images_root: str | Path, tile:
     from torchvision.transforms.v2.functional import resize
     from torchvision.utils import draw_bounding_boxes
 
+    from detector import storage
     from detector.images import load_image
 
     info = next(im for im in analysis.gt["images"] if im["id"] == image_id)
     # as the dataset decodes it (EXIF orientation applied, maybe at reduced scale: content scale cx, cy)
-    arr, cx, cy = load_image(Path(images_root) / info["file_name"], (tile, tile))
+    arr, cx, cy = load_image(storage.join(images_root, info["file_name"]), (tile, tile))  # a URL root stays one
     image = torch.from_numpy(arr.copy()).permute(2, 0, 1)  # load_image's array may be read-only
     h0, w0 = image.shape[1:]
     scale = tile / max(h0, w0)

@@ -16,11 +16,14 @@ import os
 import re
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 HEADER_BLOCK = 64 * 1024  # bytes fetched per request while PIL reads a header (EXIF included)
 MAX_REMOTE_THREADS = 8  # concurrent requests of the start-up header scan over a URL
+# Query parameter names (parts of) that carry credentials: S3/GCS signed URLs (X-Amz-Signature,
+# X-Amz-Credential, X-Amz-Security-Token, AWSAccessKeyId), Azure SAS (sig), and the generic ones.
+_SECRET_PARAMS = ("sig", "credential", "token", "key", "secret", "pass", "auth")
 
 
 class StorageError(ValueError):
@@ -60,7 +63,8 @@ def check_url(url: str | os.PathLike, what: str) -> None:
     s = str(url)
     if is_url(s):
         parts = urlsplit(s)
-        if "@" in parts.netloc or any(k in parts.query.lower() for k in ("signature", "credential", "token", "key")):
+        names = [n.lower() for n, _ in parse_qsl(parts.query, keep_blank_values=True)]
+        if "@" in parts.netloc or any(k in n for n in names for k in _SECRET_PARAMS):
             raise StorageError(
                 f"{what}: {redact(s)}: credentials in the URL are not accepted (they would be saved in the "
                 "run's config and logs); give them through the storage client's own environment or config "

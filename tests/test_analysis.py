@@ -269,3 +269,24 @@ def test_evaluate_checkpoint_on_2_processes_gives_the_analysis_of_1(trained_run,
     assert two == one
     for name in ("confusion_matrix", "worst_false_positives", "worst_missed"):
         assert_non_blank_png(out / f"{name}.png")
+
+
+def test_gallery_reads_images_from_a_url_root(tmp_path):
+    """A val image root in object storage (any fsspec URL; memory:// here) gets its galleries too:
+    the root must not go through Path(), which folds 'memory://x' into 'memory:/x'."""
+    import fsspec
+
+    gt, dets = hand_case()
+    _write_images(tmp_path / "images")
+    fs = fsspec.filesystem("memory")
+    for f in (tmp_path / "images").iterdir():
+        fs.pipe_file(f"/rev14-gallery/images/{f.name}", f.read_bytes())
+    warnings: list[str] = []
+    try:
+        a = analyze(gt, dets)
+        local = gallery(a, "fn", tmp_path / "images", tmp_path / "local.png", n=2)
+        remote = gallery(a, "fn", "memory://rev14-gallery/images", tmp_path / "remote.png", n=2, warn=warnings.append)
+    finally:
+        fs.rm("/rev14-gallery", recursive=True)
+    assert warnings == [] and remote is not None
+    assert np.array_equal(np.asarray(Image.open(local)), np.asarray(Image.open(remote)))

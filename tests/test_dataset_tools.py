@@ -313,3 +313,57 @@ def test_group_keys():
     assert group_keys(names[:3], regex=r"^cam(\d)/") == ["1", "1", "2"]  # the first group is the key
     with pytest.raises(DatasetError, match="does not match 1 file name"):
         group_keys(names, regex=r"^cam(\d)/")
+
+
+def test_images_without_an_annotation_file_are_counted(truth, tmp_path, capsys):
+    """VOC, CVAT and labelme list only annotated images: an image file under the root that no
+    annotation names is not in the output, and the tool says how many (YOLO keeps them)."""
+    xmls = tmp_path / "Annotations"
+    xmls.mkdir()
+    sizes = {im["file_name"]: (im["width"], im["height"]) for im in truth["data"]["images"]}
+    for f, boxes in list(_by_image(truth["data"]).items())[1:]:  # the first image has no xml
+        (xmls / (Path(f).stem + ".xml")).write_text(_voc_xml(f, *sizes[f], boxes))
+    out = tmp_path / "voc.json"
+    capsys.readouterr()
+    assert run_tool_in_process("convert_dataset.py", "voc", xmls, "--images", truth["images"], "--output", out) == 0
+    assert "image files under the image root without annotations (left out): 1" in capsys.readouterr().out
+    assert len(json.loads(out.read_text())["images"]) == len(truth["data"]["images"]) - 1
+
+
+def test_cvat_video_export_is_refused_by_name(truth, tmp_path, capsys):
+    """A 'CVAT for video' export holds its boxes in <track> elements, which the image format's
+    reader does not see: refused with what to export instead, not converted into an empty file."""
+    xml = tmp_path / "annotations.xml"
+    xml.write_text(
+        "<annotations><version>1.1</version><meta><task><labels><label><name>cat</name></label></labels></task>"
+        '</meta><track id="0" label="cat"><box frame="0" outside="0" occluded="0" keyframe="1" xtl="1" ytl="1" '
+        'xbr="10" ybr="10" z_order="0"/></track></annotations>'
+    )
+    err = refused(
+        capsys, "convert_dataset.py", "cvat", xml, "--images", truth["images"], "--output", tmp_path / "o.json"
+    )
+    assert f"{xml}: 1 track(s)" in err and "CVAT for images 1.1" in err
+
+
+def test_split_refuses_the_same_output_name_twice(videos, tmp_path, capsys):
+    """Two splits named alike would write one file over the other: half the images lost."""
+    err = refused(capsys, "split_dataset.py", videos, "--output-dir", tmp_path, "--names", "train", "train")
+    assert "--names" in err and "train" in err
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_labelme_image_files_may_be_symlinks(truth, tmp_path):
+    """A labelme folder whose image files are symlinks into a cache (DVC, git-annex, a shared
+    store): the file names stay those under the image root, not the links' targets."""
+    root = tmp_path / "lm"
+    root.mkdir()
+    im = next(i for i in truth["data"]["images"] if "/" not in i["file_name"])
+    (root / "a.jpg").symlink_to(truth["images"] / im["file_name"])
+    (root / "a.json").write_text(json.dumps({"imagePath": "a.jpg", "imageWidth": im["width"],
+                                             "imageHeight": im["height"], "imageData": None,
+                                             "shapes": [{"label": "cat", "points": [[1, 2], [11, 12]],
+                                                         "shape_type": "rectangle"}]}))  # fmt: skip
+    out = tmp_path / "o.json"
+    assert run_tool_in_process("convert_dataset.py", "labelme", root, "--images", root, "--output", out) == 0
+    data = json.loads(out.read_text())
+    assert [i["file_name"] for i in data["images"]] == ["a.jpg"] and data["annotations"][0]["bbox"] == [1, 2, 10, 10]

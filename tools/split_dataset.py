@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     names = args.names or ["train", "val", "test"][: len(args.ratios)]
     if len(names) != len(args.ratios):
         raise DatasetError(f"--names gives {len(names)} names for {len(args.ratios)} ratios")
+    if len(set(names)) != len(names):  # one output file would overwrite the other
+        raise DatasetError(f"--names must differ, got {names}")
     index, data = load_strict(args.annotations)
     keys = group_keys([index.file_name(i) for i in range(len(index))], args.group, args.group_regex)
     split, _ = assign(index, args.ratios, keys, args.seed)

@@ -196,6 +196,12 @@ def _from_cvat(xml: Path, problems: _Problems, counts: Counter):
         root = ET.parse(xml).getroot()
     except (OSError, ET.ParseError) as exc:
         raise DatasetError(f"{xml}: not readable XML: {exc}") from None
+    tracks = len(root.findall("track"))
+    if tracks:  # "CVAT for video": boxes per track and frame, which the image format's reader does not see
+        raise DatasetError(
+            f"{xml}: {tracks} track(s): this is a 'CVAT for video 1.1' export; export the task as "
+            "'CVAT for images 1.1' (boxes per image) and convert that"
+        )
     for k, node in enumerate(root.iter("image")):
         where = f"{xml}: image {node.get('name')!r} (#{k + 1})"
         for j, box in enumerate(node.iter("box")):
@@ -230,7 +236,8 @@ def _from_labelme(folder: Path, images: Path, include_poly: bool, problems: _Pro
             1 for s in shapes if isinstance(s, dict) and s.get("shape_type") not in kept
         )
         # imagePath is relative to the json file; file_name must be relative to the image root
-        image = (js.parent / ann.image_id.replace("\\", "/")).resolve()
+        image = js.parent / ann.image_id.replace("\\", "/")
+        image = image.parent.resolve() / image.name  # the folders resolved, not the file: it may be a symlink
         try:
             name = image.relative_to(images.resolve()).as_posix()
         except ValueError:
@@ -289,6 +296,11 @@ def convert(
     else:
         items = _from_labelme(source, images, include_poly, problems, counts)
     problems.raise_if_any()
+    if fmt != "yolo":  # these formats list annotated images only: say what the folder holds besides
+        listed = {f for f, _, _ in items}
+        unlisted = sum(1 for f in _image_files(images) if f not in listed)
+        if unlisted:
+            counts["image files under the image root without annotations (left out)"] = unlisted
     return Converted(_to_coco(items, classes, problems), counts)
 
 
