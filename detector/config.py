@@ -305,6 +305,9 @@ def validate(cfg: Config) -> None:
         (0 < cfg.train.ema_decay < 1, "train.ema_decay must be in (0, 1)"),
         (cfg.eval.early_stop_patience >= 0, "eval.early_stop_patience must be >= 0"),
         (0 < cfg.eval.analysis_iou <= 1, "eval.analysis_iou must be in (0, 1]"),
+        (0 <= cfg.eval.analysis_score <= 1, "eval.analysis_score must be in [0, 1]"),
+        (cfg.train.dist_timeout_minutes > 0, "train.dist_timeout_minutes must be > 0"),
+        (cfg.logging.wandb.timeout_s > 0, "logging.wandb.timeout_s must be > 0"),
         (cfg.eval.analysis_gallery >= 0, "eval.analysis_gallery must be >= 0"),
         (
             cfg.model.min_size is None or cfg.model.max_size is None or cfg.model.min_size <= cfg.model.max_size,
