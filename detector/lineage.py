@@ -26,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from detector import storage
 from detector.config import Config, ConfigError, to_dict
 
 LINEAGE_FILE = "lineage.json"
@@ -36,12 +37,19 @@ CHUNK = 1 << 20
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in 1 MiB chunks (a COCO json can be hundreds of MB)."""
+    """SHA-256 of a file or fsspec URL, read in 1 MiB chunks (a COCO json can be hundreds of MB)."""
+    return _digest(path)[0]
+
+
+def _digest(path: str | Path) -> tuple[str, int]:
+    """(SHA-256, size) of the same bytes, streamed from a local file or an fsspec URL."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    size = 0
+    with storage.open_binary(path, block_size=CHUNK) as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
-    return h.hexdigest()
+            size += len(chunk)
+    return h.hexdigest(), size
 
 
 def git_info(where: str | Path | None = None, timeout: float = GIT_TIMEOUT_S) -> dict[str, Any]:
@@ -98,11 +106,12 @@ def split_fingerprint(index: Any, images_root: str | Path | None = None) -> dict
             json is only hashed again, not parsed).
         images_root: the split's image root.
     """
-    path = Path(index.path)
+    path = index.path  # a Path, or a URL string (Path() would fold its '//')
+    sha256, size = _digest(path)
     return {
-        "annotations": str(path),
-        "sha256": file_sha256(path),
-        "bytes": path.stat().st_size,
+        "annotations": storage.redact(path),
+        "sha256": sha256,
+        "bytes": size,
         "images_root": None if images_root is None else str(images_root),
         "images": int(len(index)),
         "annotations_used": int(index.num_annotations),
@@ -175,7 +184,12 @@ def _dataset_artifact(run: Any, fp: dict[str, Any], name: str, log) -> dict[str,
     except ValueError as exc:
         raise ConfigError(f"logging.wandb.dataset_artifact={name}: {exc}") from None
     for split in ("train", "val"):
-        art.add_file(fp["dataset"][split]["annotations"], name=f"{split}.json")
+        path = fp["dataset"][split]["annotations"]
+        if storage.is_url(path):  # an object-store json: its bytes, as a local file's would be
+            with art.new_file(f"{split}.json", mode="wb") as f:
+                f.write(storage.read_bytes(path))
+        else:
+            art.add_file(path, name=f"{split}.json")
     digest = art.manifest.digest()
     if run.offline:
         run.log_artifact(art)
