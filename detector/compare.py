@@ -35,7 +35,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def lower_is_better(metric: str) -> bool:
-    return "loss" in metric.rsplit("/", 1)[-1]
+    """Losses (val/loss, val/loss_<part>, train/loss...); not val/AP/<class>, whatever the class is called."""
+    return metric.split("/", 1)[-1].startswith("loss")
 
 
 def best_of(rows: list[dict[str, Any]], metric: str) -> tuple[float | None, int | None]:
@@ -62,8 +63,8 @@ def _config(run: Path) -> dict[str, Any]:
 def _render(v: Any) -> str:
     if v is None:
         return "null"
-    if isinstance(v, (list, dict)):
-        return json.dumps(v, separators=(",", ":"))
+    if isinstance(v, (list, dict)):  # a mapping's key order means nothing (a list's order does)
+        return json.dumps(v, separators=(",", ":"), sort_keys=True)
     return str(v)
 
 

@@ -359,3 +359,51 @@ def test_dataset_artifact_of_json_files_at_urls(memory_dataset, tiny_dataset, tm
         md5 = base64.b64encode(hashlib.md5(Path(tiny_dataset[split]).read_bytes()).digest()).decode()
         assert entries[f"{split}.json"].digest == md5, split
     assert fp["dataset"]["artifact"]["digest"] == art.manifest.digest() and updates["lineage"] is fp
+
+
+def _fake_run(root: Path, name: str, cfg: dict, values: list[dict]) -> Path:
+    run = root / name
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"output_dir": str(run), **cfg}, sort_keys=False))
+    rows = [{"kind": "epoch", "step": 10 * (e + 1), "epoch": e + 1, **v} for e, v in enumerate(values)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_compare_table_dict_key_order_is_not_a_difference(tmp_path):
+    """The same Albumentations pipeline written with its arguments in another order is the same
+    config; a different order of the transforms (a list) is not."""
+    flip = {"HorizontalFlip": {"p": 0.5}}
+    a = _fake_run(
+        tmp_path, "a", {"data": {"augment": [flip, {"Blur": {"blur_limit": 3, "p": 0.2}}]}}, [{"val/mAP": 0.1}]
+    )
+    b = _fake_run(
+        tmp_path, "b", {"data": {"augment": [flip, {"Blur": {"p": 0.2, "blur_limit": 3}}]}}, [{"val/mAP": 0.2}]
+    )
+    c = _fake_run(
+        tmp_path, "c", {"data": {"augment": [{"Blur": {"blur_limit": 3, "p": 0.2}}, flip]}}, [{"val/mAP": 0.3}]
+    )
+    columns, _ = runs_table([a, b])
+    assert "data.augment" not in columns
+    columns, _ = runs_table([a, c])
+    assert "data.augment" in columns
+
+
+def test_compare_table_order_for_min_metrics_missing_and_class_names(tmp_path):
+    """val/loss sorts ascending; runs without the metric (or only NaN/null) go last; a class whose
+    name contains 'loss' is still an AP (higher is better)."""
+    cfg = {"optim": {"lr": 0.001}}
+    runs = [
+        _fake_run(
+            tmp_path, "mid", cfg, [{"val/loss": 0.9, "val/AP/gloss": 0.2}, {"val/loss": 0.5, "val/AP/gloss": 0.1}]
+        ),
+        _fake_run(tmp_path, "none", cfg, [{"val/loss": None, "val/AP/gloss": None}]),
+        _fake_run(tmp_path, "low", cfg, [{"val/loss": 0.3, "val/AP/gloss": 0.6}]),
+        _fake_run(tmp_path, "high", cfg, [{"val/loss": 0.7, "val/AP/gloss": 0.4}]),
+    ]
+    _, rows = runs_table(runs, "val/loss")
+    assert [Path(r["run"]).name for r in rows] == ["low", "mid", "high", "none"]
+    assert rows[1]["val/loss"] == "0.5000" and rows[1]["best_epoch"] == "2" and rows[3]["val/loss"] == ""
+    _, rows = runs_table(runs, "val/AP/gloss")
+    assert [Path(r["run"]).name for r in rows] == ["low", "high", "mid", "none"]
+    assert rows[2]["val/AP/gloss"] == "0.2000" and rows[2]["best_epoch"] == "1"
