@@ -407,3 +407,13 @@ def test_compare_table_order_for_min_metrics_missing_and_class_names(tmp_path):
     _, rows = runs_table(runs, "val/AP/gloss")
     assert [Path(r["run"]).name for r in rows] == ["low", "high", "mid", "none"]
     assert rows[2]["val/AP/gloss"] == "0.2000" and rows[2]["best_epoch"] == "1"
+
+
+def test_compare_table_sort_metric_no_run_logged_is_an_error(tmp_path, capsys):
+    a = _fake_run(tmp_path, "a", {"optim": {"lr": 0.001}}, [{"val/mAP": 0.1}])
+    b = _fake_run(tmp_path, "b", {"optim": {"lr": 0.002}}, [{"val/mAP": 0.2}])
+    code = run_tool_in_process("plot_runs.py", a, b, "--output", tmp_path / "out", "--table", "--sort", "val/mAp")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "val/mAp" in err and "did you mean 'val/mAP'" in err
+    assert not (tmp_path / "out" / "compare_runs.md").exists()
