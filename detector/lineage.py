@@ -152,7 +152,9 @@ def read(run_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def record(run_dir: Path, fp: dict[str, Any], wandb_run: Any, artifact_name: str | None, log=print) -> None:
+def record(
+    run_dir: Path, fp: dict[str, Any], wandb_run: Any, artifact_name: str | None, log=print, timeout_s: float = 60.0
+) -> None:
     """Write ``lineage.json``, and with W&B: the dataset artifact and the fingerprint in the run config.
 
     The dataset artifact (the train and val json files, the fingerprint's dataset part as its
@@ -160,7 +162,9 @@ def record(run_dir: Path, fp: dict[str, Any], wandb_run: Any, artifact_name: str
     already has only once (same digest, same version). ``use_artifact`` needs the server, so an
     offline run logs the artifact with ``log_artifact`` instead (uploaded by ``wandb sync``).
     Its reference (name, digest) is added to ``fp["dataset"]["artifact"]`` in place, so the
-    weights files written afterwards carry it too.
+    weights files written afterwards carry it too. ``use_artifact`` waits until the files are
+    uploaded: it holds training at most ``timeout_s`` (logging.wandb.timeout_s; the upload then
+    goes on in the background), and a refusal is a warning (no reference recorded).
 
     A resumed run whose dataset changed since the run started gets a warning.
     """
@@ -170,13 +174,15 @@ def record(run_dir: Path, fp: dict[str, Any], wandb_run: Any, artifact_name: str
         log(f"warning: the {' and '.join(changed)} json changed since this run directory was last used "
             f"(dataset {dataset_id(before)} -> {dataset_id(fp)}); weights files record the dataset they trained on")  # fmt: skip
     if wandb_run is not None and artifact_name:
-        fp["dataset"]["artifact"] = _dataset_artifact(wandb_run, fp, artifact_name, log)
+        ref = _dataset_artifact(wandb_run, fp, artifact_name, log, timeout_s)
+        if ref is not None:
+            fp["dataset"]["artifact"] = ref
     (run_dir / LINEAGE_FILE).write_text(json.dumps(fp, indent=1) + "\n")
     if wandb_run is not None:
         wandb_run.config.update({"lineage": fp}, allow_val_change=True)
 
 
-def _dataset_artifact(run: Any, fp: dict[str, Any], name: str, log) -> dict[str, Any]:
+def _dataset_artifact(run: Any, fp: dict[str, Any], name: str, log, timeout_s: float) -> dict[str, Any] | None:
     import wandb
 
     try:
@@ -195,9 +201,39 @@ def _dataset_artifact(run: Any, fp: dict[str, Any], name: str, log) -> dict[str,
         run.log_artifact(art)
         log(f"W&B offline: dataset artifact {name} (digest {digest}) logged as this run's output; "
             "online runs declare it as their input (use_artifact)")  # fmt: skip
-    else:
-        run.use_artifact(art)
+    elif not _use_within(run, art, timeout_s, log):
+        return None
     return {"name": name, "type": "dataset", "digest": digest}
+
+
+def _use_within(run: Any, art: Any, timeout_s: float, log) -> bool:
+    """``run.use_artifact(art)``, holding the caller at most ``timeout_s``: a draft artifact is
+    uploaded and committed before it returns, with no bound of its own (the first upload of a
+    large json, a server that stops answering), while the other processes wait at their next
+    collective. False when W&B refused it."""
+    import threading
+
+    failed: list[BaseException] = []
+
+    def declare() -> None:
+        try:
+            run.use_artifact(art)
+        except Exception as exc:  # refused, quota, network: never stop training
+            failed.append(exc)
+
+    worker = threading.Thread(target=declare, name="wandb-dataset-artifact", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        log(f"W&B: dataset artifact {art.name} still uploading after {timeout_s:g} s (logging.wandb.timeout_s); "
+            "training goes on, the upload continues in the background")  # fmt: skip
+        return True
+    if failed:
+        reason = str(failed[0]).strip().splitlines()[0] if str(failed[0]).strip() else type(failed[0]).__name__
+        log(f"warning: W&B did not take dataset artifact {art.name} ({reason[:300]}); the run records the "
+            "dataset's fingerprint without it")  # fmt: skip
+        return False
+    return True
 
 
 def wandb_ref(run: Any) -> dict[str, Any] | None:

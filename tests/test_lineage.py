@@ -417,3 +417,44 @@ def test_compare_table_sort_metric_no_run_logged_is_an_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "val/mAp" in err and "did you mean 'val/mAP'" in err
     assert not (tmp_path / "out" / "compare_runs.md").exists()
+
+
+def _online_run(use_artifact) -> object:
+    run = type("Run", (), {"offline": False, "use_artifact": lambda self, art: use_artifact(art)})()
+    run.config = type("Config", (), {"update": lambda self, d, allow_val_change=False: None})()
+    return run
+
+
+def test_dataset_artifact_upload_never_holds_training(tiny_dataset, tmp_path):
+    """Online, use_artifact waits (without a bound) until the json files are uploaded: the first
+    upload of a large json, or a server that stops answering, would hold the main process (and
+    the others at their next collective, up to train.dist_timeout_minutes). It is bounded by
+    logging.wandb.timeout_s; a refusal is a warning, and no artifact is claimed."""
+    import threading
+
+    from detector.data.coco import CocoIndex
+
+    splits = type("S", (), {})()
+    splits.train, splits.val = CocoIndex(tiny_dataset["train"]), CocoIndex(tiny_dataset["val"])
+    splits.train_root, splits.val_root = tiny_dataset["root"] / "train", tiny_dataset["root"] / "val"
+    release = threading.Event()
+    messages: list[str] = []
+    fp = lineage.fingerprint(config.Config(), splits)
+    t0 = time.monotonic()
+    try:
+        lineage.record(tmp_path, fp, _online_run(lambda art: release.wait(30)), "slow", messages.append, timeout_s=0.5)
+        assert time.monotonic() - t0 < 10
+    finally:
+        release.set()
+    assert fp["dataset"]["artifact"]["name"] == "slow"  # declared; its upload goes on in the background
+    assert any("slow" in m and "upload" in m for m in messages), messages
+
+    def refuse(art):
+        raise ValueError("permission denied for project")
+
+    fp = lineage.fingerprint(config.Config(), splits)
+    messages.clear()
+    lineage.record(tmp_path, fp, _online_run(refuse), "refused", messages.append, timeout_s=5)
+    assert "artifact" not in fp["dataset"]
+    assert json.loads((tmp_path / "lineage.json").read_text()) == fp
+    assert any("refused" in m and "permission denied" in m for m in messages), messages
