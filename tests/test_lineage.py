@@ -458,3 +458,14 @@ def test_dataset_artifact_upload_never_holds_training(tiny_dataset, tmp_path):
     assert "artifact" not in fp["dataset"]
     assert json.loads((tmp_path / "lineage.json").read_text()) == fp
     assert any("refused" in m and "permission denied" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("prefix", ["val", "train", "val/", ""])
+def test_evaluate_wandb_prefix_of_training_curves_is_refused(prefix, tmp_path, capsys):
+    """--wandb-prefix val would log the test set's numbers as val/mAP... into the training run:
+    its curves, its summary and the sweep's metric (W&B takes a run's best val/mAP from them)."""
+    with pytest.raises(SystemExit) as exc:
+        run_tool_in_process("evaluate.py", "--checkpoint", tmp_path / "best.pt", "--annotations", tmp_path / "a.json",
+                            "--images", tmp_path, "--wandb", "--wandb-prefix", prefix)  # fmt: skip
+    assert exc.value.code == 2
+    assert "--wandb-prefix" in capsys.readouterr().err
