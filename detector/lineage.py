@@ -5,8 +5,9 @@ A run's *fingerprint* is plain data (str, int, bool, None, lists, dicts), so tha
 directory and in the W&B run config alike:
 
 - ``dataset``: per split, the COCO json's path, SHA-256 of its bytes and size, the images and
-  annotations trained on, the class names and category ids; with
-  ``logging.wandb.dataset_artifact`` also the W&B dataset artifact (name, type, digest);
+  annotations kept after repairs (``crowd``: how many of them are crowd), the class names and
+  category ids; with ``logging.wandb.dataset_artifact`` also the W&B dataset artifact (name,
+  type, digest);
 - ``code``: the git commit and dirty flag of the checkout ``detector`` runs from (null for both
   when it is not a git checkout, e.g. a pip install);
 - ``config_sha256``: a hash of the resolved config (the config itself is ``config.yaml``);
@@ -115,6 +116,7 @@ def split_fingerprint(index: Any, images_root: str | Path | None = None) -> dict
         "images_root": None if images_root is None else str(images_root),
         "images": int(len(index)),
         "annotations_used": int(index.num_annotations),
+        "crowd": int(index.iscrowd.sum()),  # of them: not training targets (ignore regions in COCOeval)
         "class_names": [str(n) for n in index.label_map.names],
         "category_ids": [int(c) for c in index.label_map.category_ids],
     }

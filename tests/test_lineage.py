@@ -469,3 +469,18 @@ def test_evaluate_wandb_prefix_of_training_curves_is_refused(prefix, tmp_path, c
                             "--images", tmp_path, "--wandb", "--wandb-prefix", prefix)  # fmt: skip
     assert exc.value.code == 2
     assert "--wandb-prefix" in capsys.readouterr().err
+
+
+def test_fingerprint_counts_crowd_annotations_apart(tmp_path):
+    """Training leaves crowd annotations out of its targets (COCOeval uses them as ignore regions):
+    the fingerprint says how many of the annotations are crowd."""
+    from detector.data.coco import CocoIndex
+
+    from .conftest import write_coco
+
+    images = [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 64}]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10], "area": 100},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [20, 20, 30, 30], "area": 900, "iscrowd": 1}]  # fmt: skip
+    path = write_coco(tmp_path / "a.json", images, anns, [{"id": 1, "name": "x"}])
+    fp = lineage.split_fingerprint(CocoIndex(path), tmp_path)
+    assert fp["annotations_used"] == 2 and fp["crowd"] == 1
