@@ -220,8 +220,10 @@ def test_lineage_in_run_files_and_best_pt(wandb_run, tiny_dataset):
     assert fp["versions"]["python"] == platform.python_version()
     assert fp["config_sha256"] == lineage.config_sha256(config.load(wandb_run / "config.yaml"))
 
-    artifacts = {r.artifact.type: r.artifact for r in records if r.WhichOneof("record_type") == "artifact"}
-    assert set(artifacts) == {"dataset", "model"}
+    logged = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    ours = [a for a in logged if a.type != "run_table"]  # run_table: W&B's own, one per wandb.Table logged
+    assert sorted(a.type for a in ours) == ["dataset", "model"]
+    artifacts = {a.type: a for a in ours}
     ds = artifacts["dataset"]
     assert ds.name == "tiny-shapes" and fp["dataset"]["artifact"] == {"name": "tiny-shapes", "type": "dataset",
                                                                        "digest": ds.digest}  # fmt: skip
