@@ -298,15 +298,18 @@ def log_evaluation(
     if mode == "online" and not _online(log):
         mode = "offline"
     wandb_cfg = ((meta.get("config") or {}).get("logging") or {}).get("wandb") or {}
-    run = wandb.init(
-        id=ref["id"],
-        project=ref.get("project"),
-        entity=ref.get("entity"),
-        resume="allow",
-        mode=mode,
-        dir=str(Path(checkpoint).resolve().parent),
-        settings=wandb.Settings(init_timeout=float(wandb_cfg.get("timeout_s") or 90.0)),  # the run's own bound
-    )
+    kwargs = dict(id=ref["id"], project=ref.get("project"), entity=ref.get("entity"), resume="allow",
+                  dir=str(Path(checkpoint).resolve().parent))  # fmt: skip
+    try:
+        timeout = float(wandb_cfg.get("timeout_s") or 90.0)  # the run's own bound
+        run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=timeout), **kwargs)
+    except Exception as exc:  # no key here, server not answering, refused: as training, log offline
+        if mode != "online":
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log(f"W&B: could not resume run {ref['id']} online ({reason[:300]}); logging offline instead")
+        mode = "offline"
+        run = wandb.init(mode=mode, **kwargs)
     try:
         run.define_metric(STEP_KEY)
         run.define_metric(f"{prefix}/*", step_metric=STEP_KEY)

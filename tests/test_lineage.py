@@ -486,3 +486,43 @@ def test_fingerprint_counts_crowd_annotations_apart(tmp_path):
     path = write_coco(tmp_path / "a.json", images, anns, [{"id": 1, "name": "x"}])
     fp = lineage.split_fingerprint(CocoIndex(path), tmp_path)
     assert fp["annotations_used"] == 2 and fp["crowd"] == 1
+
+
+def test_evaluate_wandb_falls_back_offline_when_online_start_fails(monkeypatch, tmp_path):
+    """As training does: no API key on the evaluating machine, or a server that refuses, logs the
+    stats offline (to sync later) instead of a traceback after the evaluation's work."""
+    import wandb
+
+    from detector import tracking
+
+    calls: list[str] = []
+    logged: dict = {}
+
+    class Run:
+        id, dir = "abc123", str(tmp_path / "wandb" / "offline-run-x-abc123" / "files")
+        summary = type("Summary", (), {"update": lambda self, d: logged.update(d)})()
+
+        def define_metric(self, *a, **k):
+            pass
+
+        def log(self, d):
+            logged.update(d)
+
+        def finish(self):
+            calls.append("finish")
+
+    def init(mode, **kwargs):
+        calls.append(mode)
+        assert kwargs["id"] == "abc123" and kwargs["resume"] == "allow"
+        if mode == "online":
+            raise wandb.errors.UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+        return Run()
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setattr(tracking, "_online", lambda log: True)
+    meta = {"wandb_run": {"id": "abc123", "project": "detector", "entity": None, "mode": "online"}, "step": 42}
+    messages: list[str] = []
+    run_id = lineage.log_evaluation(tmp_path / "best.pt", meta, {"mAP": 0.5}, {"sha256": "x"}, log=messages.append)
+    assert run_id == "abc123" and calls == ["online", "offline", "finish"]
+    assert logged["test/mAP"] == 0.5 and logged["global_step"] == 42
+    assert any("api_key not configured" in m and "offline" in m for m in messages), messages
