@@ -7,6 +7,7 @@ table is written as markdown and CSV, one row per run, sorted by a chosen metric
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 from collections.abc import Sequence
@@ -35,7 +36,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def lower_is_better(metric: str) -> bool:
-    return "loss" in metric.rsplit("/", 1)[-1]
+    """Losses (val/loss, val/loss_<part>, train/loss...); not val/AP/<class>, whatever the class is called."""
+    return metric.split("/", 1)[-1].startswith("loss")
 
 
 def best_of(rows: list[dict[str, Any]], metric: str) -> tuple[float | None, int | None]:
@@ -62,8 +64,8 @@ def _config(run: Path) -> dict[str, Any]:
 def _render(v: Any) -> str:
     if v is None:
         return "null"
-    if isinstance(v, (list, dict)):
-        return json.dumps(v, separators=(",", ":"))
+    if isinstance(v, (list, dict)):  # a mapping's key order means nothing (a list's order does)
+        return json.dumps(v, separators=(",", ":"), sort_keys=True)
     return str(v)
 
 
@@ -78,6 +80,9 @@ def runs_table(run_dirs: Sequence[str | Path], sort_by: str = "val/mAP") -> tupl
         (columns, rows): ``run``, each config key whose value is not the same in every run (a
         key missing from a run counts as differing), ``epochs``, ``best_epoch`` (of ``sort_by``),
         then the best value of ``sort_by`` and of val/mAP, val/mAP50, val/loss.
+
+    Raises:
+        ValueError: no run logged ``sort_by`` (with the closest name they did log).
     """
     runs = [Path(r) for r in run_dirs]
     configs = [_config(r) for r in runs]
@@ -85,6 +90,11 @@ def runs_table(run_dirs: Sequence[str | Path], sort_by: str = "val/mAP") -> tupl
     differing = [k for k in keys if len({_render(c[k]) if k in c else None for c in configs}) > 1]
     metrics = [sort_by, *(m for m in DEFAULT_METRICS if m != sort_by)]
     records = [epoch_rows(read_metrics(r)) for r in runs]
+    logged = sorted({k for rows in records for row in rows for k in row} - {"kind", "step", "time", "epoch"})
+    if records and any(records) and sort_by not in logged:  # a typo would sort by nothing, silently
+        close = difflib.get_close_matches(sort_by, logged, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"no run logged the metric '{sort_by}' to sort by{hint}; they logged: {', '.join(logged)}")
     metrics = [m for m in metrics if m == sort_by or any(m in row for rows in records for row in rows)]
     entries = []
     for run, cfg, rows in zip(runs, configs, records):
@@ -121,10 +131,14 @@ def to_csv(columns: list[str], rows: list[dict[str, str]]) -> str:
 
 
 def write_table(
-    run_dirs: Sequence[str | Path], out_dir: str | Path, sort_by: str = "val/mAP"
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    sort_by: str = "val/mAP",
+    table: tuple[list[str], list[dict[str, str]]] | None = None,
 ) -> tuple[str, list[Path]]:
-    """Write ``compare_runs.md`` and ``compare_runs.csv`` into ``out_dir``; returns the markdown and the paths."""
-    columns, rows = runs_table(run_dirs, sort_by)
+    """Write ``compare_runs.md`` and ``compare_runs.csv`` into ``out_dir`` (``table``: runs_table's
+    result when already built); returns the markdown and the paths."""
+    columns, rows = table if table is not None else runs_table(run_dirs, sort_by)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = to_markdown(columns, rows)

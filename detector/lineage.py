@@ -5,8 +5,9 @@ A run's *fingerprint* is plain data (str, int, bool, None, lists, dicts), so tha
 directory and in the W&B run config alike:
 
 - ``dataset``: per split, the COCO json's path, SHA-256 of its bytes and size, the images and
-  annotations trained on, the class names and category ids; with
-  ``logging.wandb.dataset_artifact`` also the W&B dataset artifact (name, type, digest);
+  annotations kept after repairs (``crowd``: how many of them are crowd), the class names and
+  category ids; with ``logging.wandb.dataset_artifact`` also the W&B dataset artifact (name,
+  type, digest);
 - ``code``: the git commit and dirty flag of the checkout ``detector`` runs from (null for both
   when it is not a git checkout, e.g. a pip install);
 - ``config_sha256``: a hash of the resolved config (the config itself is ``config.yaml``);
@@ -26,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from detector import storage
 from detector.config import Config, ConfigError, to_dict
 
 LINEAGE_FILE = "lineage.json"
@@ -36,12 +38,19 @@ CHUNK = 1 << 20
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in 1 MiB chunks (a COCO json can be hundreds of MB)."""
+    """SHA-256 of a file or fsspec URL, read in 1 MiB chunks (a COCO json can be hundreds of MB)."""
+    return _digest(path)[0]
+
+
+def _digest(path: str | Path) -> tuple[str, int]:
+    """(SHA-256, size) of the same bytes, streamed from a local file or an fsspec URL."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    size = 0
+    with storage.open_binary(path, block_size=CHUNK) as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
-    return h.hexdigest()
+            size += len(chunk)
+    return h.hexdigest(), size
 
 
 def git_info(where: str | Path | None = None, timeout: float = GIT_TIMEOUT_S) -> dict[str, Any]:
@@ -98,14 +107,16 @@ def split_fingerprint(index: Any, images_root: str | Path | None = None) -> dict
             json is only hashed again, not parsed).
         images_root: the split's image root.
     """
-    path = Path(index.path)
+    path = index.path  # a Path, or a URL string (Path() would fold its '//')
+    sha256, size = _digest(path)
     return {
-        "annotations": str(path),
-        "sha256": file_sha256(path),
-        "bytes": path.stat().st_size,
+        "annotations": storage.redact(path),
+        "sha256": sha256,
+        "bytes": size,
         "images_root": None if images_root is None else str(images_root),
         "images": int(len(index)),
         "annotations_used": int(index.num_annotations),
+        "crowd": int(index.iscrowd.sum()),  # of them: not training targets (ignore regions in COCOeval)
         "class_names": [str(n) for n in index.label_map.names],
         "category_ids": [int(c) for c in index.label_map.category_ids],
     }
@@ -143,7 +154,9 @@ def read(run_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def record(run_dir: Path, fp: dict[str, Any], wandb_run: Any, artifact_name: str | None, log=print) -> None:
+def record(
+    run_dir: Path, fp: dict[str, Any], wandb_run: Any, artifact_name: str | None, log=print, timeout_s: float = 60.0
+) -> None:
     """Write ``lineage.json``, and with W&B: the dataset artifact and the fingerprint in the run config.
 
     The dataset artifact (the train and val json files, the fingerprint's dataset part as its
@@ -151,7 +164,9 @@ def record(run_dir: Path, fp: dict[str, Any], wandb_run: Any, artifact_name: str
     already has only once (same digest, same version). ``use_artifact`` needs the server, so an
     offline run logs the artifact with ``log_artifact`` instead (uploaded by ``wandb sync``).
     Its reference (name, digest) is added to ``fp["dataset"]["artifact"]`` in place, so the
-    weights files written afterwards carry it too.
+    weights files written afterwards carry it too. ``use_artifact`` waits until the files are
+    uploaded: it holds training at most ``timeout_s`` (logging.wandb.timeout_s; the upload then
+    goes on in the background), and a refusal is a warning (no reference recorded).
 
     A resumed run whose dataset changed since the run started gets a warning.
     """
@@ -161,13 +176,15 @@ def record(run_dir: Path, fp: dict[str, Any], wandb_run: Any, artifact_name: str
         log(f"warning: the {' and '.join(changed)} json changed since this run directory was last used "
             f"(dataset {dataset_id(before)} -> {dataset_id(fp)}); weights files record the dataset they trained on")  # fmt: skip
     if wandb_run is not None and artifact_name:
-        fp["dataset"]["artifact"] = _dataset_artifact(wandb_run, fp, artifact_name, log)
+        ref = _dataset_artifact(wandb_run, fp, artifact_name, log, timeout_s)
+        if ref is not None:
+            fp["dataset"]["artifact"] = ref
     (run_dir / LINEAGE_FILE).write_text(json.dumps(fp, indent=1) + "\n")
     if wandb_run is not None:
         wandb_run.config.update({"lineage": fp}, allow_val_change=True)
 
 
-def _dataset_artifact(run: Any, fp: dict[str, Any], name: str, log) -> dict[str, Any]:
+def _dataset_artifact(run: Any, fp: dict[str, Any], name: str, log, timeout_s: float) -> dict[str, Any] | None:
     import wandb
 
     try:
@@ -175,15 +192,50 @@ def _dataset_artifact(run: Any, fp: dict[str, Any], name: str, log) -> dict[str,
     except ValueError as exc:
         raise ConfigError(f"logging.wandb.dataset_artifact={name}: {exc}") from None
     for split in ("train", "val"):
-        art.add_file(fp["dataset"][split]["annotations"], name=f"{split}.json")
+        path = fp["dataset"][split]["annotations"]
+        if storage.is_url(path):  # an object-store json: its bytes, as a local file's would be
+            with art.new_file(f"{split}.json", mode="wb") as f:
+                f.write(storage.read_bytes(path))
+        else:
+            art.add_file(path, name=f"{split}.json")
     digest = art.manifest.digest()
     if run.offline:
         run.log_artifact(art)
         log(f"W&B offline: dataset artifact {name} (digest {digest}) logged as this run's output; "
             "online runs declare it as their input (use_artifact)")  # fmt: skip
-    else:
-        run.use_artifact(art)
+    elif not _use_within(run, art, timeout_s, log):
+        return None
     return {"name": name, "type": "dataset", "digest": digest}
+
+
+def _use_within(run: Any, art: Any, timeout_s: float, log) -> bool:
+    """``run.use_artifact(art)``, holding the caller at most ``timeout_s``: a draft artifact is
+    uploaded and committed before it returns, with no bound of its own (the first upload of a
+    large json, a server that stops answering), while the other processes wait at their next
+    collective. False when W&B refused it."""
+    import threading
+
+    failed: list[BaseException] = []
+
+    def declare() -> None:
+        try:
+            run.use_artifact(art)
+        except Exception as exc:  # refused, quota, network: never stop training
+            failed.append(exc)
+
+    worker = threading.Thread(target=declare, name="wandb-dataset-artifact", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        log(f"W&B: dataset artifact {art.name} still uploading after {timeout_s:g} s (logging.wandb.timeout_s); "
+            "training goes on, the upload continues in the background")  # fmt: skip
+        return True
+    if failed:
+        reason = str(failed[0]).strip().splitlines()[0] if str(failed[0]).strip() else type(failed[0]).__name__
+        log(f"warning: W&B did not take dataset artifact {art.name} ({reason[:300]}); the run records the "
+            "dataset's fingerprint without it")  # fmt: skip
+        return False
+    return True
 
 
 def wandb_ref(run: Any) -> dict[str, Any] | None:
@@ -246,15 +298,18 @@ def log_evaluation(
     if mode == "online" and not _online(log):
         mode = "offline"
     wandb_cfg = ((meta.get("config") or {}).get("logging") or {}).get("wandb") or {}
-    run = wandb.init(
-        id=ref["id"],
-        project=ref.get("project"),
-        entity=ref.get("entity"),
-        resume="allow",
-        mode=mode,
-        dir=str(Path(checkpoint).resolve().parent),
-        settings=wandb.Settings(init_timeout=float(wandb_cfg.get("timeout_s") or 90.0)),  # the run's own bound
-    )
+    kwargs = dict(id=ref["id"], project=ref.get("project"), entity=ref.get("entity"), resume="allow",
+                  dir=str(Path(checkpoint).resolve().parent))  # fmt: skip
+    try:
+        timeout = float(wandb_cfg.get("timeout_s") or 90.0)  # the run's own bound
+        run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=timeout), **kwargs)
+    except Exception as exc:  # no key here, server not answering, refused: as training, log offline
+        if mode != "online":
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log(f"W&B: could not resume run {ref['id']} online ({reason[:300]}); logging offline instead")
+        mode = "offline"
+        run = wandb.init(mode=mode, **kwargs)
     try:
         run.define_metric(STEP_KEY)
         run.define_metric(f"{prefix}/*", step_metric=STEP_KEY)

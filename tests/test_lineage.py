@@ -220,8 +220,10 @@ def test_lineage_in_run_files_and_best_pt(wandb_run, tiny_dataset):
     assert fp["versions"]["python"] == platform.python_version()
     assert fp["config_sha256"] == lineage.config_sha256(config.load(wandb_run / "config.yaml"))
 
-    artifacts = {r.artifact.type: r.artifact for r in records if r.WhichOneof("record_type") == "artifact"}
-    assert set(artifacts) == {"dataset", "model"}
+    logged = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    ours = [a for a in logged if a.type != "run_table"]  # run_table: W&B's own, one per wandb.Table logged
+    assert sorted(a.type for a in ours) == ["dataset", "model"]
+    artifacts = {a.type: a for a in ours}
     ds = artifacts["dataset"]
     assert ds.name == "tiny-shapes" and fp["dataset"]["artifact"] == {"name": "tiny-shapes", "type": "dataset",
                                                                        "digest": ds.digest}  # fmt: skip
@@ -303,3 +305,224 @@ def test_compare_table_lists_exactly_the_differing_keys(wandb_run, tmp_path):
     md2, _ = write_table([wandb_run, wandb_run], tmp_path / "same")
     assert md2.splitlines()[0].startswith("| run | epochs |")  # one config: nothing differs
     shutil.rmtree(tmp_path / "same")
+
+
+# -- review of issue 16: URLs, table keys and order ---------------------------------------------------
+
+
+@pytest.fixture
+def memory_dataset(tiny_dataset):
+    """The tiny dataset's json files under memory:// (fsspec's in-process filesystem: a URL with
+    no server), as object storage would hold them."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for split in ("train", "val"):
+        fs.pipe_file(f"/lineage-review/{split}.json", Path(tiny_dataset[split]).read_bytes())
+    yield {s: f"memory://lineage-review/{s}.json" for s in ("train", "val")}
+    fs.rm("/lineage-review", recursive=True)
+
+
+def test_fingerprint_of_a_json_read_from_a_url(memory_dataset, tiny_dataset):
+    """data.*.annotations may be fsspec URLs (s3://...): the fingerprint hashes the object's bytes
+    (a local open() of 's3:/...' would stop every such run at start-up)."""
+    import hashlib
+
+    from detector.data.coco import CocoIndex
+
+    index = CocoIndex(memory_dataset["train"])
+    fp = lineage.split_fingerprint(index, "memory://lineage-review/train")
+    raw = Path(tiny_dataset["train"]).read_bytes()
+    assert fp["annotations"] == memory_dataset["train"]  # the URL as given, '//' kept
+    assert fp["sha256"] == hashlib.sha256(raw).hexdigest() and fp["bytes"] == len(raw)
+    assert fp["images"] == 16
+
+
+def test_dataset_artifact_of_json_files_at_urls(memory_dataset, tiny_dataset, tmp_path):
+    """The dataset artifact holds the json objects' bytes as train.json/val.json, as for local files."""
+    from detector.data.coco import CocoIndex
+
+    splits = type("S", (), {})()
+    splits.train, splits.val = CocoIndex(memory_dataset["train"]), CocoIndex(memory_dataset["val"])
+    splits.train_root = splits.val_root = "memory://lineage-review"
+    fp = lineage.fingerprint(config.Config(), splits)
+    logged = []
+    updates: dict = {}
+    run = type("Run", (), {"offline": True, "log_artifact": lambda self, art: logged.append(art)})()
+    run.config = type("Config", (), {"update": lambda self, d, allow_val_change=False: updates.update(d)})()
+    lineage.record(tmp_path, fp, run, "review-shapes", log=lambda m: None)
+    (art,) = logged
+    entries = art.manifest.entries
+    assert sorted(entries) == ["train.json", "val.json"]
+    for split in ("train", "val"):
+        import base64
+        import hashlib
+
+        md5 = base64.b64encode(hashlib.md5(Path(tiny_dataset[split]).read_bytes()).digest()).decode()
+        assert entries[f"{split}.json"].digest == md5, split
+    assert fp["dataset"]["artifact"]["digest"] == art.manifest.digest() and updates["lineage"] is fp
+
+
+def _fake_run(root: Path, name: str, cfg: dict, values: list[dict]) -> Path:
+    run = root / name
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"output_dir": str(run), **cfg}, sort_keys=False))
+    rows = [{"kind": "epoch", "step": 10 * (e + 1), "epoch": e + 1, **v} for e, v in enumerate(values)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_compare_table_dict_key_order_is_not_a_difference(tmp_path):
+    """The same Albumentations pipeline written with its arguments in another order is the same
+    config; a different order of the transforms (a list) is not."""
+    flip = {"HorizontalFlip": {"p": 0.5}}
+    a = _fake_run(
+        tmp_path, "a", {"data": {"augment": [flip, {"Blur": {"blur_limit": 3, "p": 0.2}}]}}, [{"val/mAP": 0.1}]
+    )
+    b = _fake_run(
+        tmp_path, "b", {"data": {"augment": [flip, {"Blur": {"p": 0.2, "blur_limit": 3}}]}}, [{"val/mAP": 0.2}]
+    )
+    c = _fake_run(
+        tmp_path, "c", {"data": {"augment": [{"Blur": {"blur_limit": 3, "p": 0.2}}, flip]}}, [{"val/mAP": 0.3}]
+    )
+    columns, _ = runs_table([a, b])
+    assert "data.augment" not in columns
+    columns, _ = runs_table([a, c])
+    assert "data.augment" in columns
+
+
+def test_compare_table_order_for_min_metrics_missing_and_class_names(tmp_path):
+    """val/loss sorts ascending; runs without the metric (or only NaN/null) go last; a class whose
+    name contains 'loss' is still an AP (higher is better)."""
+    cfg = {"optim": {"lr": 0.001}}
+    runs = [
+        _fake_run(
+            tmp_path, "mid", cfg, [{"val/loss": 0.9, "val/AP/gloss": 0.2}, {"val/loss": 0.5, "val/AP/gloss": 0.1}]
+        ),
+        _fake_run(tmp_path, "none", cfg, [{"val/loss": None, "val/AP/gloss": None}]),
+        _fake_run(tmp_path, "low", cfg, [{"val/loss": 0.3, "val/AP/gloss": 0.6}]),
+        _fake_run(tmp_path, "high", cfg, [{"val/loss": 0.7, "val/AP/gloss": 0.4}]),
+    ]
+    _, rows = runs_table(runs, "val/loss")
+    assert [Path(r["run"]).name for r in rows] == ["low", "mid", "high", "none"]
+    assert rows[1]["val/loss"] == "0.5000" and rows[1]["best_epoch"] == "2" and rows[3]["val/loss"] == ""
+    _, rows = runs_table(runs, "val/AP/gloss")
+    assert [Path(r["run"]).name for r in rows] == ["low", "high", "mid", "none"]
+    assert rows[2]["val/AP/gloss"] == "0.2000" and rows[2]["best_epoch"] == "1"
+
+
+def test_compare_table_sort_metric_no_run_logged_is_an_error(tmp_path, capsys):
+    a = _fake_run(tmp_path, "a", {"optim": {"lr": 0.001}}, [{"val/mAP": 0.1}])
+    b = _fake_run(tmp_path, "b", {"optim": {"lr": 0.002}}, [{"val/mAP": 0.2}])
+    code = run_tool_in_process("plot_runs.py", a, b, "--output", tmp_path / "out", "--table", "--sort", "val/mAp")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "val/mAp" in err and "did you mean 'val/mAP'" in err
+    assert not (tmp_path / "out" / "compare_runs.md").exists()
+
+
+def _online_run(use_artifact) -> object:
+    run = type("Run", (), {"offline": False, "use_artifact": lambda self, art: use_artifact(art)})()
+    run.config = type("Config", (), {"update": lambda self, d, allow_val_change=False: None})()
+    return run
+
+
+def test_dataset_artifact_upload_never_holds_training(tiny_dataset, tmp_path):
+    """Online, use_artifact waits (without a bound) until the json files are uploaded: the first
+    upload of a large json, or a server that stops answering, would hold the main process (and
+    the others at their next collective, up to train.dist_timeout_minutes). It is bounded by
+    logging.wandb.timeout_s; a refusal is a warning, and no artifact is claimed."""
+    import threading
+
+    from detector.data.coco import CocoIndex
+
+    splits = type("S", (), {})()
+    splits.train, splits.val = CocoIndex(tiny_dataset["train"]), CocoIndex(tiny_dataset["val"])
+    splits.train_root, splits.val_root = tiny_dataset["root"] / "train", tiny_dataset["root"] / "val"
+    release = threading.Event()
+    messages: list[str] = []
+    fp = lineage.fingerprint(config.Config(), splits)
+    t0 = time.monotonic()
+    try:
+        lineage.record(tmp_path, fp, _online_run(lambda art: release.wait(30)), "slow", messages.append, timeout_s=0.5)
+        assert time.monotonic() - t0 < 10
+    finally:
+        release.set()
+    assert fp["dataset"]["artifact"]["name"] == "slow"  # declared; its upload goes on in the background
+    assert any("slow" in m and "upload" in m for m in messages), messages
+
+    def refuse(art):
+        raise ValueError("permission denied for project")
+
+    fp = lineage.fingerprint(config.Config(), splits)
+    messages.clear()
+    lineage.record(tmp_path, fp, _online_run(refuse), "refused", messages.append, timeout_s=5)
+    assert "artifact" not in fp["dataset"]
+    assert json.loads((tmp_path / "lineage.json").read_text()) == fp
+    assert any("refused" in m and "permission denied" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("prefix", ["val", "train", "val/", ""])
+def test_evaluate_wandb_prefix_of_training_curves_is_refused(prefix, tmp_path, capsys):
+    """--wandb-prefix val would log the test set's numbers as val/mAP... into the training run:
+    its curves, its summary and the sweep's metric (W&B takes a run's best val/mAP from them)."""
+    with pytest.raises(SystemExit) as exc:
+        run_tool_in_process("evaluate.py", "--checkpoint", tmp_path / "best.pt", "--annotations", tmp_path / "a.json",
+                            "--images", tmp_path, "--wandb", "--wandb-prefix", prefix)  # fmt: skip
+    assert exc.value.code == 2
+    assert "--wandb-prefix" in capsys.readouterr().err
+
+
+def test_fingerprint_counts_crowd_annotations_apart(tmp_path):
+    """Training leaves crowd annotations out of its targets (COCOeval uses them as ignore regions):
+    the fingerprint says how many of the annotations are crowd."""
+    from detector.data.coco import CocoIndex
+
+    from .conftest import write_coco
+
+    images = [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 64}]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10], "area": 100},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [20, 20, 30, 30], "area": 900, "iscrowd": 1}]  # fmt: skip
+    path = write_coco(tmp_path / "a.json", images, anns, [{"id": 1, "name": "x"}])
+    fp = lineage.split_fingerprint(CocoIndex(path), tmp_path)
+    assert fp["annotations_used"] == 2 and fp["crowd"] == 1
+
+
+def test_evaluate_wandb_falls_back_offline_when_online_start_fails(monkeypatch, tmp_path):
+    """As training does: no API key on the evaluating machine, or a server that refuses, logs the
+    stats offline (to sync later) instead of a traceback after the evaluation's work."""
+    import wandb
+
+    from detector import tracking
+
+    calls: list[str] = []
+    logged: dict = {}
+
+    class Run:
+        id, dir = "abc123", str(tmp_path / "wandb" / "offline-run-x-abc123" / "files")
+        summary = type("Summary", (), {"update": lambda self, d: logged.update(d)})()
+
+        def define_metric(self, *a, **k):
+            pass
+
+        def log(self, d):
+            logged.update(d)
+
+        def finish(self):
+            calls.append("finish")
+
+    def init(mode, **kwargs):
+        calls.append(mode)
+        assert kwargs["id"] == "abc123" and kwargs["resume"] == "allow"
+        if mode == "online":
+            raise wandb.errors.UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+        return Run()
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setattr(tracking, "_online", lambda log: True)
+    meta = {"wandb_run": {"id": "abc123", "project": "detector", "entity": None, "mode": "online"}, "step": 42}
+    messages: list[str] = []
+    run_id = lineage.log_evaluation(tmp_path / "best.pt", meta, {"mAP": 0.5}, {"sha256": "x"}, log=messages.append)
+    assert run_id == "abc123" and calls == ["online", "offline", "finish"]
+    assert logged["test/mAP"] == 0.5 and logged["global_step"] == 42
+    assert any("api_key not configured" in m and "offline" in m for m in messages), messages

@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not 0 < args.confusion_iou <= 1:
         ap.error(f"--confusion-iou {args.confusion_iou} is not in (0, 1]")
+    args.wandb_prefix = args.wandb_prefix.strip("/")
+    if args.wandb and args.wandb_prefix in ("", "train", "val"):  # the training run's own curves and summary
+        ap.error(f"--wandb-prefix '{args.wandb_prefix}' would overwrite the training run's own metrics; use e.g. test")
     if args.wandb:  # before evaluating: the checkpoint must name its run
         if not args.checkpoint:
             raise DatasetError("--wandb needs --checkpoint (the run is the one that trained it)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector.compare import write_table  # noqa: E402
+from detector.compare import runs_table, write_table  # noqa: E402
 from detector.plots import compare_runs, plot_run  # noqa: E402
 
 
@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: no metrics.jsonl in {', '.join(missing)}", file=sys.stderr)
         return 2
+    if args.table:  # before anything is written: a metric no run logged is a typo
+        try:
+            table = runs_table(args.runs, args.sort)
+        except ValueError as exc:
+            print(f"error: --sort: {exc}", file=sys.stderr)
+            return 2
     if len(args.runs) == 1:
         written = plot_run(args.runs[0], args.output)
     else:
@@ -40,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.table:
         markdown, tables = write_table(
-            args.runs, args.output or (Path(args.runs[0]) / "plots" if len(args.runs) == 1 else "."), args.sort
+            args.runs, args.output or (Path(args.runs[0]) / "plots" if len(args.runs) == 1 else "."), args.sort, table
         )
         print(markdown)
         written += tables

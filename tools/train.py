@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     logger = RunLogger(run_dir, enabled=main_proc)
     pos["wandb_id"] = logger.start_wandb(cfg.logging.wandb, config.to_dict(cfg), pos["wandb_id"], log, pos["step"])
     if main_proc:  # lineage.json, the W&B dataset artifact and the fingerprint in the W&B config
-        lineage.record(run_dir, fingerprint, logger.wandb_run, cfg.logging.wandb.dataset_artifact, log)
+        lineage.record(run_dir, fingerprint, logger.wandb_run, cfg.logging.wandb.dataset_artifact, log,
+                       cfg.logging.wandb.timeout_s)  # fmt: skip
     provenance = {"lineage": fingerprint, "wandb_run": lineage.wandb_ref(logger.wandb_run)}  # into best.pt/last.pt
     stop = runtime.StopFlag(cfg.train.time_limit_minutes)
     gt = splits.val.to_coco_gt()
