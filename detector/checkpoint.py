@@ -147,9 +147,7 @@ def save_state(
                 json.dumps({"files": files, "num_processes": accelerator.num_processes, **_jsonable(position)}),
                 tmp / COMPLETE,
             )
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _move_into_place(tmp, final)
             _fsync_dir(root)
         except (OSError, WriteError) as exc:
             error = str(exc if isinstance(exc, WriteError) else weights.write_error(final, exc))
@@ -158,6 +156,25 @@ def save_state(
                 shutil.rmtree(old, ignore_errors=True)
     agree(accelerator, error, tmp)
     return final if main else None
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the written state ``tmp`` to ``final``; a state already there (saved at the same
+    step: a mid-epoch checkpoint, then the end of the epoch or a stop) is moved aside first and
+    deleted only once the new one is in place, and moved back if that fails."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def agree(accelerator: Any, error: str | None, cleanup: Path | None = None) -> None:

@@ -1,0 +1,104 @@
+"""Review of the fault handling (issue #17): a state saved again at the same step, a lock held by
+a live process of the same SLURM job, a write error on one process only."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from detector import checkpoint, runtime
+from detector.config import ConfigError
+from detector.weights import WriteError
+
+
+def _objects() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def _position(step: int, epoch: int, batch: int) -> dict:
+    return {"epoch": epoch, "batch": batch, "step": step, "best": None}
+
+
+def test_a_state_saved_again_at_the_same_step_keeps_the_old_one_when_the_write_fails(
+    tmp_path, cpu_accelerator, monkeypatch
+):
+    """The end of an epoch (or a preemption) saves a state at the step the mid-epoch checkpoint
+    just saved: if moving the new one into place fails, the one already there must survive
+    (keep=1: it is the only state of the run)."""
+    model, opt, sched = _objects()
+    checkpoint.save_state(tmp_path, cpu_accelerator, model, opt, sched, _position(4, 0, 4), keep=1)
+    real_replace = os.replace
+
+    def failing(src, dst, *a, **kw):
+        if Path(src).name.startswith(".tmp-step_"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(src))
+        return real_replace(src, dst, *a, **kw)
+
+    monkeypatch.setattr(checkpoint.os, "replace", failing)
+    with pytest.raises(WriteError, match="Input/output error"):
+        checkpoint.save_state(tmp_path, cpu_accelerator, model, opt, sched, _position(4, 1, 0), keep=1)
+    states = checkpoint.list_states(tmp_path)
+    assert [p.name for p in states] == ["step_00000004"], "the state already saved at this step was deleted"
+    state, _ = checkpoint.load_state_files(states[0], 0)
+    assert state["position"]["epoch"] == 0 and state["position"]["batch"] == 4
+    assert sorted(p.name for p in (tmp_path / checkpoint.STATE_DIR).iterdir()) == ["step_00000004"]
+
+
+def test_a_state_saved_again_at_the_same_step_replaces_it(tmp_path, cpu_accelerator):
+    model, opt, sched = _objects()
+    checkpoint.save_state(tmp_path, cpu_accelerator, model, opt, sched, _position(4, 0, 4), keep=1)
+    checkpoint.save_state(tmp_path, cpu_accelerator, model, opt, sched, _position(4, 1, 0), keep=1)
+    assert sorted(p.name for p in (tmp_path / checkpoint.STATE_DIR).iterdir()) == ["step_00000004"]
+    state, _ = checkpoint.load_state_files(checkpoint.list_states(tmp_path)[0], 0)
+    assert state["position"]["epoch"] == 1 and state["position"]["batch"] == 0
+
+
+def test_a_live_run_of_the_same_slurm_job_is_not_taken_over(tmp_path, monkeypatch):
+    """Two runs on one output_dir inside one allocation (salloc, two sruns) share SLURM_JOB_ID:
+    the second must be refused while the first runs; a requeued job (a higher restart count)
+    takes the lock over."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / runtime.LOCK_FILE
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    live = {"pid": os.getppid(), "host": socket.gethostname(), "started": "now", "slurm_job": "4242"}
+    lock.write_text(json.dumps(live))
+    with pytest.raises(ConfigError, match=f"in use by another run .pid {os.getppid()}"):
+        runtime.take_lock(run)
+    theirs = {**live, "host": "node-17", "slurm_restart": 0}
+    lock.write_text(json.dumps(theirs))
+    with pytest.raises(ConfigError, match="in use by another run"):  # same incarnation, another node
+        runtime.take_lock(run)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the job was requeued
+    runtime.take_lock(run)
+    taken = json.loads(lock.read_text())
+    assert taken["pid"] == os.getpid() and taken["slurm_restart"] == 1
+    runtime._release(lock, os.getpid())
+
+
+def test_a_write_error_of_one_process_only_is_said_by_that_process(monkeypatch, capsys):
+    """A raw OSError (not a WriteError, which every process raises together) is that process's
+    alone: rank 1 must say it, or nobody does."""
+    monkeypatch.setenv("RANK", "1")
+
+    def main() -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/metrics.jsonl")
+
+    assert runtime.run_main(main) == runtime.EXIT_WRITE_FAILED
+    err = capsys.readouterr().err
+    assert "error: cannot write /runs/x/metrics.jsonl: No space left on device" in err
+
+    def agreed() -> int:
+        raise WriteError("cannot write /runs/x/best.pt: No space left on device")
+
+    assert runtime.run_main(agreed) == runtime.EXIT_WRITE_FAILED
+    assert capsys.readouterr().err == ""  # rank 0 says it for everyone
