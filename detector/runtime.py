@@ -141,17 +141,19 @@ def take_lock(run_dir: Path) -> None:
     """One run per run directory: a lock file naming the process and host that holds it.
 
     A lock left by a process that no longer runs on this host (killed, machine restarted), or
-    by an earlier run of this same SLURM job (requeued, perhaps onto another node), is stale
-    and taken over; one held by a live process, or by another host (which cannot be
-    checked from here), stops this run. The lock goes when the process exits.
+    by an earlier incarnation of this same SLURM job (requeued, perhaps onto another node: a
+    lower SLURM_RESTART_COUNT), is stale and taken over; one held by a live process, or by
+    another host (which cannot be checked from here), stops this run, also when it is of the
+    same SLURM job (two runs in one allocation). The lock goes when the process exits.
     """
     import atexit
     import json
     import socket
 
     path = run_dir / LOCK_FILE
+    job = os.environ.get("SLURM_JOB_ID")
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-          "slurm_job": os.environ.get("SLURM_JOB_ID")}  # fmt: skip
+          "slurm_job": job, "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0) if job else None}  # fmt: skip
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -160,7 +162,9 @@ def take_lock(run_dir: Path) -> None:
                 holder = json.loads(path.read_text())
             except (OSError, ValueError):
                 holder = {}
-            requeued = me["slurm_job"] is not None and holder.get("slurm_job") == me["slurm_job"]
+            earlier = holder.get("slurm_restart")
+            requeued = (me["slurm_job"] is not None and holder.get("slurm_job") == me["slurm_job"]
+                        and isinstance(earlier, int) and earlier < me["slurm_restart"])  # fmt: skip
             if requeued or (holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1)))):
                 why = f"left by SLURM job {me['slurm_job']} before it was requeued" if requeued else "no longer running"
                 print(f"warning: {path}: stale lock of pid {holder.get('pid')} ({why}); taking it over")
