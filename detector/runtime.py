@@ -345,7 +345,8 @@ def run_main(main) -> int:
     except (WriteError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno not in _WRITE_ERRNOS:
             raise
-        if os.environ.get("RANK", "0") == "0":  # every process raises the same WriteError
+        # every process raises the same WriteError (checkpoint.agree); a raw OSError is this process's alone
+        if os.environ.get("RANK", "0") == "0" or not isinstance(exc, WriteError):
             error = exc if isinstance(exc, WriteError) else write_error(exc.filename or "a file of the run", exc)
             print(f"error: {error}. Free some space (or choose another output_dir) and resume with "
                   "train.resume=auto.", file=sys.stderr)  # fmt: skip
