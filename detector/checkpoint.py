@@ -96,6 +96,7 @@ def save_state(
     position: dict[str, Any],
     keep: int,
     ema: torch.nn.Module | None = None,
+    rng: dict[str, Any] | None = None,
 ) -> Path | None:
     """Save a resumable state; every process must call it (each writes its own RNG state).
 
@@ -106,6 +107,7 @@ def save_state(
         position: epoch, batch (within the epoch), step, best score, W&B id...: plain values.
         keep: how many states to keep (older ones are deleted).
         ema: the weight average (train.ema), saved beside the model.
+        rng: this process's RNG states to save (engine.DataFailure.rng); None: the current ones.
 
     Returns:
         The state directory (on the main process).
@@ -123,7 +125,7 @@ def save_state(
             error = str(weights.write_error(tmp, exc))
     agree(accelerator, error, tmp)
     try:
-        atomic_save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+        atomic_save(rng if rng is not None else rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
         if main:
             scaler = getattr(accelerator, "scaler", None)
             atomic_save(

@@ -7,6 +7,8 @@ import errno
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,48 @@ def test_a_write_error_of_one_process_only_is_said_by_that_process(monkeypatch, 
 
     assert runtime.run_main(agreed) == runtime.EXIT_WRITE_FAILED
     assert capsys.readouterr().err == ""  # rank 0 says it for everyone
+
+
+@pytest.mark.slow
+def test_resume_after_an_image_vanished_mid_window_is_exact(tiny_dataset, tmp_path):
+    """The image of the second micro-batch of an accumulation window vanishes: the state saved at
+    the failure must be the one of the window's start (weights, optimizer and every RNG), so the
+    resumed run, with the file back, ends with the weights of a run that never met the fault."""
+    import shutil
+
+    from detector.config import load
+    from detector.data.coco import CocoIndex
+    from detector.data.loader import TrainBatchSampler
+
+    from .conftest import ROOT, TINY, assert_same_weights, data_overrides, tool_env
+
+    def train(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / script), *common, *args], env=tool_env(env), cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset["root"], root)
+    ds = {"root": root, "train": root / "train.json", "val": root / "val.json"}
+    cfg = load(TINY, ["train.grad_accum_steps=2", *data_overrides(ds)])
+    idx = CocoIndex(ds["train"])
+    sampler = TrainBatchSampler(idx.aspect_ratios(), cfg.train.batch_size, cfg.train.seed, 1, 0,
+                                cfg.data.aspect_ratio_grouping)  # fmt: skip
+    batches, _ = sampler.global_batches(0)
+    names = [idx.file_name(i) for i in batches[5]]  # window 3 (batches 4, 5), after the state of step 1
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    common = ["--config", str(TINY), "logging.plots=false", "train.epochs=1", "train.grad_accum_steps=2",
+              "train.checkpoint_every_steps=1", *data_overrides(ds)]  # fmt: skip
+    ref = train("tools/train.py", f"output_dir={tmp_path / 'ref'}")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "run"
+    env = {"VANISH": os.pathsep.join(str(root / "train" / n) for n in names), "VANISH_TO": str(gone)}
+    res = train("tests/scripts/vanish.py", f"output_dir={run}", env=env)
+    assert res.returncode == 2 and "A state was saved at step 2" in res.stderr, res.stderr[-3000:]
+    state, _ = checkpoint.load_state_files(checkpoint.list_states(run)[-1], 0)
+    assert (state["position"]["step"], state["position"]["batch"]) == (2, 4)
+    for n in names:
+        (gone / n).rename(root / "train" / n)
+    res = train("tools/train.py", f"output_dir={run}", "train.resume=auto")
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
+    assert_same_weights(tmp_path / "ref" / "last.pt", run / "last.pt")

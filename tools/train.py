@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = runtime.StopFlag(cfg.train.time_limit_minutes)
     gt = splits.val.to_coco_gt()
 
-    def save_state() -> None:
-        checkpoint.save_state(run_dir, accelerator, model, optimizer, scheduler, pos, cfg.train.keep_checkpoints, ema)
+    def save_state(rng: dict | None = None) -> None:
+        checkpoint.save_state(run_dir, accelerator, model, optimizer, scheduler, pos, cfg.train.keep_checkpoints, ema,
+                              rng)  # fmt: skip
 
     def save_weights(name: str, metrics: dict, epoch: int) -> None:
         checkpoint.save_weights(run_dir / name, accelerator, scored, cfg, label_map, metrics, epoch, pos["step"],
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 nonfinite_in_row=pos["nonfinite_in_row"], should_stop=stop, on_step=on_step, progress=bar,
             )  # fmt: skip
         except engine.DataFailure as exc:  # an image vanished or broke mid-run: keep the work done so far
-            save_state()
+            save_state(exc.rng)  # the RNG states of the last step (the forwards since drew from them)
             raise data.DatasetError(
                 f"{exc}. A state was saved at step {pos['step']}: restore the file and resume with train.resume=auto"
             ) from None
