@@ -149,3 +149,38 @@ def test_resume_after_an_image_vanished_mid_window_is_exact(tiny_dataset, tmp_pa
     res = train("tools/train.py", f"output_dir={run}", "train.resume=auto")
     assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
     assert_same_weights(tmp_path / "ref" / "last.pt", run / "last.pt")
+
+
+def test_wandb_start_failure_message_carries_no_secret(tmp_path, monkeypatch):
+    """wandb's error text can hold the server URL (user:password@ of a self-hosted server behind
+    basic auth) or the key: the fallback message must not print either."""
+    import wandb
+
+    from detector.config import WandbConfig
+    from detector.tracking import RunLogger
+
+    key = "local-0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    monkeypatch.setattr("detector.tracking._online", lambda print_fn: True)
+    calls: list[str] = []
+
+    class Run:
+        id, dir = "abc", str(tmp_path / "wandb" / "offline-run-x" / "files")
+
+        def define_metric(self, *a, **kw) -> None:
+            pass
+
+    def init(mode: str, **kw) -> Run:
+        calls.append(mode)
+        if mode == "online":
+            raise wandb.errors.CommError(f"error communicating with https://bob:hunter2@wandb.example/graphql "
+                                         f"(api key {key})")  # fmt: skip
+        return Run()
+
+    monkeypatch.setattr(wandb, "init", init)
+    said: list[str] = []
+    RunLogger(tmp_path, enabled=True).start_wandb(WandbConfig(enabled=True, mode="online"), {}, None, said.append)
+    assert calls == ["online", "offline"]
+    text = "\n".join(said)
+    assert "logging offline instead" in text and "wandb.example" in text
+    assert "hunter2" not in text and key not in text, text
