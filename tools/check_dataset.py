@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from detector import runtime  # noqa: E402
+from detector import runtime, storage  # noqa: E402
 from detector.config import DataConfig  # noqa: E402
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError  # noqa: E402
 from detector.plots import draw_detections  # noqa: E402
@@ -119,7 +119,7 @@ def decode_all(index: CocoIndex, images: str, skip: set[int], workers: int) -> l
 
     def decode(i: int) -> str | None:
         try:
-            load_image(str(Path(images) / index.file_name(i)))
+            load_image(storage.join(images, index.file_name(i)))
         except ImageDecodeError as exc:
             return f"undecodable image: {exc}"
         return None
