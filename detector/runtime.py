@@ -293,6 +293,10 @@ def preempted(run_dir: Path, accelerator: Accelerator, reason: str, log) -> int:
     """After saving the state on a stop request: leave a marker and return EXIT_PREEMPTED."""
     if accelerator.is_main_process:
         (run_dir / PREEMPTED_MARKER).write_text(reason + "\n")
+    # No process exits before the marker is written: a launcher that sees one process exit
+    # (srun --kill-on-bad-exit on another node, torchrun) kills the rest, and the SLURM script
+    # requeues the job only when it finds the marker.
+    accelerator.wait_for_everyone()
     log(f"stopped by {reason}; state saved in {run_dir / 'checkpoints'}. Resume with train.resume=auto.")
     return EXIT_PREEMPTED
 
