@@ -210,3 +210,26 @@ def test_check_dataset_decode_reads_images_from_a_url_root(tiny_dataset, capsys)
         thread.join()
     out = capsys.readouterr().out
     assert code == 0 and "problems: 0" in out and "decoded 7 of 7 image(s)" in out, out[-2000:]
+
+
+def test_slurm_script_does_not_requeue_on_a_marker_an_earlier_run_left(tmp_path):
+    """A requeued job that fails before the trainer starts (rendezvous, a bad node) must not find
+    the PREEMPTED of its earlier run and requeue itself again, forever."""
+    from .conftest import ROOT, TINY
+
+    bin_dir, log, run = tmp_path / "bin", tmp_path / "scontrol.log", tmp_path / "run"
+    bin_dir.mkdir()
+    run.mkdir()
+    (run / runtime.PREEMPTED_MARKER).write_text("signal SIGUSR1\n")  # the earlier run's
+    (bin_dir / "srun").write_text("#!/bin/bash\necho 'rendezvous failed' >&2\nexit 1\n")
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/bash\nif [ "$1" = show ]; then echo 127.0.0.1; else echo "$*" >> "{log}"; fi\n'
+    )
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_NAME": "detector",
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1", "RUN_DIR": str(run)}  # fmt: skip
+    res = subprocess.run(["bash", "launch/slurm.sh", str(TINY)], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "requeueing" not in res.stdout and not log.exists(), res.stdout
