@@ -154,21 +154,27 @@ def take_lock(run_dir: Path) -> None:
     job = os.environ.get("SLURM_JOB_ID")
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
           "slurm_job": job, "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0) if job else None}  # fmt: skip
-    for _ in range(2):
+    for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):
+                raw = path.read_text()
+            except FileNotFoundError:  # released meanwhile
+                continue
+            except OSError:
+                raw = ""
+            try:
+                holder = json.loads(raw)
+            except ValueError:
                 holder = {}
             earlier = holder.get("slurm_restart")
             requeued = (me["slurm_job"] is not None and holder.get("slurm_job") == me["slurm_job"]
                         and isinstance(earlier, int) and earlier < me["slurm_restart"])  # fmt: skip
             if requeued or (holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1)))):
                 why = f"left by SLURM job {me['slurm_job']} before it was requeued" if requeued else "no longer running"
-                print(f"warning: {path}: stale lock of pid {holder.get('pid')} ({why}); taking it over")
-                path.unlink(missing_ok=True)
+                if _take_over(path, raw):
+                    print(f"warning: {path}: stale lock of pid {holder.get('pid')} ({why}); taking it over")
                 continue
             raise ConfigError(
                 f"output_dir {run_dir} is in use by another run (pid {holder.get('pid', '?')} on host "
@@ -179,6 +185,32 @@ def take_lock(run_dir: Path) -> None:
             json.dump(me, f)
         atexit.register(_release, path, me["pid"])
         return
+    raise ConfigError(f"output_dir {run_dir}: could not take its lock {path}: other runs are starting there")
+
+
+def _take_over(path: Path, stale: str) -> bool:
+    """Remove the lock file if it still holds ``stale``; False if another run replaced it first.
+
+    The file is renamed aside (atomic: of two runs taking over at once, one gets it) and put
+    back when what was moved is not the stale lock but a run's fresh one.
+    """
+    aside = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        if aside.read_text() == stale:
+            return True
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links
+            os.rename(aside, path)
+        return False
+    finally:
+        aside.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -233,3 +233,28 @@ def test_slurm_script_does_not_requeue_on_a_marker_an_earlier_run_left(tmp_path)
                          timeout=60)  # fmt: skip
     assert res.returncode == 1, res.stdout + res.stderr
     assert "requeueing" not in res.stdout and not log.exists(), res.stdout
+
+
+def test_a_stale_lock_taken_over_by_another_run_first_is_not_taken_twice(tmp_path, monkeypatch):
+    """Two runs start on a directory whose lock is stale: both judge it stale, the other one takes
+    it over first. This one must then find that run's fresh lock and stop, not delete it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / runtime.LOCK_FILE
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    dead = {"pid": 2**22 + 12345, "host": socket.gethostname(), "started": "then"}
+    other = {"pid": os.getppid(), "host": socket.gethostname(), "started": "now"}
+    lock.write_text(json.dumps(dead))
+    real_alive = runtime._alive
+
+    def racing(pid: int) -> bool:  # while this run checks the dead pid, the other run takes the lock over
+        if pid == dead["pid"] and json.loads(lock.read_text()) == dead:
+            lock.unlink()
+            lock.write_text(json.dumps(other))
+        return real_alive(pid)
+
+    monkeypatch.setattr(runtime, "_alive", racing)
+    with pytest.raises(ConfigError, match=f"in use by another run .pid {os.getppid()}"):
+        runtime.take_lock(run)
+    assert json.loads(lock.read_text()) == other
+    assert [p.name for p in run.iterdir()] == [runtime.LOCK_FILE]
