@@ -258,3 +258,37 @@ def test_a_stale_lock_taken_over_by_another_run_first_is_not_taken_twice(tmp_pat
         runtime.take_lock(run)
     assert json.loads(lock.read_text()) == other
     assert [p.name for p in run.iterdir()] == [runtime.LOCK_FILE]
+
+
+@pytest.mark.slow
+def test_a_validation_image_vanishing_in_the_last_epoch_is_validated_on_resume(tiny_dataset, tmp_path):
+    """The state saved when validation fails holds the epoch's training; the resume must still
+    validate that epoch (and write last.pt, best.pt and its metrics), also when it is the last."""
+    import shutil
+
+    from detector import tracking, weights
+
+    from .conftest import ROOT, TINY, data_overrides, tool_env
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset["root"], root)
+    ds = {"root": root, "train": root / "train.json", "val": root / "val.json"}
+    names = [im["file_name"] for im in json.loads(ds["val"].read_text())["images"][:2]]
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "tests" / "scripts" / "vanish.py"), "--config", str(TINY), f"output_dir={run}",
+           "logging.plots=false", "train.epochs=1", "train.checkpoint_every_steps=2", *data_overrides(ds)]  # fmt: skip
+    env = {"VANISH": os.pathsep.join(str(root / "val" / n) for n in names), "VANISH_TO": str(gone)}
+    res = subprocess.run(cmd, env=tool_env(env), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "The state after epoch 1's training was saved" in res.stderr, res.stderr[-3000:]
+    for n in names:
+        (gone / n).rename(root / "val" / n)
+    cmd[1] = str(ROOT / "tools" / "train.py")
+    res = subprocess.run([*cmd, "train.resume=auto"], env=tool_env(), cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
+    epochs = [r for r in tracking.read_metrics(run) if r["kind"] == "epoch"]
+    assert len(epochs) == 1 and epochs[0]["epoch"] == 1 and epochs[0]["val/images"] == 7, epochs
+    assert epochs[0]["train/loss"] > 0  # the epoch's training numbers, kept from before the failure
+    assert weights.read(run / "last.pt")["epoch"] == 1 and (run / "best.pt").is_file()

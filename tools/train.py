@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         if stats.pop("stopped"):  # preempted: save where we are, exit for the scheduler to requeue
             save_state()
             return runtime.preempted(run_dir, accelerator, stop.reason(), log)
+        stats.update(pos.pop("trained", None) or {})  # resumed after its validation failed: its training's numbers
         pos["epoch"], pos["batch"] = epoch + 1, 0
         metrics = {"epoch": epoch + 1, **stats}
         stop_early = False
@@ -142,11 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                     scored, val_loader, val_sampler.batch_ids(), accelerator, label_map, gt,
                     backend=cfg.eval.backend, seed=cfg.train.seed, progress=bar,
                 )  # fmt: skip
-            except engine.DataFailure as exc:  # the epoch's training is kept; its validation is not redone
+            except engine.DataFailure as exc:  # the epoch's training is kept; the resume validates it
+                pos["epoch"], pos["batch"] = epoch, stats["batch"]  # every batch of the epoch done, not validated
+                pos["trained"] = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
                 save_state()
                 raise data.DatasetError(
-                    f"{exc}. The state after epoch {epoch + 1}'s training was saved (its validation is not repeated "
-                    "on resume): restore the file and resume with train.resume=auto"
+                    f"{exc}. The state after epoch {epoch + 1}'s training was saved (the resume validates it): "
+                    "restore the file and resume with train.resume=auto"
                 ) from None
             finally:
                 bar.close()
