@@ -96,6 +96,7 @@ def save_state(
     position: dict[str, Any],
     keep: int,
     ema: torch.nn.Module | None = None,
+    rng: dict[str, Any] | None = None,
 ) -> Path | None:
     """Save a resumable state; every process must call it (each writes its own RNG state).
 
@@ -106,6 +107,7 @@ def save_state(
         position: epoch, batch (within the epoch), step, best score, W&B id...: plain values.
         keep: how many states to keep (older ones are deleted).
         ema: the weight average (train.ema), saved beside the model.
+        rng: this process's RNG states to save (engine.DataFailure.rng); None: the current ones.
 
     Returns:
         The state directory (on the main process).
@@ -123,7 +125,7 @@ def save_state(
             error = str(weights.write_error(tmp, exc))
     agree(accelerator, error, tmp)
     try:
-        atomic_save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+        atomic_save(rng if rng is not None else rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
         if main:
             scaler = getattr(accelerator, "scaler", None)
             atomic_save(
@@ -147,9 +149,7 @@ def save_state(
                 json.dumps({"files": files, "num_processes": accelerator.num_processes, **_jsonable(position)}),
                 tmp / COMPLETE,
             )
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _move_into_place(tmp, final)
             _fsync_dir(root)
         except (OSError, WriteError) as exc:
             error = str(exc if isinstance(exc, WriteError) else weights.write_error(final, exc))
@@ -158,6 +158,25 @@ def save_state(
                 shutil.rmtree(old, ignore_errors=True)
     agree(accelerator, error, tmp)
     return final if main else None
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the written state ``tmp`` to ``final``; a state already there (saved at the same
+    step: a mid-epoch checkpoint, then the end of the epoch or a stop) is moved aside first and
+    deleted only once the new one is in place, and moved back if that fails."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def agree(accelerator: Any, error: str | None, cleanup: Path | None = None) -> None:

@@ -31,8 +31,11 @@ class DataFailure(DatasetError):
 
     Every process raises it at the same point, before any weight changes from the failed
     batch, with the message of the process where it happened, so the caller can save a state
-    (a collective) and stop cleanly.
+    (a collective) and stop cleanly. ``rng`` holds this process's RNG states as they were at
+    the last optimizer step (the forwards since have drawn from them), for that state.
     """
+
+    rng: dict[str, Any] | None = None
 
 
 def _batches(loader: Any) -> Any:
@@ -51,12 +54,30 @@ def _batches(loader: Any) -> Any:
         yield images, targets, skipped, None
 
 
-def _raise_data_failure(accelerator: Accelerator, error: str | None) -> None:
+def _raise_data_failure(accelerator: Accelerator, error: str | None, rng: dict[str, Any] | None = None) -> None:
     """Every process raises DataFailure when any process had a data error (all must call)."""
     errors = gather_object([error]) if accelerator.num_processes > 1 else [error]
     errors = [e for e in errors if e]
     if errors:
-        raise DataFailure(errors[0])
+        failure = DataFailure(errors[0])
+        failure.rng = rng
+        raise failure
+
+
+def _step_snapshot(net: nn.Module) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """The RNG states and the model's buffers (BatchNorm statistics) at an optimizer step: what
+    the forwards of an accumulation window change before its step."""
+    from detector.checkpoint import rng_state
+
+    return rng_state(), [b.detach().clone() for b in net.buffers()]
+
+
+def _back_to(net: nn.Module, snapshot: tuple[dict[str, Any], list[torch.Tensor]]) -> dict[str, Any]:
+    """Put the buffers of ``_step_snapshot`` back; returns its RNG states."""
+    with torch.no_grad():
+        for buf, saved in zip(net.buffers(), snapshot[1]):
+            buf.copy_(saved)
+    return snapshot[0]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -179,6 +200,8 @@ def train_one_epoch(
         and ``stopped`` (True when should_stop ended it early).
     """
     model.train()
+    net = accelerator.unwrap_model(model)
+    at_step = _step_snapshot(net)  # a data failure saves the state of the last step, not a window's part
     n_batches = start_batch + len(loader)
     sums: dict[str, float] = defaultdict(float)
     counted = 0
@@ -214,7 +237,7 @@ def train_one_epoch(
             )  # fmt: skip
             reduced = accelerator.reduce(torch.cat([parts * n_local, flags]), reduction="sum")
             if reduced[-3] > 0:  # an image could not be read: stop before this batch changes anything
-                _raise_data_failure(accelerator, data_error)
+                _raise_data_failure(accelerator, data_error, _back_to(net, at_step))
             nonfinite = bool(reduced[-4] > 0)
             if n_local and torch.isfinite(loss):
                 last_batch = (imgs, tgts)  # a stand-in for a later batch that fails to decode
@@ -272,6 +295,7 @@ def train_one_epoch(
                 )
             if on_step is not None:
                 on_step(record)
+            at_step = _step_snapshot(net)
             if reduced[-2] > 0:  # someone asked to stop: every process stops here
                 stopped = True
         done = batch_i + 1

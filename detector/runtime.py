@@ -141,30 +141,40 @@ def take_lock(run_dir: Path) -> None:
     """One run per run directory: a lock file naming the process and host that holds it.
 
     A lock left by a process that no longer runs on this host (killed, machine restarted), or
-    by an earlier run of this same SLURM job (requeued, perhaps onto another node), is stale
-    and taken over; one held by a live process, or by another host (which cannot be
-    checked from here), stops this run. The lock goes when the process exits.
+    by an earlier incarnation of this same SLURM job (requeued, perhaps onto another node: a
+    lower SLURM_RESTART_COUNT), is stale and taken over; one held by a live process, or by
+    another host (which cannot be checked from here), stops this run, also when it is of the
+    same SLURM job (two runs in one allocation). The lock goes when the process exits.
     """
     import atexit
     import json
     import socket
 
     path = run_dir / LOCK_FILE
+    job = os.environ.get("SLURM_JOB_ID")
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-          "slurm_job": os.environ.get("SLURM_JOB_ID")}  # fmt: skip
-    for _ in range(2):
+          "slurm_job": job, "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0) if job else None}  # fmt: skip
+    for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):
+                raw = path.read_text()
+            except FileNotFoundError:  # released meanwhile
+                continue
+            except OSError:
+                raw = ""
+            try:
+                holder = json.loads(raw)
+            except ValueError:
                 holder = {}
-            requeued = me["slurm_job"] is not None and holder.get("slurm_job") == me["slurm_job"]
+            earlier = holder.get("slurm_restart")
+            requeued = (me["slurm_job"] is not None and holder.get("slurm_job") == me["slurm_job"]
+                        and isinstance(earlier, int) and earlier < me["slurm_restart"])  # fmt: skip
             if requeued or (holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1)))):
                 why = f"left by SLURM job {me['slurm_job']} before it was requeued" if requeued else "no longer running"
-                print(f"warning: {path}: stale lock of pid {holder.get('pid')} ({why}); taking it over")
-                path.unlink(missing_ok=True)
+                if _take_over(path, raw):
+                    print(f"warning: {path}: stale lock of pid {holder.get('pid')} ({why}); taking it over")
                 continue
             raise ConfigError(
                 f"output_dir {run_dir} is in use by another run (pid {holder.get('pid', '?')} on host "
@@ -175,6 +185,32 @@ def take_lock(run_dir: Path) -> None:
             json.dump(me, f)
         atexit.register(_release, path, me["pid"])
         return
+    raise ConfigError(f"output_dir {run_dir}: could not take its lock {path}: other runs are starting there")
+
+
+def _take_over(path: Path, stale: str) -> bool:
+    """Remove the lock file if it still holds ``stale``; False if another run replaced it first.
+
+    The file is renamed aside (atomic: of two runs taking over at once, one gets it) and put
+    back when what was moved is not the stale lock but a run's fresh one.
+    """
+    aside = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        if aside.read_text() == stale:
+            return True
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links
+            os.rename(aside, path)
+        return False
+    finally:
+        aside.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -289,6 +325,10 @@ def preempted(run_dir: Path, accelerator: Accelerator, reason: str, log) -> int:
     """After saving the state on a stop request: leave a marker and return EXIT_PREEMPTED."""
     if accelerator.is_main_process:
         (run_dir / PREEMPTED_MARKER).write_text(reason + "\n")
+    # No process exits before the marker is written: a launcher that sees one process exit
+    # (srun --kill-on-bad-exit on another node, torchrun) kills the rest, and the SLURM script
+    # requeues the job only when it finds the marker.
+    accelerator.wait_for_everyone()
     log(f"stopped by {reason}; state saved in {run_dir / 'checkpoints'}. Resume with train.resume=auto.")
     return EXIT_PREEMPTED
 
@@ -341,7 +381,8 @@ def run_main(main) -> int:
     except (WriteError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno not in _WRITE_ERRNOS:
             raise
-        if os.environ.get("RANK", "0") == "0":  # every process raises the same WriteError
+        # every process raises the same WriteError (checkpoint.agree); a raw OSError is this process's alone
+        if os.environ.get("RANK", "0") == "0" or not isinstance(exc, WriteError):
             error = exc if isinstance(exc, WriteError) else write_error(exc.filename or "a file of the run", exc)
             print(f"error: {error}. Free some space (or choose another output_dir) and resume with "
                   "train.resume=auto.", file=sys.stderr)  # fmt: skip

@@ -113,7 +113,7 @@ class RunLogger:
             if mode != "online":
                 raise
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print_fn(f"W&B: could not start an online run ({reason[:300]}); logging offline instead")
+            print_fn(f"W&B: could not start an online run ({_without_secrets(reason)[:300]}); logging offline instead")
             mode = "offline"
             self.wandb_run = wandb.init(mode=mode, **kwargs)
         self.wandb_mode = mode
@@ -173,6 +173,16 @@ def _finish_within(run: Any, timeout_s: float, print_fn=print) -> None:
     if not done.wait(timeout_s):
         print_fn(f"W&B: the upload did not finish within {timeout_s:.0f} s (logging.wandb.timeout_s); the run is "
                  f"stored in {files}: `wandb sync {files}` uploads the rest")  # fmt: skip
+
+
+def _without_secrets(text: str) -> str:
+    """An error text without the W&B key and without user:password@ in URLs."""
+    import re
+
+    key = os.environ.get("WANDB_API_KEY")
+    if key:
+        text = text.replace(key, "<WANDB_API_KEY>")
+    return re.sub(r"(\w+://)[^/\s@]*@", r"\1", text)
 
 
 def _online(print_fn) -> bool:

@@ -24,6 +24,10 @@ MAIN_PORT=${MAIN_PORT:-29500}
 LAUNCH_CONFIG=${LAUNCH_CONFIG:-launch/multi_node.yaml}
 NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))
 
+# PREEMPTED is this run's only: a requeued job that fails before the trainer clears it (a failed
+# rendezvous, a bad node) must not requeue itself again on its earlier run's marker.
+rm -f "$RUN_DIR/PREEMPTED"
+
 # Every node runs one launcher; its machine rank is its SLURM node id. SLURM signals every
 # process of the step: the launcher ignores SIGUSR1 (else it would die of it, and the step
 # with it, while the training processes save), the training processes save and exit 75.

@@ -418,12 +418,13 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch, cap
     run = tmp_path / "run"
     run.mkdir()
     lock = run / runtime.LOCK_FILE
-    theirs = {"pid": 1, "host": "node-17", "started": "2026-11-24 10:00:00", "slurm_job": "4242"}
+    theirs = {"pid": 1, "host": "node-17", "started": "2026-11-24 10:00:00", "slurm_job": "4242", "slurm_restart": 0}
     monkeypatch.setenv("SLURM_JOB_ID", "5151")
     lock.write_text(json.dumps(theirs))
     with pytest.raises(ConfigError, match="in use by another run .pid 1 on host node-17"):
         runtime.take_lock(run)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # SLURM counts the requeues
     runtime.take_lock(run)
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert "left by SLURM job 4242 before it was requeued" in capsys.readouterr().out

@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = runtime.StopFlag(cfg.train.time_limit_minutes)
     gt = splits.val.to_coco_gt()
 
-    def save_state() -> None:
-        checkpoint.save_state(run_dir, accelerator, model, optimizer, scheduler, pos, cfg.train.keep_checkpoints, ema)
+    def save_state(rng: dict | None = None) -> None:
+        checkpoint.save_state(run_dir, accelerator, model, optimizer, scheduler, pos, cfg.train.keep_checkpoints, ema,
+                              rng)  # fmt: skip
 
     def save_weights(name: str, metrics: dict, epoch: int) -> None:
         checkpoint.save_weights(run_dir / name, accelerator, scored, cfg, label_map, metrics, epoch, pos["step"],
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 nonfinite_in_row=pos["nonfinite_in_row"], should_stop=stop, on_step=on_step, progress=bar,
             )  # fmt: skip
         except engine.DataFailure as exc:  # an image vanished or broke mid-run: keep the work done so far
-            save_state()
+            save_state(exc.rng)  # the RNG states of the last step (the forwards since drew from them)
             raise data.DatasetError(
                 f"{exc}. A state was saved at step {pos['step']}: restore the file and resume with train.resume=auto"
             ) from None
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if stats.pop("stopped"):  # preempted: save where we are, exit for the scheduler to requeue
             save_state()
             return runtime.preempted(run_dir, accelerator, stop.reason(), log)
+        stats.update(pos.pop("trained", None) or {})  # resumed after its validation failed: its training's numbers
         pos["epoch"], pos["batch"] = epoch + 1, 0
         metrics = {"epoch": epoch + 1, **stats}
         stop_early = False
@@ -146,11 +148,13 @@ def main(argv: list[str] | None = None) -> int:
                     scored, val_loader, val_sampler.batch_ids(), accelerator, label_map, gt,
                     backend=cfg.eval.backend, seed=cfg.train.seed, progress=bar,
                 )  # fmt: skip
-            except engine.DataFailure as exc:  # the epoch's training is kept; its validation is not redone
+            except engine.DataFailure as exc:  # the epoch's training is kept; the resume validates it
+                pos["epoch"], pos["batch"] = epoch, stats["batch"]  # every batch of the epoch done, not validated
+                pos["trained"] = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
                 save_state()
                 raise data.DatasetError(
-                    f"{exc}. The state after epoch {epoch + 1}'s training was saved (its validation is not repeated "
-                    "on resume): restore the file and resume with train.resume=auto"
+                    f"{exc}. The state after epoch {epoch + 1}'s training was saved (the resume validates it): "
+                    "restore the file and resume with train.resume=auto"
                 ) from None
             finally:
                 bar.close()

@@ -2,6 +2,7 @@
 resumable state is saved, the files named in $VANISH (separated by os.pathsep) are moved to
 $VANISH_TO, as a network file system or a cleanup job would make them disappear."""
 
+import contextlib
 import os
 import runpy
 import shutil
@@ -19,7 +20,7 @@ _save_state = checkpoint.save_state
 def _then_vanish(*args, **kwargs):
     out = _save_state(*args, **kwargs)
     for name in filter(None, os.environ.pop("VANISH", "").split(os.pathsep)):
-        if os.path.exists(name):
+        with contextlib.suppress(FileNotFoundError, shutil.Error):  # another training process moved it first
             shutil.move(name, os.environ["VANISH_TO"])
     return out
 
