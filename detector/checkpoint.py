@@ -14,6 +14,7 @@ previous state intact; ``find_resumable`` skips states that are incomplete or un
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from detector import weights
+from detector.weights import WriteError
 
 STATE_DIR = "checkpoints"
 COMPLETE = "COMPLETE.json"
@@ -34,13 +36,19 @@ atomic_save = weights.save  # a state file is written like a weights file: temp,
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
+    """Write a small text file atomically (see weights.save); raises WriteError."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise weights.write_error(path, exc) from None
 
 
 # -- RNG states as plain tensors -----------------------------------------------------------------
@@ -88,6 +96,7 @@ def save_state(
     position: dict[str, Any],
     keep: int,
     ema: torch.nn.Module | None = None,
+    rng: dict[str, Any] | None = None,
 ) -> Path | None:
     """Save a resumable state; every process must call it (each writes its own RNG state).
 
@@ -98,6 +107,7 @@ def save_state(
         position: epoch, batch (within the epoch), step, best score, W&B id...: plain values.
         keep: how many states to keep (older ones are deleted).
         ema: the weight average (train.ema), saved beside the model.
+        rng: this process's RNG states to save (engine.DataFailure.rng); None: the current ones.
 
     Returns:
         The state directory (on the main process).
@@ -105,39 +115,88 @@ def save_state(
     root = Path(run_dir) / STATE_DIR
     name = f"step_{int(position['step']):08d}"
     final, tmp = root / name, root / f".tmp-{name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    atomic_save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        scaler = getattr(accelerator, "scaler", None)
-        atomic_save(
-            {
-                "model": accelerator.unwrap_model(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "ema": ema.state_dict() if ema is not None else None,
-                "position": position,
-            },
-            tmp / "state.pt",
-        )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = sorted(p.name for p in tmp.iterdir())
-        atomic_write_text(
-            json.dumps({"files": files, "num_processes": accelerator.num_processes, **_jsonable(position)}),
-            tmp / COMPLETE,
-        )
-        if final.exists():
-            shutil.rmtree(final)
+    main = accelerator.is_main_process
+    error = None
+    if main:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            error = str(weights.write_error(tmp, exc))
+    agree(accelerator, error, tmp)
+    try:
+        atomic_save(rng if rng is not None else rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+        if main:
+            scaler = getattr(accelerator, "scaler", None)
+            atomic_save(
+                {
+                    "model": accelerator.unwrap_model(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "position": position,
+                },
+                tmp / "state.pt",
+            )
+    except WriteError as exc:
+        error = str(exc)
+    agree(accelerator, error, tmp)
+    if main:
+        try:
+            files = sorted(p.name for p in tmp.iterdir())
+            atomic_write_text(
+                json.dumps({"files": files, "num_processes": accelerator.num_processes, **_jsonable(position)}),
+                tmp / COMPLETE,
+            )
+            _move_into_place(tmp, final)
+            _fsync_dir(root)
+        except (OSError, WriteError) as exc:
+            error = str(exc if isinstance(exc, WriteError) else weights.write_error(final, exc))
+        else:
+            for old in list_states(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    agree(accelerator, error, tmp)
+    return final if main else None
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the written state ``tmp`` to ``final``; a state already there (saved at the same
+    step: a mid-epoch checkpoint, then the end of the epoch or a stop) is moved aside first and
+    deleted only once the new one is in place, and moved back if that fails."""
+    if not final.exists():
         os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in list_states(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final if accelerator.is_main_process else None
+        return
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def agree(accelerator: Any, error: str | None, cleanup: Path | None = None) -> None:
+    """A synchronisation point where a write error on any process stops every process.
+
+    Without it, a process whose write failed would leave the others waiting at the next
+    barrier until the collective timeout. All processes must call it; each passes its own
+    error (or None). On any error the main process removes ``cleanup`` (a half-written state)
+    and every process raises the same WriteError.
+    """
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        errors = [e for e in gather_object([error]) if e]
+    else:
+        errors = [error] if error else []
+    if errors:
+        if cleanup is not None and accelerator.is_main_process:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        raise WriteError(errors[0])
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -230,10 +289,14 @@ def save_weights(path: Path, accelerator: Any, model, cfg, label_map, metrics: d
     """Write a weights file (best.pt / last.pt) from the main process, atomically (see weights.py)."""
     from detector.config import to_dict
 
+    error = None
     if accelerator.is_main_process:
         net = accelerator.unwrap_model(model)
-        weights.save(weights.payload(net, to_dict(cfg), label_map.to_dict(), metrics, epoch, step, extra), path)
-    accelerator.wait_for_everyone()
+        try:
+            weights.save(weights.payload(net, to_dict(cfg), label_map.to_dict(), metrics, epoch, step, extra), path)
+        except WriteError as exc:
+            error = str(exc)
+    agree(accelerator, error)
 
 
 def save_last(run_dir: Path, accelerator: Any, model, cfg, label_map, metrics: dict, epoch: int, step: int) -> None:

@@ -9,6 +9,7 @@ the checkpoint.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -145,6 +146,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 20  # stop after this many non-finite losses in a row
     time_limit_minutes: float = 0.0  # 0: no limit; else stop (with a checkpoint) after this long
+    # How long a process waits in a collective (all-reduce, barrier) for the others before it
+    # gives up: a process that died or hangs on another node then ends the run in minutes, not
+    # after torch's 30-minute default. Raise it if one process legitimately works alone longer.
+    dist_timeout_minutes: float = 10.0
     threads: int = 0  # torch intra-op threads per process; 0: the usable CPUs / processes on this machine
     # An exponential moving average of the weights: what validation scores and best.pt/last.pt hold.
     ema: bool = False
@@ -159,6 +164,15 @@ class EvalConfig:
     best_metric: str = "val/mAP"  # val/loss, val/loss_<part>, val/<COCO stat> or val/AP/<class name>
     best_mode: Literal["max", "min"] | None = None  # null: min for losses, max for the rest
     early_stop_patience: int = 0  # stop after this many evaluations without a better best_metric (0: off)
+    # Error analysis at every evaluation (detector/analysis.py): analysis.json (+ analysis_best.json)
+    # and W&B tables; one more COCOeval pass per evaluation. With logging.plots, its PNGs in
+    # plots/analysis/, drawn at the last evaluation (last), also when best.pt changes (best), or at
+    # every evaluation (every).
+    analysis: bool = True
+    analysis_plots: Literal["last", "best", "every"] = "last"
+    analysis_iou: float = 0.5  # IoU for a match in the confusion matrix and the per-class P/R/F1
+    analysis_score: float = 0.25  # score threshold of the confusion matrix and the galleries
+    analysis_gallery: int = 8  # images per gallery of worst images (0: no galleries)
 
 
 @dataclass(frozen=True)
@@ -171,7 +185,13 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
     mode: Literal["online", "offline", "disabled"] = "online"
     log_checkpoint: bool = False
+    # The train and val json as a W&B dataset artifact of this name, declared as the run's input
+    # (stored once per content); null: not logged (the fingerprint is recorded either way).
+    dataset_artifact: str | None = None
     num_images: int = 8
+    # The longest W&B may hold training up: connecting at the start (past it the run logs
+    # offline, to be uploaded later with `wandb sync`) and uploading at the end.
+    timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -284,9 +304,19 @@ def validate(cfg: Config) -> None:
         (cfg.train.checkpoint_every_epochs >= 1, "train.checkpoint_every_epochs must be >= 1"),
         (0 < cfg.train.ema_decay < 1, "train.ema_decay must be in (0, 1)"),
         (cfg.eval.early_stop_patience >= 0, "eval.early_stop_patience must be >= 0"),
+        (0 < cfg.eval.analysis_iou <= 1, "eval.analysis_iou must be in (0, 1]"),
+        (0 <= cfg.eval.analysis_score <= 1, "eval.analysis_score must be in [0, 1]"),
+        (cfg.train.dist_timeout_minutes > 0, "train.dist_timeout_minutes must be > 0"),
+        (cfg.logging.wandb.timeout_s > 0, "logging.wandb.timeout_s must be > 0"),
+        (cfg.eval.analysis_gallery >= 0, "eval.analysis_gallery must be >= 0"),
         (
             cfg.model.min_size is None or cfg.model.max_size is None or cfg.model.min_size <= cfg.model.max_size,
             "model.min_size must be <= model.max_size",
+        ),
+        (
+            cfg.logging.wandb.dataset_artifact is None
+            or re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.logging.wandb.dataset_artifact) is not None,
+            "logging.wandb.dataset_artifact: a W&B artifact name has only letters, digits, '-', '_' and '.'",
         ),
     ]
     for ok, message in checks:
@@ -297,6 +327,8 @@ def validate(cfg: Config) -> None:
 
     check_keys(cfg.model)
     if not cfg.data.synthetic.enabled:
+        from detector import storage
+
         for split in ("train", "val"):
             s = getattr(cfg.data, split)
             if not s.annotations or not s.images:
@@ -304,6 +336,11 @@ def validate(cfg: Config) -> None:
                     f"data.{split}.annotations and data.{split}.images must be set "
                     f"(e.g. data.{split}.annotations=path/to/{split}.json data.{split}.images=path/to/images)"
                 )
+            for key in ("annotations", "images"):  # before config.yaml is written into the run directory
+                try:
+                    storage.check_url(getattr(s, key), f"data.{split}.{key}")
+                except storage.StorageError as exc:
+                    raise ConfigError(str(exc)) from None
 
 
 COCO_STATS = (

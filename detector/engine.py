@@ -20,10 +20,65 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 
+from detector.data.coco import DatasetError
 from detector.evaluation import CocoResult, detections_to_coco, evaluate_coco, flat_metrics
 from detector.families import loss_and_detections, loss_key
 from detector.labels import LabelMap
 from detector.segm import segm_metrics
+
+
+class DataFailure(DatasetError):
+    """An image could not be read mid-run (data.on_corrupt_image=error), on some process.
+
+    Every process raises it at the same point, before any weight changes from the failed
+    batch, with the message of the process where it happened, so the caller can save a state
+    (a collective) and stop cleanly. ``rng`` holds this process's RNG states as they were at
+    the last optimizer step (the forwards since have drawn from them), for that state.
+    """
+
+    rng: dict[str, Any] | None = None
+
+
+def _batches(loader: Any) -> Any:
+    """The loader's batches; a data error becomes an empty batch plus the error."""
+    it = iter(loader)
+    while True:
+        try:
+            images, targets, skipped = next(it)
+        except StopIteration:
+            return
+        except DatasetError as exc:
+            from detector.runtime import error_text
+
+            yield [], [], 0, error_text(exc)
+            return
+        yield images, targets, skipped, None
+
+
+def _raise_data_failure(accelerator: Accelerator, error: str | None, rng: dict[str, Any] | None = None) -> None:
+    """Every process raises DataFailure when any process had a data error (all must call)."""
+    errors = gather_object([error]) if accelerator.num_processes > 1 else [error]
+    errors = [e for e in errors if e]
+    if errors:
+        failure = DataFailure(errors[0])
+        failure.rng = rng
+        raise failure
+
+
+def _step_snapshot(net: nn.Module) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """The RNG states and the model's buffers (BatchNorm statistics) at an optimizer step: what
+    the forwards of an accumulation window change before its step."""
+    from detector.checkpoint import rng_state
+
+    return rng_state(), [b.detach().clone() for b in net.buffers()]
+
+
+def _back_to(net: nn.Module, snapshot: tuple[dict[str, Any], list[torch.Tensor]]) -> dict[str, Any]:
+    """Put the buffers of ``_step_snapshot`` back; returns its RNG states."""
+    with torch.no_grad():
+        for buf, saved in zip(net.buffers(), snapshot[1]):
+            buf.copy_(saved)
+    return snapshot[0]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -147,6 +202,8 @@ def train_one_epoch(
         and ``stopped`` (True when should_stop ended it early).
     """
     model.train()
+    net = accelerator.unwrap_model(model)
+    at_step = _step_snapshot(net)  # a data failure saves the state of the last step, not a window's part
     n_batches = start_batch + len(loader)
     sums: dict[str, float] = defaultdict(float)
     counted = 0
@@ -159,7 +216,7 @@ def train_one_epoch(
     window_sums: dict[str, float] = defaultdict(float)  # loss parts x images over the accumulation window
     window_n = 0.0
     t0 = time.perf_counter()
-    for batch_i, (images, targets, skipped) in enumerate(loader, start=start_batch):
+    for batch_i, (images, targets, skipped, data_error) in enumerate(_batches(loader), start=start_batch):
         window_start = (batch_i // grad_accum_steps) * grad_accum_steps
         window_len = min(grad_accum_steps, n_batches - window_start)
         sync = batch_i + 1 == window_start + window_len
@@ -172,14 +229,18 @@ def train_one_epoch(
             with accelerator.autocast(), _norm_frozen(model, not n_local):
                 loss_dict = {loss_key(k): v for k, v in model(imgs, tgts).items()}
             loss = sum(loss_dict.values())
-            # One all-reduce carries the loss parts, the finite flag and the stop request.
+            # One all-reduce carries the loss parts, the finite flag, the data-error flag and
+            # the stop request.
             parts = torch.stack([v.detach().float() for v in loss_dict.values()])
             flags = torch.tensor(
-                [float(n_local > 0 and not torch.isfinite(loss)), float(should_stop()), float(n_local)],
+                [float(n_local > 0 and not torch.isfinite(loss)), float(data_error is not None),
+                 float(should_stop()), float(n_local)],
                 device=parts.device,
-            )
+            )  # fmt: skip
             reduced = accelerator.reduce(torch.cat([parts * n_local, flags]), reduction="sum")
-            nonfinite = bool(reduced[-3] > 0)
+            if reduced[-3] > 0:  # an image could not be read: stop before this batch changes anything
+                _raise_data_failure(accelerator, data_error, _back_to(net, at_step))
+            nonfinite = bool(reduced[-4] > 0)
             if n_local and torch.isfinite(loss):
                 last_batch = (imgs, tgts)  # a stand-in for a later batch that fails to decode
             if nonfinite:
@@ -236,6 +297,7 @@ def train_one_epoch(
                 )
             if on_step is not None:
                 on_step(record)
+            at_step = _step_snapshot(net)
             if reduced[-2] > 0:  # someone asked to stop: every process stops here
                 stopped = True
         done = batch_i + 1
@@ -297,7 +359,10 @@ def evaluate(
     net.eval()
     local: list[tuple[int, int, dict[str, float], list[dict[str, Any]], int]] = []
     sync_buffers(model, accelerator)
-    for batch_id, (images, targets, skipped) in zip(batch_ids, loader):
+    data_error = None
+    for batch_id, (images, targets, skipped, data_error) in zip(batch_ids, _batches(loader)):
+        if data_error is not None:
+            break
         imgs, tgts = to_device(images, targets, accelerator.device)
         if imgs:
             with seeded(seed * 1_000_003 + batch_id, accelerator.device):
@@ -309,6 +374,7 @@ def evaluate(
         if progress is not None:
             progress.update(1)
     net.train(was_training)
+    _raise_data_failure(accelerator, data_error)
     gathered = gather_object(local) if accelerator.num_processes > 1 else local
     payload: list[Any] = [None]
     if accelerator.is_main_process:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -18,6 +19,8 @@ from detector.config import Config, ConfigError, TrainConfig, save_yaml
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a resumable state
 EXIT_NONFINITE = 3  # stopped after too many non-finite losses in a row
 EXIT_WORKER_DIED = 76  # a DataLoader worker was killed (usually out of memory)
+EXIT_PEER_LOST = 77  # a collective failed: another training process died or hangs
+EXIT_WRITE_FAILED = 74  # EX_IOERR: a checkpoint or weights file could not be written (disk full...)
 PREEMPTED_MARKER = "PREEMPTED"  # written in the run directory (accelerate launch maps exit codes to 1)
 
 
@@ -53,7 +56,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """
     torch.set_num_threads(cfg.threads if cfg.threads > 0 else auto_threads())
     accelerator = make_accelerator(
-        resolve_mixed_precision(cfg.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
+        resolve_mixed_precision(cfg.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION")),
+        cfg.dist_timeout_minutes,
     )
     set_seed(cfg.seed + accelerator.process_index)
     return accelerator
@@ -72,15 +76,28 @@ def auto_threads() -> int:
     return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", dist_timeout_minutes: float = 10.0) -> Accelerator:
     """An Accelerator; several processes without CUDA use gloo on the CPU.
 
     Launched torchrun-style (LOCAL_RANK set) on a machine without CUDA, Accelerate would fall
     back to one process per launcher unless told to use the CPU: we tell it, so that
     ``launch/cpu2.yaml`` (and torchrun) give a real multi-process CPU run.
+
+    ``dist_timeout_minutes`` bounds every collective (gloo and NCCL alike): a process whose
+    peer died or hangs raises instead of waiting for torch's 30-minute default.
     """
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if not dist_timeout_minutes > 0:
+        raise ConfigError(f"train.dist_timeout_minutes={dist_timeout_minutes}: must be > 0")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mixed_precision, cpu=distributed and not torch.cuda.is_available())
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=distributed and not torch.cuda.is_available(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=dist_timeout_minutes))],
+    )
 
 
 LOCK_FILE = "RUNNING.lock"
@@ -123,27 +140,41 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
 def take_lock(run_dir: Path) -> None:
     """One run per run directory: a lock file naming the process and host that holds it.
 
-    A lock left by a process that no longer runs on this host (killed, machine restarted) is
-    stale and taken over; one held by a live process, or by another host (which cannot be
-    checked from here), stops this run. The lock goes when the process exits.
+    A lock left by a process that no longer runs on this host (killed, machine restarted), or
+    by an earlier incarnation of this same SLURM job (requeued, perhaps onto another node: a
+    lower SLURM_RESTART_COUNT), is stale and taken over; one held by a live process, or by
+    another host (which cannot be checked from here), stops this run, also when it is of the
+    same SLURM job (two runs in one allocation). The lock goes when the process exits.
     """
     import atexit
     import json
     import socket
 
     path = run_dir / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
+    job = os.environ.get("SLURM_JOB_ID")
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "slurm_job": job, "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0) if job else None}  # fmt: skip
+    for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):
+                raw = path.read_text()
+            except FileNotFoundError:  # released meanwhile
+                continue
+            except OSError:
+                raw = ""
+            try:
+                holder = json.loads(raw)
+            except ValueError:
                 holder = {}
-            if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
-                print(f"warning: {path}: stale lock of pid {holder.get('pid')} (no longer running); taking it over")
-                path.unlink(missing_ok=True)
+            earlier = holder.get("slurm_restart")
+            requeued = (me["slurm_job"] is not None and holder.get("slurm_job") == me["slurm_job"]
+                        and isinstance(earlier, int) and earlier < me["slurm_restart"])  # fmt: skip
+            if requeued or (holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1)))):
+                why = f"left by SLURM job {me['slurm_job']} before it was requeued" if requeued else "no longer running"
+                if _take_over(path, raw):
+                    print(f"warning: {path}: stale lock of pid {holder.get('pid')} ({why}); taking it over")
                 continue
             raise ConfigError(
                 f"output_dir {run_dir} is in use by another run (pid {holder.get('pid', '?')} on host "
@@ -154,6 +185,32 @@ def take_lock(run_dir: Path) -> None:
             json.dump(me, f)
         atexit.register(_release, path, me["pid"])
         return
+    raise ConfigError(f"output_dir {run_dir}: could not take its lock {path}: other runs are starting there")
+
+
+def _take_over(path: Path, stale: str) -> bool:
+    """Remove the lock file if it still holds ``stale``; False if another run replaced it first.
+
+    The file is renamed aside (atomic: of two runs taking over at once, one gets it) and put
+    back when what was moved is not the stale lock but a run's fresh one.
+    """
+    aside = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        if aside.read_text() == stale:
+            return True
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links
+            os.rename(aside, path)
+        return False
+    finally:
+        aside.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -268,6 +325,10 @@ def preempted(run_dir: Path, accelerator: Accelerator, reason: str, log) -> int:
     """After saving the state on a stop request: leave a marker and return EXIT_PREEMPTED."""
     if accelerator.is_main_process:
         (run_dir / PREEMPTED_MARKER).write_text(reason + "\n")
+    # No process exits before the marker is written: a launcher that sees one process exit
+    # (srun --kill-on-bad-exit on another node, torchrun) kills the rest, and the SLURM script
+    # requeues the job only when it finds the marker.
+    accelerator.wait_for_everyone()
     log(f"stopped by {reason}; state saved in {run_dir / 'checkpoints'}. Resume with train.resume=auto.")
     return EXIT_PREEMPTED
 
@@ -311,6 +372,7 @@ def run_main(main) -> int:
     from detector.config import ConfigError
     from detector.data.coco import DatasetError
     from detector.models import WeightsError
+    from detector.weights import WriteError, write_error
 
     try:
         return main()
@@ -318,8 +380,25 @@ def run_main(main) -> int:
         if os.environ.get("RANK", "0") == "0" or _from_worker(exc):  # a worker's error is its process's alone
             print(f"error: {_message(exc)}", file=sys.stderr)
         return 2
+    except (WriteError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in _WRITE_ERRNOS:
+            raise
+        # every process raises the same WriteError (checkpoint.agree); a raw OSError is this process's alone
+        if os.environ.get("RANK", "0") == "0" or not isinstance(exc, WriteError):
+            error = exc if isinstance(exc, WriteError) else write_error(exc.filename or "a file of the run", exc)
+            print(f"error: {error}. Free some space (or choose another output_dir) and resume with "
+                  "train.resume=auto.", file=sys.stderr)  # fmt: skip
+        return EXIT_WRITE_FAILED
     except RuntimeError as exc:
         text = str(exc)
+        if _peer_lost(exc):
+            print(
+                f"error: a collective operation with the other processes failed ({_first_line(text)}). Another "
+                "process died or hangs (its own log says why: out of memory, a data error, a lost node); a process "
+                "waits train.dist_timeout_minutes for its peers. Fix the cause and resume with train.resume=auto.",
+                file=sys.stderr,
+            )
+            return EXIT_PEER_LOST
         if "DataLoader worker (pid" not in text:
             raise
         print(
@@ -331,8 +410,32 @@ def run_main(main) -> int:
         return EXIT_WORKER_DIED
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+_PEER_SIGNS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+               "collective operation timeout", "NCCL communicator was aborted")  # fmt: skip
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """Did a collective fail because another process died or hangs (gloo or NCCL)?"""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(s in str(exc) for s in _PEER_SIGNS)
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "no message"
+    return line.split("] ", 1)[-1] if line.startswith("[") else line  # gloo prefixes its source location
+
+
 def _from_worker(exc: BaseException) -> bool:
     return str(exc).startswith("Caught ") and "Original Traceback" in str(exc)
+
+
+def error_text(exc: BaseException) -> str:
+    """An error's message without the DataLoader worker's traceback around it."""
+    return _message(exc)
 
 
 def _message(exc: BaseException) -> str:

@@ -59,6 +59,8 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.wandb_run: Any = None
+        self.finish_timeout_s = 60.0
+        self.wandb_mode = "disabled"
         self._file = open(self.run_dir / METRICS_FILE, "a") if enabled else None  # noqa: SIM115
 
     def log(self, record: dict[str, Any], kind: str, step: int) -> None:
@@ -102,18 +104,19 @@ class RunLogger:
         mode = cfg.mode
         if mode == "online" and not _online(print_fn):
             mode = "offline"
-        self.wandb_run = wandb.init(
-            project=cfg.project,
-            entity=cfg.entity,
-            name=cfg.name,
-            group=cfg.group,
-            tags=list(cfg.tags),
-            mode=mode,
-            dir=str(self.run_dir),
-            config=config,
-            id=run_id,
-            resume="allow" if run_id else None,
-        )
+        kwargs = dict(project=cfg.project, entity=cfg.entity, name=cfg.name, group=cfg.group, tags=list(cfg.tags),
+                      dir=str(self.run_dir), config=config, id=run_id, resume="allow" if run_id else None)  # fmt: skip
+        self.finish_timeout_s = cfg.timeout_s
+        try:
+            self.wandb_run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=cfg.timeout_s), **kwargs)
+        except Exception as exc:  # no key, server unreachable or not answering, refused: never stop training
+            if mode != "online":
+                raise
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print_fn(f"W&B: could not start an online run ({_without_secrets(reason)[:300]}); logging offline instead")
+            mode = "offline"
+            self.wandb_run = wandb.init(mode=mode, **kwargs)
+        self.wandb_mode = mode
         self.wandb_run.define_metric(STEP_KEY)
         self.wandb_run.define_metric("*", step_metric=STEP_KEY)
         if run_id:
@@ -132,11 +135,11 @@ class RunLogger:
         if self.wandb_run is not None and images:
             self.wandb_run.log({key: images, STEP_KEY: step})
 
-    def log_artifact(self, path: str | Path, name: str, kind: str = "model") -> None:
+    def log_artifact(self, path: str | Path, name: str, kind: str = "model", metadata: dict | None = None) -> None:
         if self.wandb_run is not None:
             import wandb
 
-            art = wandb.Artifact(name, type=kind)
+            art = wandb.Artifact(name, type=kind, metadata=metadata)
             art.add_file(str(path))
             self.wandb_run.log_artifact(art)
 
@@ -145,19 +148,55 @@ class RunLogger:
             self._file.close()
             self._file = None
         if self.wandb_run is not None:
-            self.wandb_run.finish()
-            self.wandb_run = None
+            run, self.wandb_run = self.wandb_run, None
+            if self.wandb_mode == "offline":  # local files only: let it write everything
+                run.finish()
+            else:
+                _finish_within(run, self.finish_timeout_s, print)
+
+
+def _finish_within(run: Any, timeout_s: float, print_fn=print) -> None:
+    """Finish a W&B run, waiting at most timeout_s for its upload (a network gone mid-run
+    would otherwise hold the end of training for as long as wandb retries)."""
+    import threading
+
+    files = str(getattr(run, "dir", "") or "").rsplit("/files", 1)[0]
+    done = threading.Event()
+
+    def finish() -> None:
+        try:
+            run.finish()
+        finally:
+            done.set()
+
+    threading.Thread(target=finish, daemon=True, name="wandb-finish").start()
+    if not done.wait(timeout_s):
+        print_fn(f"W&B: the upload did not finish within {timeout_s:.0f} s (logging.wandb.timeout_s); the run is "
+                 f"stored in {files}: `wandb sync {files}` uploads the rest")  # fmt: skip
+
+
+def _without_secrets(text: str) -> str:
+    """An error text without the W&B key and without user:password@ in URLs."""
+    import re
+
+    key = os.environ.get("WANDB_API_KEY")
+    if key:
+        text = text.replace(key, "<WANDB_API_KEY>")
+    return re.sub(r"(\w+://)[^/\s@]*@", r"\1", text)
 
 
 def _online(print_fn) -> bool:
     """Is the W&B server reachable? (A quick check, so that no-network falls back to offline.)"""
     import socket
+    from urllib.parse import urlsplit
 
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    url = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    host = url.hostname or "api.wandb.ai"
     try:
-        socket.create_connection((host.split(":")[0], 443), timeout=3).close()
+        port = url.port or (80 if url.scheme == "http" else 443)
+        socket.create_connection((host, port), timeout=3).close()
         return True
-    except OSError:
+    except (OSError, ValueError):
         print_fn(f"W&B: {host} is not reachable; logging offline instead")
         return False
 

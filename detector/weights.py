@@ -9,6 +9,7 @@ rebuilt from it, for inference or for a second fine-tune, is the model that was 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import replace
@@ -101,16 +102,55 @@ def payload(
     }
 
 
-def save(obj: dict[str, Any], path: str | Path) -> None:
-    """Write atomically: a temporary file, flushed and fsynced, renamed over ``path``."""
+class WriteError(RuntimeError):
+    """A file of the run could not be written (disk full, quota, I/O error, read-only)."""
+
+
+def free_space(folder: str | Path) -> str:
+    """The free space of the file system holding ``folder``, for error messages."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown free space"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if free < 1024 or unit == "GiB":
+            return f"{free:.0f} {unit} free" if unit == "B" else f"{free:.1f} {unit} free"
+        free /= 1024
+    return ""
+
+
+def write_error(path: str | Path, exc: BaseException) -> WriteError:
+    """A WriteError naming the file, the reason and the free space where it was written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    text = str(exc).strip()
+    reason = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)
+    folder = next((p for p in (path.parent, *path.parents) if p.exists()), Path("."))
+    return WriteError(f"cannot write {path}: {reason} ({free_space(folder)} on {folder}); the file it would have "
+                      "replaced and the saved states are intact")  # fmt: skip
+
+
+def save(obj: dict[str, Any], path: str | Path) -> None:
+    """Write atomically: a temporary file, flushed and fsynced, renamed over ``path``.
+
+    Raises:
+        WriteError: the disk is full, over quota, read-only or failing; the temporary file is
+            removed and the file at ``path`` (if any) is left as it was.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a failed write as RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise write_error(path, exc) from None
 
 
 def read(path: str | Path) -> dict[str, Any]:

@@ -21,11 +21,18 @@ RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
 MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MAIN_PORT=${MAIN_PORT:-29500}
+LAUNCH_CONFIG=${LAUNCH_CONFIG:-launch/multi_node.yaml}
 NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))
 
-# Every node runs one launcher; its machine rank is its SLURM node id.
-srun --kill-on-bad-exit=1 bash -c "accelerate launch \
-  --config_file launch/multi_node.yaml \
+# PREEMPTED is this run's only: a requeued job that fails before the trainer clears it (a failed
+# rendezvous, a bad node) must not requeue itself again on its earlier run's marker.
+rm -f "$RUN_DIR/PREEMPTED"
+
+# Every node runs one launcher; its machine rank is its SLURM node id. SLURM signals every
+# process of the step: the launcher ignores SIGUSR1 (else it would die of it, and the step
+# with it, while the training processes save), the training processes save and exit 75.
+srun --kill-on-bad-exit=1 bash -c "trap '' USR1; exec accelerate launch \
+  --config_file $LAUNCH_CONFIG \
   --num_machines $SLURM_NNODES \
   --num_processes $NUM_PROCESSES \
   --machine_rank \$SLURM_NODEID \

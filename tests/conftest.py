@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,9 +183,25 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def trained_run(tiny_dataset, tmp_path_factory) -> Path:
     """One tiny training run (1 process, 6 epochs: a model that finds some objects) shared by
-    the tests that need a checkpoint."""
-    out = tmp_path_factory.mktemp("run")
-    train(out, tiny_dataset, "train.epochs=6")
+    the tests that need a checkpoint; under pytest-xdist, one run shared by all workers (the
+    first to need it trains it, the others wait for it)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # one process
+        out = tmp_path_factory.mktemp("run")
+        train(out, tiny_dataset, "train.epochs=6")
+        return out
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent
+    out = shared / "trained_run"
+    with FileLock(str(shared / "trained_run.lock")):
+        if not (out / "DONE").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            ds = {k: shared / "trained_run_data" / v for k, v in (("root", "."), ("train", "train.json"),
+                                                                   ("val", "val.json"))}  # fmt: skip
+            if not ds["train"].is_file():
+                shutil.copytree(tiny_dataset["root"], ds["root"], dirs_exist_ok=True)
+            train(out, ds, "train.epochs=6")
+            (out / "DONE").touch()
     return out
 
 

@@ -21,6 +21,8 @@ from detector.models import WeightsError, build_model
 
 from .conftest import ROOT, data_overrides, launch, launch_cmd, read_jsonl, run_tool_in_process, tool_env
 
+pytestmark = [pytest.mark.xdist_group("families")]  # its module fixtures are built once, on one xdist worker
+
 CONFIGS = ROOT / "tests" / "configs"
 ONE_STAGE = {"retinanet": "tiny_retinanet.yaml", "fcos": "tiny_fcos.yaml", "ssd": "tiny_ssdlite.yaml"}
 

@@ -3,6 +3,7 @@ a run directory in use or unusable, broken images in the workers, hostile json."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,14 +11,25 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from detector import checkpoint, runtime
+from detector import checkpoint, runtime, weights
 from detector.config import ConfigError, load
 from detector.data.coco import CocoIndex, DatasetError
 
-from .conftest import ROOT, TINY, assert_same_weights, data_overrides, tool_env, write_coco
+from .conftest import (
+    ROOT,
+    TINY,
+    assert_same_weights,
+    data_overrides,
+    epoch_records,
+    launch,
+    launch_cmd,
+    tool_env,
+    write_coco,
+)
 
 
 def _train_cmd(run: Path, ds, *extra: str) -> list[str]:
@@ -185,3 +197,235 @@ def test_image_bombs_stop_at_start_up_from_the_header(tmp_path, side):
     check_files(idx, tmp_path / "img", DataConfig(on_invalid="repair"))
     assert len(idx) == 0  # dropped, and counted
     assert sum(n for k, n in idx.repairs.items() if "dropped" in k) == 1
+
+
+# -- one of several training processes dies or hangs ------------------------------------------------
+
+
+def _training_processes(launcher: subprocess.Popen, n: int, timeout: float = 120) -> dict[int, Any]:
+    """The launcher's training processes by rank (psutil; torchrun gives them their own sessions)."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ranks = {}
+        for p in psutil.Process(launcher.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "train.py" in " ".join(p.cmdline()) and "RANK" in (env := p.environ()):
+                    ranks[int(env["RANK"])] = p
+        if len(ranks) == n:
+            return ranks
+        time.sleep(0.2)
+    raise AssertionError(f"did not find {n} training processes")
+
+
+def _two_process_run(run: Path, ds, *extra: str) -> subprocess.Popen:
+    args = [f"output_dir={run}", "logging.plots=false", "train.checkpoint_every_steps=2", *data_overrides(ds), *extra]
+    return subprocess.Popen(launch_cmd("train.py", ["--config", TINY, *args], nproc=2), env=tool_env(),
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_one_of_two_training_processes_dies_or_hangs(tiny_dataset, tmp_path, fault):
+    """A peer killed (the OOM killer, a node lost) or hung (stuck file system, a stopped
+    process): the survivor must not wait out torch's 30-minute collective timeout. A killed
+    peer is seen by the launcher at once; a hung one by the survivor's collective, after
+    train.dist_timeout_minutes. Either way the launcher exits non-zero in bounded time and the
+    run resumes from its last state."""
+    run = tmp_path / "run"
+    proc = _two_process_run(run, tiny_dataset, "train.epochs=30", "train.dist_timeout_minutes=0.1")
+    try:
+        ranks = _training_processes(proc, 2)
+        _wait_for_state(run)
+        t0 = time.time()
+        if fault == "killed":
+            ranks[1].send_signal(signal.SIGKILL)
+        else:
+            ranks[1].suspend()  # SIGSTOP: alive, holding its sockets open, never answering
+            ranks[0].wait(timeout=90)  # the survivor gives up after train.dist_timeout_minutes (6 s)
+            assert time.time() - t0 < 60, "the survivor waited far beyond train.dist_timeout_minutes"
+            ranks[1].resume()  # the hung node comes back (else torchrun waits 30 s before SIGKILL)
+        out, err = proc.communicate(timeout=150)
+        elapsed = time.time() - t0
+    finally:
+        with contextlib.suppress(Exception):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            ranks[1].kill()
+    assert proc.returncode != 0, err[-3000:]
+    assert elapsed < 120, f"the launcher took {elapsed:.0f} s to give up"
+    if fault == "hung":  # the survivor's own words: what happened and the key that bounds it
+        assert "error: a collective operation with the other processes failed" in err, err[-3000:]
+        assert "train.dist_timeout_minutes" in err and "[rank0]: Traceback" not in err, err[-3000:]
+    if fault == "hung":
+        return  # the resume after a lost peer is the same either way: shown once, below
+    steps = json.loads((checkpoint.list_states(run)[-1] / checkpoint.COMPLETE).read_text())["step"]
+    res = launch("train.py", ["--config", TINY, f"output_dir={run}", "logging.plots=false", "train.epochs=2",
+                              "train.resume=auto", *data_overrides(tiny_dataset)], nproc=2)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from {run / checkpoint.STATE_DIR}" in res.stdout and f"step {steps}" in res.stdout, res.stdout
+
+
+# -- the disk fills up while saving -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("full_at", "nproc"), [("best.pt", 1), ("state.pt", 2)])
+def test_disk_full_while_saving_keeps_the_previous_files(tiny_dataset, tmp_path, full_at, nproc):
+    """The second save of best.pt (or of a state, whose writer is the main process of two) hits a
+    full disk: the run stops at once with the path and the free space, on every process (no
+    process left waiting at a barrier), and what the first epoch saved stays valid."""
+    run = tmp_path / "run"
+    args = ["--config", TINY, f"output_dir={run}", "logging.plots=false", "train.epochs=3",
+            "eval.best_metric=val/loss", *data_overrides(tiny_dataset)]  # fmt: skip
+    res = launch("../tests/scripts/disk_full.py", args, nproc=nproc, timeout=300,
+                 env={"FULL_AT": full_at, "FULL_AFTER": "1"})  # fmt: skip
+    assert res.returncode != 0, res.stdout[-2000:]
+    assert "error: cannot write" in res.stderr and "free on" in res.stderr, res.stderr[-3000:]
+    assert f"{full_at}: No space left on device" in res.stderr, res.stderr[-3000:]
+    assert str(ROOT / "detector") not in res.stderr and "[rank" not in res.stderr, "a traceback of ours"
+    assert not list(run.rglob(".*tmp*")), "a temporary file was left behind"
+    states = checkpoint.list_states(run)
+    assert states, "the first epoch's state is gone"
+    state, _ = checkpoint.load_state_files(states[-1], 0)
+    assert state["position"]["epoch"] >= 1
+    best = weights.read(run / "best.pt")
+    assert best["epoch"] == 1  # the first best.pt, whole: the second was never moved over it
+    res = launch("train.py", [*args, "train.resume=auto"], nproc=nproc)
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
+
+
+# -- images vanish mid-run ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def vanishing_copy(tiny_dataset, tmp_path):
+    """A copy of the tiny dataset whose two first training images vanish after the first state."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset["root"], root)
+    ds = {"root": root, "train": root / "train.json", "val": root / "val.json"}
+    names = [im["file_name"] for im in json.loads(ds["train"].read_text())["images"][:2]]
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    env = {"VANISH": os.pathsep.join(str(root / "train" / n) for n in names), "VANISH_TO": str(gone)}
+    return ds, names, gone, env
+
+
+@pytest.mark.slow
+def test_images_vanishing_mid_run_stop_with_a_saved_state(vanishing_copy, tmp_path):
+    """data.on_corrupt_image=error, 2 processes with workers: the process that meets the missing
+    file stops every process before the batch changes anything, a state is saved, the message
+    names the file; with the file back, the run resumes."""
+    ds, names, gone, env = vanishing_copy
+    run = tmp_path / "run"
+    args = ["--config", TINY, f"output_dir={run}", "logging.plots=false", "train.epochs=2", "data.num_workers=2",
+            *data_overrides(ds)]  # fmt: skip
+    res = launch("../tests/scripts/vanish.py", args, nproc=2, timeout=300, env=env)
+    assert res.returncode != 0, res.stdout[-2000:]
+    assert any(f"cannot decode image {ds['root'] / 'train' / n}" in res.stderr for n in names), res.stderr[-3000:]
+    assert "A state was saved at step" in res.stderr and str(ROOT / "detector") not in res.stderr, res.stderr[-3000:]
+    state, _ = checkpoint.load_state_files(checkpoint.list_states(run)[-1], 0)
+    assert state["position"]["epoch"] == 1, "the state saved at the failure is inside epoch 2"
+    for n in names:  # the file system has them back
+        (gone / n).rename(ds["root"] / "train" / n)
+    res = launch("train.py", [*args, "train.resume=auto"], nproc=2)
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_images_vanishing_mid_run_are_skipped_and_counted(vanishing_copy, tmp_path):
+    ds, names, gone, env = vanishing_copy
+    run = tmp_path / "run"
+    res = launch("../tests/scripts/vanish.py", ["--config", TINY, f"output_dir={run}", "logging.plots=false",
+                 "train.epochs=2", "data.on_corrupt_image=skip", *data_overrides(ds)], env=env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    skipped = [r["train/skipped_images"] for r in epoch_records(run)]
+    assert skipped == [0, len(names)], skipped
+
+
+# -- launch/slurm.sh: preemption, requeue, resume -----------------------------------------------------
+
+FAKE_SRUN = """#!{python}
+# srun as far as launch/slurm.sh needs it: run the task (the last argument, `bash -c CMD`) on this
+# node, and deliver the signals srun receives to every process of the step, as SLURM's process
+# tracking does (torchrun's training processes live in sessions of their own).
+import os, signal, subprocess, sys
+import psutil
+task = subprocess.Popen(sys.argv[sys.argv.index("bash"):], env={{**os.environ, "SLURM_NODEID": "0"}})
+def relay(signum, frame):
+    for p in [psutil.Process(task.pid), *psutil.Process(task.pid).children(recursive=True)]:
+        try:
+            p.send_signal(signum)
+        except psutil.Error:
+            pass
+for s in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(s, relay)
+sys.exit(task.wait())
+"""
+FAKE_SCONTROL = """#!/bin/bash
+# scontrol: 'show hostnames LIST' prints this machine; anything else is recorded.
+if [ "$1" = show ]; then echo 127.0.0.1; else echo "$*" >> "{log}"; fi
+"""
+
+
+@pytest.mark.slow
+def test_slurm_script_requeues_a_preempted_job_which_then_resumes(tiny_dataset, tmp_path):
+    """launch/slurm.sh with fake srun and scontrol on PATH, 2 processes: SIGUSR1 to the batch
+    script (SLURM's early warning) saves a state, the script requeues the job and exits 0; the
+    requeued job resumes and finishes without asking for another requeue."""
+    from .conftest import _free_port
+
+    bin_dir, log, run = tmp_path / "bin", tmp_path / "scontrol.log", tmp_path / "run"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN.format(python=sys.executable))
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL.format(log=log))
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = tool_env({
+        "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_NAME": "detector", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1]", "SLURM_NNODES": "1",
+        "SLURM_GPUS_ON_NODE": "2", "RUN_DIR": str(run), "LAUNCH_CONFIG": "launch/cpu2.yaml",
+    })  # fmt: skip
+    cmd = ["bash", "launch/slurm.sh", str(TINY), "logging.plots=false", "train.epochs=2",
+           "train.checkpoint_every_steps=2", *data_overrides(tiny_dataset)]  # fmt: skip
+    job = subprocess.Popen(cmd, env={**env, "MAIN_PORT": str(_free_port())}, cwd=ROOT, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _wait_for_state(run)
+        job.send_signal(signal.SIGUSR1)  # to the batch script, as `--signal=B:USR1@120` or scancel -s USR1 -b do
+        out, err = job.communicate(timeout=180)
+    finally:
+        with contextlib.suppress(Exception):
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, out[-2000:] + err[-3000:]
+    assert "requeueing job 4242" in out and log.read_text().split("\n")[0] == "requeue 4242", out[-2000:]
+    assert (run / "PREEMPTED").is_file()
+    res = subprocess.run(cmd, env={**env, "MAIN_PORT": str(_free_port())}, cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "resumed from" in res.stdout and "requeueing job" not in res.stdout, res.stdout[-2000:]
+    assert log.read_text().count("requeue") == 1 and not (run / "PREEMPTED").exists()
+    assert [r["epoch"] for r in epoch_records(run)][-1] == 2
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch, capsys):
+    """A job killed at its time limit leaves its lock; requeued (maybe onto another node) it must
+    start, while a different job on another host is still refused."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / runtime.LOCK_FILE
+    theirs = {"pid": 1, "host": "node-17", "started": "2026-11-24 10:00:00", "slurm_job": "4242", "slurm_restart": 0}
+    monkeypatch.setenv("SLURM_JOB_ID", "5151")
+    lock.write_text(json.dumps(theirs))
+    with pytest.raises(ConfigError, match="in use by another run .pid 1 on host node-17"):
+        runtime.take_lock(run)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # SLURM counts the requeues
+    runtime.take_lock(run)
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "left by SLURM job 4242 before it was requeued" in capsys.readouterr().out
+    runtime._release(lock, os.getpid())

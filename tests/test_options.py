@@ -28,6 +28,8 @@ from .conftest import (
     train,
 )
 
+pytestmark = [pytest.mark.xdist_group("options")]  # its module fixtures are built once, on one xdist worker
+
 # -- one training run with many options -------------------------------------------------------------
 
 

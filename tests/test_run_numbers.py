@@ -13,7 +13,10 @@ import torch
 
 from .conftest import epoch_records, launch, step_records, train
 
-pytestmark = pytest.mark.slow  # every test here needs a training run
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("run_numbers"),
+]  # every test here needs a training run (built once, on one xdist worker)
 
 STATS = ["mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large",
          "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large"]  # fmt: skip

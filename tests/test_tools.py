@@ -103,3 +103,20 @@ def test_plot_runs_tool(trained_run, tmp_path):
     res = run_tool("plot_runs.py", trained_run, trained_run, "--output", tmp_path)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "compare_loss.png").is_file() and (tmp_path / "compare_map.png").is_file()
+
+
+def test_check_dataset_decode_finds_truncated_images(tiny_dataset, tmp_path, capsys):
+    """A JPEG cut short keeps a readable header: the header pass sees nothing, --decode names it."""
+    import shutil
+
+    root = tmp_path / "train"
+    shutil.copytree(tiny_dataset["root"] / "train", root)
+    name = json.loads(tiny_dataset["train"].read_text())["images"][3]["file_name"]
+    raw = (root / name).read_bytes()
+    (root / name).write_bytes(raw[: len(raw) // 2])
+    assert run_tool_in_process("check_dataset.py", tiny_dataset["train"], root) == 0
+    assert "problems: 0" in capsys.readouterr().out
+    assert run_tool_in_process("check_dataset.py", tiny_dataset["train"], root, "--decode", "--workers", "2") == 1
+    out = capsys.readouterr().out
+    assert "problems: 1" in out and f"undecodable image: cannot decode image {root / name}" in out, out
+    assert "decoded 15 of 16 image(s)" in out

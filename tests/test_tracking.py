@@ -93,3 +93,87 @@ def test_wandb_offline_logs_and_resumes_same_run(tiny_dataset, tmp_path):
 
     leaked = [p for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert SECRET not in res.stdout + res.stderr and not leaked
+
+
+@pytest.fixture
+def unanswering_server():
+    """A W&B server address that accepts connections and never answers (a proxy or firewall
+    that swallows traffic): the worst case, as a refused connection fails fast."""
+    import socket
+    import threading
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    held: list = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    stop.set()
+    for c in held:
+        c.close()
+    srv.close()
+
+
+def test_wandb_online_without_an_answer_falls_back_to_offline_in_bounded_time(
+    unanswering_server, tmp_path, monkeypatch, capsys
+):
+    import time
+
+    from detector.config import WandbConfig
+    from detector.tracking import RunLogger
+
+    monkeypatch.setenv("WANDB_BASE_URL", unanswering_server)
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    logger = RunLogger(tmp_path, enabled=True)
+    said: list[str] = []
+    t0 = time.time()
+    run_id = logger.start_wandb(WandbConfig(enabled=True, mode="online", timeout_s=3), {"a": 1}, None, said.append)
+    started = time.time() - t0
+    assert run_id and started < 45, f"W&B held the start for {started:.0f} s"
+    assert any("logging offline instead" in s for s in said) and any("wandb sync" in s for s in said), said
+    t0 = time.time()
+    for step in range(1, 4):  # steps are not held up
+        logger.log({"train/loss": 1.0 / step}, "step", step)
+    logger.close()
+    assert time.time() - t0 < 15
+    files = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1, list(tmp_path.rglob("*"))
+    deadline = time.time() + 20  # wandb's service writes the file out after finish() returns
+    while "train/loss" not in (summary := _summarise(files[0]))[0] and time.time() < deadline:
+        time.sleep(0.2)
+    history, _, logged_id = summary
+    assert "train/loss" in history and logged_id == run_id
+    out = capsys.readouterr()
+    assert SECRET not in out.out + out.err + "".join(said)
+
+
+def test_wandb_upload_that_never_ends_does_not_hold_the_run(capsys):
+    """The network goes away mid-run: finishing waits logging.wandb.timeout_s, then says how to sync."""
+    import threading
+    import time
+
+    from detector.tracking import _finish_within
+
+    release = threading.Event()
+
+    class Stuck:
+        dir = "/runs/x/wandb/run-1/files"
+
+        def finish(self) -> None:
+            release.wait(30)
+
+    said: list[str] = []
+    t0 = time.time()
+    _finish_within(Stuck(), 0.5, said.append)
+    assert time.time() - t0 < 5
+    assert said and "wandb sync /runs/x/wandb/run-1" in said[0]
+    release.set()

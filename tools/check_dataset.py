@@ -1,10 +1,13 @@
 """Report on a COCO detection dataset before training on it.
 
-    python tools/check_dataset.py ANNOTATIONS IMAGES [--draw N --output DIR]
+    python tools/check_dataset.py ANNOTATIONS IMAGES [--decode] [--draw N --output DIR]
 
 Prints counts, the class histogram, the box size distribution, every problem in the json (with
-its location) and every missing, unreadable or mis-sized image; --draw N writes N images with
-their boxes as PNG files into DIR. Exit code 1 when problems were found.
+its location) and every missing, unreadable or mis-sized image. Only the image headers are read,
+which is fast; --decode also decodes every image in full, which finds truncated or corrupt files
+whose headers look fine (what training would stop on, or skip with data.on_corrupt_image=skip).
+--draw N writes N images with their boxes as PNG files into DIR. Exit code 1 when problems were
+found.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from detector import runtime  # noqa: E402
+from detector import runtime, storage  # noqa: E402
 from detector.config import DataConfig  # noqa: E402
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError  # noqa: E402
 from detector.plots import draw_detections  # noqa: E402
@@ -48,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("images")
     ap.add_argument("--draw", type=int, default=0, help="draw N images with their boxes")
     ap.add_argument("--output", default="dataset_check", help="folder for the drawings")
+    ap.add_argument("--decode", action="store_true", help="decode every image in full (finds truncated files)")
+    ap.add_argument("--workers", type=int, default=0, help="decoding threads (0: the usable CPUs)")
     ap.add_argument("--masks", action="store_true", help="also check the instance masks (as Mask R-CNN reads them)")
     args = ap.parse_args(argv)
 
@@ -79,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:>20} {n:7d} {'#' * round(40 * n / peak)}")
     problems += [f"missing image file: {p}" for _, p in found["missing"]]
     problems += [m for kind in ("unreadable", "size_mismatch", "too_large") for _, m in found[kind]]
+    if args.decode:
+        skip = {i for kind in ("missing", "unreadable", "too_large") for i, _ in found[kind]}
+        problems += decode_all(index, args.images, skip, args.workers or runtime.auto_threads())
     print(f"problems: {len(problems)}")
     for p in problems:
         print(f"  - {p}")
@@ -100,6 +108,35 @@ def main(argv: list[str] | None = None) -> int:
             drawn += 1
         print(f"drew {drawn} image(s) into {out}")
     return 1 if problems else 0
+
+
+def decode_all(index: CocoIndex, images: str, skip: set[int], workers: int) -> list[str]:
+    """Decode every image (but those in skip) in full, as training would; the failures, by file.
+
+    Threads suffice: PIL and libjpeg-turbo release the GIL while decoding.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from detector.images import ImageDecodeError, load_image
+
+    def decode(i: int) -> str | None:
+        try:
+            load_image(storage.join(images, index.file_name(i)))  # a URL root stays one
+        except ImageDecodeError as exc:
+            return f"undecodable image: {exc}"
+        return None
+
+    todo = [i for i in range(len(index)) if i not in skip]
+    bar = runtime.progress(True, total=len(todo), desc="decoding images", unit="img")
+    failures = []
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for failure in pool.map(decode, todo):
+            bar.update(1)
+            if failure:
+                failures.append(failure)
+    bar.close()
+    print(f"decoded {len(todo) - len(failures)} of {len(todo)} image(s) in full")
+    return failures
 
 
 def _wrap(bar, iterable, total):

@@ -5,7 +5,11 @@
 
 Prints the 12 COCO stats and a per-class AP table (and the segm ones for a Mask R-CNN checkpoint or
 results with a segmentation); --output writes them as one flat JSON object (masks: segm/<stat>);
---results writes the model's COCO results json; --plots DIR writes the PR curves and AP bars.
+--results writes the model's COCO results json; --plots DIR writes the PR curves and AP bars, and
+the error analysis (detector/analysis.py): analysis.json, the confusion matrix at --confusion-iou and
+--confusion-score, per-class P/R/F1 at the best-F1 threshold, AP by object size and (with --images)
+galleries of the images with the most false positives and missed objects.
+--wandb logs the stats to the W&B run that trained the checkpoint (as test/<stat>, beside its curves).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector import runtime  # noqa: E402
+from detector import runtime, storage  # noqa: E402
 from detector.config import DataConfig  # noqa: E402
 from detector.data import check_files  # noqa: E402
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError, read_json  # noqa: E402
@@ -44,13 +48,13 @@ def score_file(args) -> dict:
     unknown = sum(1 for r in rows if r.get("image_id") not in known)
     if unknown:
         raise DatasetError(f"{args.predictions}: {unknown} result(s) name images that are not in {args.annotations}")
-    gt_dict = gt.to_coco_gt()
-    result = evaluate_coco(gt_dict, rows, args.backend)
+    coco_gt = gt.to_coco_gt()
+    result = evaluate_coco(coco_gt, rows, args.backend)
     print(report(result))
-    segm, segm_result = segm_metrics(gt_dict, rows, args.backend, prefix="segm/")
+    segm, segm_result = segm_metrics(coco_gt, rows, args.backend, prefix="segm/")
     if segm_result is not None:
         print("segm (masks):\n" + report(segm_result))
-    return {"metrics": {**flat_metrics(result, prefix=""), **segm}, "result": result}
+    return {"metrics": {**flat_metrics(result, prefix=""), **segm}, "result": result, "gt": coco_gt, "rows": rows}
 
 
 def evaluate_checkpoint(args) -> dict | None:
@@ -78,9 +82,10 @@ def evaluate_checkpoint(args) -> dict | None:
     )
     # Images resized since labelling would be scored in the wrong frame: the same checks as training.
     data_cfg = DataConfig(on_invalid=args.on_invalid, on_corrupt_image=args.on_corrupt_image)
-    for problem in check_files(index, Path(args.images), data_cfg):
+    for problem in check_files(index, storage.local_or_url(args.images), data_cfg):
         accelerator.print(f"warning: {problem}")
     accelerator.print(index.summary())
+    coco_gt = index.to_coco_gt()
     draft = bool(meta.get("config", {}).get("data", {}).get("draft_decode", True))
     ds = CocoDetection(index, args.images, None, model_input_size(model) if draft else None, args.on_corrupt_image)
     sampler = EvalBatchSampler(
@@ -95,7 +100,7 @@ def evaluate_checkpoint(args) -> dict | None:
         sampler.batch_ids(),
         accelerator,
         label_map,
-        index.to_coco_gt(),
+        coco_gt,
         backend=args.backend,
         seed=int(meta.get("config", {}).get("train", {}).get("seed", 0)),  # the loss's sampling, as in training
         progress=bar,
@@ -112,10 +117,10 @@ def evaluate_checkpoint(args) -> dict | None:
     print(f"{'val loss':>11}: {metrics['val/loss']:.6f}")
     if args.results:  # in the annotation file's own category ids
         back = {t: c for c, t in index.category_remap.items()}
-        rows = [{**r, "category_id": back.get(r["category_id"], r["category_id"])} for r in rows]
-        Path(args.results).write_text(json.dumps(rows))
+        own = [{**r, "category_id": back.get(r["category_id"], r["category_id"])} for r in rows]
+        Path(args.results).write_text(json.dumps(own))
     flat = {k.removeprefix("val/"): v for k, v in metrics.items()}
-    return {"metrics": flat, "result": result}
+    return {"metrics": flat, "result": result, "gt": coco_gt, "rows": rows, "meta": meta, "index": index}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,18 +139,48 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--on-corrupt-image", choices=["error", "skip"], default="error")
     ap.add_argument("--output", help="write the stats as one flat JSON object")
     ap.add_argument("--results", help="write the model's detections as a COCO results json")
-    ap.add_argument("--plots", help="folder for the PR curves and per-class AP plots")
+    ap.add_argument("--plots", help="folder for the PR curves, per-class AP and the error analysis")
+    ap.add_argument("--confusion-iou", type=float, default=0.5, help="IoU for a match in the error analysis")
+    ap.add_argument("--confusion-score", type=float, default=0.25,
+                    help="score threshold of the confusion matrix and galleries")  # fmt: skip
+    ap.add_argument("--gallery", type=int, default=8, help="images per gallery of worst images (0: none)")
+    ap.add_argument("--wandb", action="store_true", help="log the stats to the W&B run that trained the checkpoint")
+    ap.add_argument("--wandb-prefix", default="test", help="the stats' W&B names: PREFIX/mAP... (default: test)")
     args = ap.parse_args(argv)
+    if not 0 < args.confusion_iou <= 1:
+        ap.error(f"--confusion-iou {args.confusion_iou} is not in (0, 1]")
+    args.wandb_prefix = args.wandb_prefix.strip("/")
+    if args.wandb and args.wandb_prefix in ("", "train", "val"):  # the training run's own curves and summary
+        ap.error(f"--wandb-prefix '{args.wandb_prefix}' would overwrite the training run's own metrics; use e.g. test")
+    if args.wandb:  # before evaluating: the checkpoint must name its run
+        if not args.checkpoint:
+            raise DatasetError("--wandb needs --checkpoint (the run is the one that trained it)")
+        from detector import lineage, weights
+
+        lineage.checkpoint_run(weights.read(args.checkpoint), args.checkpoint)
     out = score_file(args) if args.predictions else evaluate_checkpoint(args)
     if out is None:  # not the main process
         return 0
     if args.output:
         Path(args.output).write_text(json.dumps(out["metrics"], indent=1))
+    if args.wandb:
+        from detector import lineage
+
+        dataset = lineage.split_fingerprint(out["index"], args.images)
+        lineage.log_evaluation(args.checkpoint, out["meta"], out["metrics"], dataset, args.wandb_prefix)
     if args.plots:
         from detector.plots import plot_per_class_ap, plot_pr
 
         plot_pr(out["result"], Path(args.plots) / "pr_curves.png")
         plot_per_class_ap(out["result"], Path(args.plots) / "per_class_ap.png")
+        from detector import analysis
+
+        found = analysis.analyze(out["gt"], out["rows"], args.confusion_iou, args.confusion_score)
+        print(analysis.report(found))
+        analysis.write_json(found, Path(args.plots) / "analysis.json")
+        if args.gallery and not args.images:
+            print("no galleries of worst images: they need --images")
+        analysis.write_plots(found, args.plots, args.images, args.gallery, warn=lambda m: print(m, file=sys.stderr))
     return 0
 
 

@@ -14,7 +14,7 @@ import argparse
 import glob
 import json
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from detector import runtime  # noqa: E402
+from detector import runtime, storage  # noqa: E402
 from detector.images import ImageDecodeError, load_image, oriented_size  # noqa: E402
 from detector.inference import Predictor  # noqa: E402
 from detector.plots import draw_detections  # noqa: E402
@@ -30,10 +30,18 @@ from detector.plots import draw_detections  # noqa: E402
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def collect(inputs: list[str]) -> list[Path]:
-    """Expand files, folders and globs into a sorted, de-duplicated list of image files."""
-    found: list[Path] = []
+def collect(inputs: list[str]) -> list[Path | str]:
+    """Expand files, folders, globs and URLs (an object or a prefix) into a sorted, de-duplicated
+    list of image files."""
+    found: list[Path | str] = []
     for item in inputs:
+        if storage.is_url(item):
+            storage.check_url(item, "input")
+            listed = [item] if storage.isfile(item) else storage.list_files(item, tuple(IMAGE_EXTS))
+            if not listed:
+                raise FileNotFoundError(f"no such object or images under prefix: {storage.redact(item)}")
+            found += listed
+            continue
         p = Path(item)
         if p.is_dir():
             found += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTS)
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         files = collect(args.inputs)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not files:
@@ -112,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                     det.scores,
                     masks=torch.from_numpy(det.masks) if det.masks is not None else None,
                 )
-                Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out / f"{image_id:05d}_{f.stem}.png")
+                Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(
+                    out / f"{image_id:05d}_{PurePosixPath(str(f)).stem}.png"
+                )
         bar.update(len(files[start : start + args.batch_size]))
     bar.close()
     (out / "results.json").write_text(json.dumps(results))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from detector import checkpoint, config, data, engine, optim, runtime  # noqa: E402
+from detector import analysis, checkpoint, config, data, engine, lineage, optim, runtime  # noqa: E402
 from detector.data.loader import EvalBatchSampler, TrainBatchSampler, build_loader, steps_per_epoch  # noqa: E402
 from detector.models import build_model, model_input_size  # noqa: E402
 from detector.report import epoch_report  # noqa: E402
@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"run directory {run_dir}; {runtime.world_info(accelerator)}")
 
     # -- build: data, model, optimizer ---------------------------------------------------------------
-    splits = data.load_splits(cfg, log)
+    splits = data.load_splits(cfg, log, data.header_progress(main_proc and cfg.logging.progress, cfg.logging.progress_interval_s))  # fmt: skip
     label_map = splits.train.label_map
+    fingerprint = lineage.fingerprint(cfg, splits) if main_proc else None  # dataset, code, config, versions
     config.check_metric_name(cfg.eval.best_metric, list(label_map.names))
     best_mode = config.best_mode(cfg.eval)
     if not cfg.eval.best_metric.startswith("val/loss") and not (~splits.val.iscrowd).any():
@@ -74,15 +75,20 @@ def main(argv: list[str] | None = None) -> int:
         pos = checkpoint.adapt_position(pos, layout, spe, lr, optimizer, scheduler, log)
     logger = RunLogger(run_dir, enabled=main_proc)
     pos["wandb_id"] = logger.start_wandb(cfg.logging.wandb, config.to_dict(cfg), pos["wandb_id"], log, pos["step"])
+    if main_proc:  # lineage.json, the W&B dataset artifact and the fingerprint in the W&B config
+        lineage.record(run_dir, fingerprint, logger.wandb_run, cfg.logging.wandb.dataset_artifact, log,
+                       cfg.logging.wandb.timeout_s)  # fmt: skip
+    provenance = {"lineage": fingerprint, "wandb_run": lineage.wandb_ref(logger.wandb_run)}  # into best.pt/last.pt
     stop = runtime.StopFlag(cfg.train.time_limit_minutes)
     gt = splits.val.to_coco_gt()
 
-    def save_state() -> None:
-        checkpoint.save_state(run_dir, accelerator, model, optimizer, scheduler, pos, cfg.train.keep_checkpoints, ema)
+    def save_state(rng: dict | None = None) -> None:
+        checkpoint.save_state(run_dir, accelerator, model, optimizer, scheduler, pos, cfg.train.keep_checkpoints, ema,
+                              rng)  # fmt: skip
 
     def save_weights(name: str, metrics: dict, epoch: int) -> None:
         checkpoint.save_weights(run_dir / name, accelerator, scored, cfg, label_map, metrics, epoch, pos["step"],
-                                {"ema": ema is not None})  # fmt: skip
+                                {"ema": ema is not None, **provenance})  # fmt: skip
 
     def on_step(record: dict) -> None:  # logging, weight average and mid-epoch checkpoints
         pos["step"] += 1
@@ -113,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                 clip_grad_norm=cfg.train.clip_grad_norm, max_nonfinite_steps=cfg.train.max_nonfinite_steps,
                 nonfinite_in_row=pos["nonfinite_in_row"], should_stop=stop, on_step=on_step, progress=bar,
             )  # fmt: skip
+        except engine.DataFailure as exc:  # an image vanished or broke mid-run: keep the work done so far
+            save_state(exc.rng)  # the RNG states of the last step (the forwards since drew from them)
+            raise data.DatasetError(
+                f"{exc}. A state was saved at step {pos['step']}: restore the file and resume with train.resume=auto"
+            ) from None
         except engine.NonFiniteLossError as exc:
             save_weights("last.pt", metrics, epoch)
             log(f"error: {exc}. {run_dir / 'last.pt'} holds the last good weights.")
@@ -123,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if stats.pop("stopped"):  # preempted: save where we are, exit for the scheduler to requeue
             save_state()
             return runtime.preempted(run_dir, accelerator, stop.reason(), log)
+        stats.update(pos.pop("trained", None) or {})  # resumed after its validation failed: its training's numbers
         pos["epoch"], pos["batch"] = epoch + 1, 0
         metrics = {"epoch": epoch + 1, **stats}
         stop_early = False
@@ -131,11 +143,21 @@ def main(argv: list[str] | None = None) -> int:
                 main_proc and cfg.logging.progress, total=len(val_sampler), desc="evaluate", leave=False,
                 interval=cfg.logging.progress_interval_s,
             )  # fmt: skip
-            val, coco, _ = engine.evaluate(
-                scored, val_loader, val_sampler.batch_ids(), accelerator, label_map, gt,
-                backend=cfg.eval.backend, seed=cfg.train.seed, progress=bar,
-            )  # fmt: skip
-            bar.close()
+            try:
+                val, coco, rows = engine.evaluate(
+                    scored, val_loader, val_sampler.batch_ids(), accelerator, label_map, gt,
+                    backend=cfg.eval.backend, seed=cfg.train.seed, progress=bar,
+                )  # fmt: skip
+            except engine.DataFailure as exc:  # the epoch's training is kept; the resume validates it
+                pos["epoch"], pos["batch"] = epoch, stats["batch"]  # every batch of the epoch done, not validated
+                pos["trained"] = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+                save_state()
+                raise data.DatasetError(
+                    f"{exc}. The state after epoch {epoch + 1}'s training was saved (the resume validates it): "
+                    "restore the file and resume with train.resume=auto"
+                ) from None
+            finally:
+                bar.close()
             metrics.update(val)
             if cfg.eval.best_metric not in val:  # a loss part this model does not have
                 parts = sorted(k for k in val if k.startswith("val/loss"))
@@ -149,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 pos["evals_since_best"] += 1
             stop_early = 0 < cfg.eval.early_stop_patience <= pos["evals_since_best"] and epoch + 1 < cfg.train.epochs
+            if main_proc and cfg.eval.analysis:  # from the gathered detections: the same for any process count
+                analysis.epoch_analysis(run_dir, gt, rows, val_ds.root, cfg.eval, logger, pos["step"],
+                                        best=pos["best_epoch"] == epoch + 1, last=epoch + 1 == cfg.train.epochs or stop_early,
+                                        plots=cfg.logging.plots, warn=log)  # fmt: skip
             if main_proc and cfg.logging.plots:
                 epoch_report(run_dir, accelerator.unwrap_model(scored), val_ds, coco, logger, pos["step"],
                              cfg.logging.num_plot_images, cfg.logging.wandb.num_images, accelerator.device)  # fmt: skip
@@ -164,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- finish --------------------------------------------------------------------------------------
     if main_proc and cfg.logging.wandb.log_checkpoint and (run_dir / "best.pt").is_file():
-        logger.log_artifact(run_dir / "best.pt", f"best-{run_dir.name}")
+        logger.log_artifact(run_dir / "best.pt", f"best-{run_dir.name}",
+                            metadata=lineage.model_metadata(fingerprint, pos["best_epoch"], {cfg.eval.best_metric: pos["best"]}))  # fmt: skip
     logger.close()
     log(summary_table(runtime.summary_rows(metrics, pos, cfg, run_dir)))
     accelerator.wait_for_everyone()

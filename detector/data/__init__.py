@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from detector import storage
 from detector.config import Config, DataConfig
 from detector.data.coco import MAX_LISTED, CocoDetection, CocoIndex, DatasetError, LabelMap
 from detector.data.synthetic import ensure_dataset
@@ -22,11 +23,11 @@ class Splits:
 
     train: CocoIndex
     val: CocoIndex
-    train_root: Path
-    val_root: Path
+    train_root: Path | str  # a folder, or an fsspec URL prefix (str)
+    val_root: Path | str
 
 
-def check_files(index: CocoIndex, root: Path, cfg: DataConfig) -> list[str]:
+def check_files(index: CocoIndex, root: Path | str, cfg: DataConfig) -> list[str]:
     """Act on what the index's file scan found (every missing/unreadable file, size mismatches).
 
     Returns the problems that were tolerated (and their images dropped, counted); raises
@@ -38,7 +39,7 @@ def check_files(index: CocoIndex, root: Path, cfg: DataConfig) -> list[str]:
         listed = "\n".join(f"  - {p}" for _, p in found["missing"][:MAX_LISTED])
         more = f"\n  ... and {len(found['missing']) - MAX_LISTED} more" if len(found["missing"]) > MAX_LISTED else ""
         raise DatasetError(
-            f"{index.path}: {len(found['missing'])} of {len(index)} image files are missing under {root}:\n{listed}{more}"
+            f"{index.path}: {len(found['missing'])} of {len(index)} image files are missing under {storage.redact(root)}:\n{listed}{more}"
         )
     for kind, setting in (
         ("too_large", cfg.on_invalid == "repair"),
@@ -71,6 +72,23 @@ def _needs_masks(cfg: Config) -> bool:
     return bool(fam is not None and fam.masks)
 
 
+def header_progress(enabled: bool, interval: float = 30.0) -> Callable:
+    """A progress wrapper for the start-up header scan (``CocoIndex(progress=...)``): one bar per
+    split, on the main process (the scan of an object-store prefix takes a while)."""
+    from detector import runtime
+
+    def wrap(iterable, total):
+        bar = runtime.progress(enabled, total=total, desc="reading image headers", unit="img", interval=interval)
+        try:
+            for item in iterable:
+                bar.update(1)
+                yield item
+        finally:
+            bar.close()
+
+    return wrap
+
+
 def load_splits(cfg: Config, log: Callable[[str], None] = print, progress: Callable | None = None) -> Splits:
     """Validate both splits (generating the demo data first when configured).
 
@@ -83,8 +101,8 @@ def load_splits(cfg: Config, log: Callable[[str], None] = print, progress: Calla
         train_ann, val_ann = paths["train"], paths["val"]
         train_root, val_root = Path(s.root) / "train", Path(s.root) / "val"
     else:
-        train_ann, val_ann = Path(d.train.annotations), Path(d.val.annotations)  # type: ignore[arg-type]
-        train_root, val_root = Path(d.train.images), Path(d.val.images)  # type: ignore[arg-type]
+        train_ann, val_ann = storage.local_or_url(d.train.annotations), storage.local_or_url(d.val.annotations)  # type: ignore[arg-type]
+        train_root, val_root = storage.local_or_url(d.train.images), storage.local_or_url(d.val.images)  # type: ignore[arg-type]
     masks = _needs_masks(cfg)
     if cfg.eval.best_metric.startswith("val/segm/") and not masks:
         from detector.config import ConfigError

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from PIL import ImageFile
 
+from detector import storage
 from detector.data.transforms import apply
 from detector.images import ImageDecodeError, decode_size, load_image, scan_images
 from detector.labels import LabelMap
@@ -33,8 +33,8 @@ except ImportError:  # pragma: no cover - orjson is a declared dependency
     orjson = None
 
 
-def read_json(path: Path) -> Any:
-    raw = path.read_bytes()
+def read_json(path: Path | str) -> Any:
+    raw = storage.read_bytes(path)  # a local file or an fsspec URL
     # A large export is millions of small objects: the cyclic GC would rescan them again and
     # again while they are created (3x the parse time at COCO scale). Nothing here is cyclic.
     was_enabled = gc.isenabled()
@@ -166,11 +166,20 @@ class CocoIndex:
         Raises:
             DatasetError: naming the file, the json location and the id of every problem.
         """
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise DatasetError(f"annotation file not found: {self.path}")
+        self.path = storage.local_or_url(path)  # a URL stays a string (Path would fold its '//')
+        try:  # credentials belong in the storage client's config: a URL holding them is refused
+            storage.check_url(path, "annotation file")
+            if images_root is not None:
+                storage.check_url(images_root, "image root")
+            found = storage.isfile(self.path)
+        except storage.StorageError as exc:
+            raise DatasetError(str(exc)) from None
+        if not found:
+            raise DatasetError(f"annotation file not found: {storage.redact(self.path)}")
         try:
             data = read_json(self.path)
+        except OSError as exc:  # a URL that cannot be read (permissions, network)
+            raise DatasetError(f"{storage.redact(self.path)}: cannot read: {exc}") from None
         except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
             raise DatasetError(f"{self.path}: not valid JSON: {exc}") from None
         except RecursionError:
@@ -264,7 +273,12 @@ class CocoIndex:
         (Label Studio keeps it while drawing boxes on the rotated image) is taken to describe the
         rotated image: its width and height are swapped, and counted.
         """
-        found = scan_images(root, names, np.stack([widths, heights], 1), read_headers, progress, max_pixels=max_pixels)
+        try:
+            found = scan_images(
+                root, names, np.stack([widths, heights], 1), read_headers, progress, max_pixels=max_pixels
+            )
+        except (storage.StorageError, OSError) as exc:  # a URL prefix that cannot be listed
+            raise DatasetError(f"{storage.redact(self.path)}: image root: {exc}") from None  # exc names the URL
         swapped = [i for i, _ in found["exif_swapped"]]
         if swapped:
             widths, heights = widths.copy(), heights.copy()
@@ -800,7 +814,7 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.index)
 
     def path(self, i: int) -> str:
-        return os.path.join(self.root, self.index.file_name(i))
+        return storage.join(self.root, self.index.file_name(i))
 
     def _decode_size(self, i: int) -> tuple[int, int] | None:
         return decode_size(int(self.index.widths[i]), int(self.index.heights[i]), self.model_size)

@@ -1,0 +1,67 @@
+"""Split a COCO json into train/val(/test), stratified by class, keeping groups of images together.
+
+    python tools/split_dataset.py all.json --output-dir splits --ratios 0.8 0.2 [--seed 0]
+        [--group dir | --group-regex '^(video_\\d+)_'] [--names train val]
+
+Images that share a group key (their folder with --group dir, or the first group of
+--group-regex in file_name, e.g. a video id) always land in the same split, so near-duplicate
+frames do not leak from train into val. Every image lands in exactly one split. The input is
+validated as training validates it (strict mode); each output is validated again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from detector import runtime  # noqa: E402
+from detector.data.coco import CocoIndex, DatasetError  # noqa: E402
+from detector.data.split import assign, group_keys, load_strict, proportions, subset  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("annotations", help="the COCO json to split")
+    ap.add_argument("--output-dir", required=True)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.2], help="2 or 3 shares (train val [test])")
+    ap.add_argument("--names", nargs="+", help="output names (default train val [test])")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--group", choices=("none", "dir"), default="none", help="dir: images of one folder stay together")
+    ap.add_argument("--group-regex", help="the group key is this regex's first group (or match) in file_name")
+    args = ap.parse_args(argv)
+
+    if len(args.ratios) not in (2, 3):
+        raise DatasetError(f"--ratios takes 2 or 3 numbers, got {args.ratios}")
+    names = args.names or ["train", "val", "test"][: len(args.ratios)]
+    if len(names) != len(args.ratios):
+        raise DatasetError(f"--names gives {len(names)} names for {len(args.ratios)} ratios")
+    if len(set(names)) != len(names):  # one output file would overwrite the other
+        raise DatasetError(f"--names must differ, got {names}")
+    index, data = load_strict(args.annotations)
+    keys = group_keys([index.file_name(i) for i in range(len(index))], args.group, args.group_regex)
+    split, _ = assign(index, args.ratios, keys, args.seed)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for s, name in enumerate(names):
+        ids = {int(i) for i in index.image_ids[split == s]}
+        if not ids:
+            raise DatasetError(f"{args.annotations}: split '{name}' would be empty ({len(set(keys))} groups)")
+        path = out / f"{name}.json"
+        path.write_text(json.dumps(subset(data, ids)))
+        part = CocoIndex(path, on_invalid="error", label_map=index.label_map, label_source=str(args.annotations))
+        groups = len({keys[i] for i in np.flatnonzero(split == s)})
+        print(f"{name}: {len(part)} images ({groups} groups), {part.num_annotations} annotations -> {path}")
+    print(f"share of each class per split ({' / '.join(names)}):")
+    for cls, shares in proportions(index, split, len(names)).items():
+        print(f"  {cls:>20}: " + " / ".join(f"{v:.3f}" for v in shares))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(runtime.run_main(main))
