@@ -209,7 +209,10 @@ def _family_args(fam: str, tiny_dataset) -> list:
             "train.keep_checkpoints=10", "model.box_score_thresh=0.01", *data_overrides(tiny_dataset)]  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=sorted(ONE_STAGE))
+@pytest.fixture(
+    scope="module",  # each family's run stays on one xdist worker, the families spread over the workers
+    params=[pytest.param(fam, marks=pytest.mark.xdist_group(f"family-{fam}")) for fam in sorted(ONE_STAGE)],
+)
 def family_run(request, tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"run_{request.param}")
     res = launch("train.py", [*_family_args(request.param, tiny_dataset), f"output_dir={out}"])

@@ -20,6 +20,9 @@ from .conftest import ROOT, data_overrides, epoch_records, launch, run_tool_in_p
 TINY_MASK = ROOT / "tests" / "configs" / "tiny_mask.yaml"
 
 
+pytestmark = [pytest.mark.xdist_group("masks_run")]  # its module fixture is built once, on one xdist worker
+
+
 @pytest.fixture(scope="module")
 def mask_run(tiny_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mask_run")
