@@ -304,3 +304,49 @@ def test_replaced_head_predicts_masks_for_k_classes():
     with torch.no_grad():
         out = model([torch.rand(3, 64, 64)])[0]
     assert out["masks"].shape[1:] == (1, 64, 64)
+
+
+# -- review: numbers the tests above did not pin down ----------------------------------------------
+
+
+def _compressed(counts: list[int]) -> str:
+    return mask_utils.frPyObjects({"size": [H, W], "counts": counts}, H, W)["counts"].decode("ascii")
+
+
+@pytest.mark.parametrize(
+    "counts, text",
+    [
+        ([H * W, 5], "cover 3077 pixels, the image has 3072"),  # runs past the image: decode fails mid-run
+        ([10, 5], "cover 15 pixels, the image has 3072"),
+    ],
+)
+def test_compressed_rle_whose_runs_do_not_cover_the_image(tmp_path, counts, text):
+    """A compressed RLE is checked like an uncompressed one at start-up, not when a worker
+    decodes it (pycocotools raises a bare 'Invalid RLE mask representation' there)."""
+    good = [[4, 4, 24, 4, 24, 20, 4, 20]]
+    path = _write(tmp_path, [good, {"size": [H, W], "counts": _compressed(counts)}, good])
+    with pytest.raises(DatasetError, match="bad RLE") as err:
+        CocoIndex(path, masks=True)
+    assert "annotations[1] (id 2, image 'b.png')" in str(err.value) and text in str(err.value)
+    assert CocoIndex(path, masks=True, on_invalid="repair").repairs[REPAIRED] == 1
+
+
+def test_compressed_rle_that_is_not_a_run_length_string(tmp_path):
+    good = [[4, 4, 24, 4, 24, 20, 4, 20]]
+    path = _write(tmp_path, [good, {"size": [H, W], "counts": "\u00e9\u00e9"}, good])
+    with pytest.raises(DatasetError, match="not a pycocotools run-length string"):
+        CocoIndex(path, masks=True)
+
+
+def test_compressed_rle_total_agrees_with_pycocotools():
+    from detector.data.masks import compressed_rle_total
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 40))
+        counts = rng.integers(0, 5000, n).tolist()
+        s = mask_utils.frPyObjects({"size": [1, sum(counts)], "counts": counts}, 1, sum(counts))["counts"]
+        assert compressed_rle_total(s) == sum(counts)
+        assert compressed_rle_total(s.decode("ascii")) == sum(counts)
+    assert compressed_rle_total("") == 0
+    assert compressed_rle_total("\u00e9") is None and compressed_rle_total("0`") is None  # bad char, cut short
