@@ -350,3 +350,41 @@ def test_compressed_rle_total_agrees_with_pycocotools():
         assert compressed_rle_total(s.decode("ascii")) == sum(counts)
     assert compressed_rle_total("") == 0
     assert compressed_rle_total("\u00e9") is None and compressed_rle_total("0`") is None  # bad char, cut short
+
+
+def test_drop_empty_after_images_without_masks(tmp_path):
+    """data.drop_empty drops the empty image, not whatever is at its position once the images
+    without masks are gone."""
+    for n in ("a.png", "b.png", "c.png", "d.png"):
+        Image.new("RGB", (W, H)).save(tmp_path / n)
+    good = [[4, 4, 24, 4, 24, 20, 4, 20]]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 16], "segmentation": good},
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [4, 4, 20, 16], "segmentation": []},
+            {"id": 3, "image_id": 4, "category_id": 1, "bbox": [4, 4, 20, 16], "segmentation": good}]  # fmt: skip
+    images = [{"id": k + 1, "file_name": n, "width": W, "height": H} for k, n in enumerate("abcd")]
+    for im in images:
+        im["file_name"] += ".png"
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
+    index = CocoIndex(path, masks=True, drop_empty=True)
+    assert [index.file_name(i) for i in range(len(index))] == ["a.png", "d.png"]
+    assert index.num_annotations == 2 and len(index.masks.kind) == 2
+
+
+def test_unmasked_annotation_of_a_dropped_category_keeps_its_image(tmp_path):
+    """Repair mode drops a validation annotation whose class the model does not have; its
+    missing mask no longer costs the image its other objects."""
+    from detector.labels import LabelMap
+
+    good = [[4, 4, 24, 4, 24, 20, 4, 20]]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 16], "segmentation": good},
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [4, 4, 20, 16], "segmentation": good},
+            {"id": 3, "image_id": 2, "category_id": 2, "bbox": [30, 4, 20, 16], "segmentation": []}]  # fmt: skip
+    images = [{"id": 1, "file_name": "a.png", "width": W, "height": H},
+              {"id": 2, "file_name": "b.png", "width": W, "height": H}]  # fmt: skip
+    path = tmp_path / "v.json"
+    cats = [{"id": 1, "name": "x"}, {"id": 2, "name": "y"}]
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    index = CocoIndex(path, masks=True, on_invalid="repair", label_map=LabelMap((1,), ("x",)))
+    assert len(index) == 2 and index.num_annotations == 2
+    assert NO_MASKS_IMAGES not in index.repairs

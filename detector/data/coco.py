@@ -261,8 +261,9 @@ class CocoIndex:
             from detector.data.mask_index import drop_maskless
 
             drop_maskless(self)
-        if drop_empty:
-            self.drop_images(np.flatnonzero(counts == 0), "images without annotations dropped (data.drop_empty)")
+        if drop_empty:  # positions of now: images without masks may have been dropped above
+            empty = np.flatnonzero(np.diff(self.ann_start) == 0)
+            self.drop_images(empty, "images without annotations dropped (data.drop_empty)")
 
     # -- parsing -------------------------------------------------------------------------------
 
