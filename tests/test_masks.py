@@ -404,3 +404,26 @@ def test_polygon_rasterised_as_pycocotools_draws_the_json(tmp_path):
     for m, a in zip(drawn, gt["annotations"]):
         want = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], H, W)))
         assert (m == want).all()
+
+
+def test_reduced_scale_masks_match_boxes_when_size_is_not_a_multiple(tmp_path):
+    """A 1020 px JPEG decoded at 1/8 is 128 px (ceil): its content scale is 1/8 exactly, as for the
+    boxes, not 128/1020 (masks were stretched by up to a decoded pixel against their boxes)."""
+    big = 1020
+    Image.new("RGB", (big, big), (80, 80, 80)).save(tmp_path / "a.jpg")
+    seg = [[800, 800, 1016, 800, 1016, 1016, 800, 1016]]
+    block = np.zeros((big, big), np.uint8)
+    block[200:416, 200:416] = 1
+    rle = mask_utils.encode(np.asfortranarray(block))
+    rle = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [800, 800, 216, 216], "segmentation": seg},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [200, 200, 216, 216], "segmentation": rle}]  # fmt: skip
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": big, "height": big}],
+                                "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))  # fmt: skip
+    image, t = CocoDetection(CocoIndex(path, masks=True), tmp_path, None, model_size=(64, 64))[0]
+    assert image.shape[1:] == (128, 128) and t["scale"] == (0.125, 0.125)
+    assert t["boxes"].tolist() == [[100.0, 100.0, 127.0, 127.0], [25.0, 25.0, 52.0, 52.0]]
+    for b, m in zip(t["boxes"].numpy(), t["masks"].numpy()):
+        x, y, w, h = _bbox_of(m)
+        assert [x, y, x + w, y + h] == b.tolist()

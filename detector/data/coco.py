@@ -840,7 +840,7 @@ class CocoDetection(torch.utils.data.Dataset):
         else:
             from detector.data.mask_index import apply_with_masks, item_masks
 
-            masks = item_masks(self.index, i, (w0, h0))
+            masks = item_masks(self.index, i, (w0, h0), (sx, sy))
             arr, boxes, labels, masks = apply_with_masks(self.transform, arr, boxes, labels, masks, seed)
         h1, w1 = arr.shape[:2]
         wh = boxes[:, 2:] - boxes[:, :2]

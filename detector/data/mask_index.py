@@ -93,12 +93,15 @@ def drop_maskless(index: CocoIndex) -> None:
     index.drop_images(positions, NO_MASKS_IMAGES)
 
 
-def item_masks(index: CocoIndex, i: int, decoded_size: tuple[int, int]) -> np.ndarray:
-    """The non-crowd masks of image i at the decoded image's (width, height), uint8 (n, H, W)."""
+def item_masks(
+    index: CocoIndex, i: int, decoded_size: tuple[int, int], scale: tuple[float, float] | None = None
+) -> np.ndarray:
+    """The non-crowd masks of image i at the decoded image's (width, height), uint8 (n, H, W);
+    ``scale`` is the decoded content's (sx, sy), as the boxes are scaled (see ``rasterize``)."""
     s, e = int(index.ann_start[i]), int(index.ann_start[i + 1])
     rows = np.arange(s, e)[~index.iscrowd[s:e]]
     assert index.masks is not None
-    return rasterize(index.masks, rows, int(index.heights[i]), int(index.widths[i]), decoded_size)
+    return rasterize(index.masks, rows, int(index.heights[i]), int(index.widths[i]), decoded_size, scale)
 
 
 def apply_with_masks(

@@ -216,7 +216,12 @@ class MaskBuilder:
 
 
 def rasterize(
-    store: MaskStore, rows: np.ndarray, height: int, width: int, out_size: tuple[int, int] | None = None
+    store: MaskStore,
+    rows: np.ndarray,
+    height: int,
+    width: int,
+    out_size: tuple[int, int] | None = None,
+    scale: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """The masks of annotations ``rows`` as uint8 (n, H, W) arrays.
 
@@ -225,26 +230,28 @@ def rasterize(
         rows: annotation rows (of the index's order).
         height, width: the image size the json describes (what RLEs and polygons are in).
         out_size: (width, height) of the decoded image when it differs (reduced-scale JPEG
-            decoding): polygons are drawn scaled, RLEs decoded and resized (nearest).
+            decoding): polygons are drawn scaled, RLEs decoded and sampled (nearest).
+        scale: (sx, sy) of the decoded content relative to the json size, as ``load_image``
+            returns it (exactly 1/s for a 1/s JPEG decode, whose ceil'd size is not width / s);
+            None takes out_size / size.
     """
     ow, oh = out_size if out_size is not None else (width, height)
     out = np.zeros((len(rows), oh, ow), np.uint8)
-    sx, sy = ow / width, oh / height
+    sx, sy = scale if scale is not None else (ow / width, oh / height)
     for k, a in enumerate(rows):
         kind = store.kind[a]
         if kind == POLYGON:
             parts = store.polygon(a)
             if (sx, sy) != (1.0, 1.0):
-                scale = np.asarray([sx, sy], np.float32)
-                parts = [(p.reshape(-1, 2) * scale).reshape(-1) for p in parts]
-            rles = mask_utils.frPyObjects([p.astype(np.float64).tolist() for p in parts], oh, ow)
+                parts = [(p.reshape(-1, 2) * np.asarray([sx, sy])).reshape(-1) for p in parts]
+            rles = mask_utils.frPyObjects([p.tolist() for p in parts], oh, ow)
             out[k] = mask_utils.decode(mask_utils.merge(rles))
         elif kind == RLE:
             m = mask_utils.decode({"size": [int(height), int(width)], "counts": store.rle_counts(a)})
-            if (ow, oh) != (width, height):
-                import cv2
-
-                m = cv2.resize(m, (ow, oh), interpolation=cv2.INTER_NEAREST)
+            if (ow, oh, sx, sy) != (width, height, 1.0, 1.0):  # each output pixel takes the pixel under its centre
+                ys = np.minimum(((np.arange(oh) + 0.5) / sy).astype(np.int64), int(height) - 1)
+                xs = np.minimum(((np.arange(ow) + 0.5) / sx).astype(np.int64), int(width) - 1)
+                m = m[np.ix_(ys, xs)]
             out[k] = m
     return out
 
