@@ -56,6 +56,30 @@ def has_masks(gt: dict[str, Any]) -> bool:
     return any("segmentation" in a for a in gt.get("annotations", []))
 
 
+def check_result_sizes(gt: dict[str, Any], results: list[dict[str, Any]], source: str) -> None:
+    """Raise DatasetError when a result's RLE is not at its image's json size (pycocotools would
+    score such a mask 0 without a word), naming the images."""
+    from detector.data.coco import MAX_LISTED, DatasetError
+
+    images = {im["id"]: im for im in gt.get("images", [])}
+    bad: dict[Any, Any] = {}
+    for r in results:
+        seg, im = r.get("segmentation"), images.get(r.get("image_id"))
+        if isinstance(seg, dict) and im is not None and list(seg.get("size", [])) != [im["height"], im["width"]]:
+            bad.setdefault(r["image_id"], seg.get("size"))
+    if bad:
+        listed = "\n".join(
+            f"  - image {i} '{images[i].get('file_name')}': mask size {size}, json [height, width] "
+            f"[{images[i]['height']}, {images[i]['width']}]"
+            for i, size in list(bad.items())[:MAX_LISTED]
+        )
+        raise DatasetError(
+            f"{source}: the masks of {len(bad)} image(s) are not at the json's image size:\n{listed}\n"
+            "Masks are scored at the size the json gives (EXIF-rotated images whose json gives the size "
+            "before rotation: pass --images so that their size is taken as rotated, as training does)."
+        )
+
+
 def segm_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Result rows for COCOeval segm: with their bbox left out, pycocotools takes each detection's
     area (which sets its small/medium/large range) from the mask, as it should for masks."""

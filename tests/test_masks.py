@@ -427,3 +427,34 @@ def test_reduced_scale_masks_match_boxes_when_size_is_not_a_multiple(tmp_path):
     for b, m in zip(t["boxes"].numpy(), t["masks"].numpy()):
         x, y, w, h = _bbox_of(m)
         assert [x, y, x + w, y + h] == b.tolist()
+
+
+def test_results_file_scored_in_the_exif_rotated_frame(tmp_path, capsys):
+    """evaluate.py --predictions with masks: an EXIF-rotated image whose json gives the stored size
+    is scored at its rotated size when --images is given (as training scores it); without the
+    images, masks of another size than the json's are an error naming the image (pycocotools
+    scores them 0 silently)."""
+    from .conftest import run_tool_in_process
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored W x H (64 x 48), shown rotated: 48 wide, 64 high
+    Image.new("RGB", (W, H), (90, 90, 90)).save(tmp_path / "r.jpg", exif=exif)
+    seg = [[4, 30, 24, 30, 24, 50, 4, 50]]  # drawn on the shown image (y up to 50 > 48)
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 30, 20, 20], "segmentation": seg}]
+    gt_path = tmp_path / "r.json"
+    gt_path.write_text(json.dumps({"images": [{"id": 1, "file_name": "r.jpg", "width": W, "height": H}],
+                                   "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))  # fmt: skip
+    shown = np.zeros((W, H), np.uint8)  # (rows, columns) of the shown image
+    shown[30:50, 4:24] = 1
+    rows = [{"image_id": 1, "category_id": 1, "score": 1.0, "bbox": [4, 30, 20, 20],
+             "segmentation": encode(shown[None])[0]}]  # fmt: skip
+    res, out = tmp_path / "rows.json", tmp_path / "m.json"
+    res.write_text(json.dumps(rows))
+    args = ["--predictions", res, "--annotations", gt_path, "--output", out]
+    assert run_tool_in_process("evaluate.py", *args, "--images", tmp_path) == 0
+    scores = json.loads(out.read_text())
+    assert scores["segm/mAP"] == pytest.approx(1.0) and scores["mAP"] == pytest.approx(1.0)
+    capsys.readouterr()
+    assert run_tool_in_process("evaluate.py", *args) == 2
+    err = capsys.readouterr().err
+    assert "r.jpg" in err and "[64, 48]" in err and "--images" in err
