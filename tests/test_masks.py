@@ -458,3 +458,17 @@ def test_results_file_scored_in_the_exif_rotated_frame(tmp_path, capsys):
     assert run_tool_in_process("evaluate.py", *args) == 2
     err = capsys.readouterr().err
     assert "r.jpg" in err and "[64, 48]" in err and "--images" in err
+
+
+def test_masks_brought_to_full_size_in_chunks():
+    """to_original_size/mask_rles upsample a few masks at a time (memory: n full-size float
+    images at once): the same masks as all at once, cropped to the json size."""
+    from detector import segm
+
+    torch.manual_seed(0)
+    probs = torch.rand(2 * segm.CHUNK + 1, 1, 13, 17)
+    full = torch.nn.functional.interpolate(probs, size=(52, 68), mode="bilinear", align_corners=False)
+    want = (full[:, 0, :50, :66] > 0.5).numpy().astype(np.uint8)
+    assert np.array_equal(segm.to_original_size(probs, (0.25, 0.25), (66, 50)), want)
+    assert segm.mask_rles(probs, (0.25, 0.25), (66, 50)) == encode(want)
+    assert segm.to_original_size(probs[:0], (0.25, 0.25), (66, 50)).shape == (0, 50, 66)
