@@ -159,7 +159,7 @@ class Predictor:
                 if "masks" in d:  # probabilities in the decoded pixels -> binary at the full size
                     from detector.segm import to_original_size
 
-                    masks = to_original_size(d["masks"], (scale, scale), (w, h)).astype(bool)
+                    masks = to_original_size(d["masks"], (scale, scale), (w, h)).view(bool)  # 0/1: no copy
                 out.append(
                     Detections(
                         boxes=boxes,

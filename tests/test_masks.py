@@ -304,3 +304,171 @@ def test_replaced_head_predicts_masks_for_k_classes():
     with torch.no_grad():
         out = model([torch.rand(3, 64, 64)])[0]
     assert out["masks"].shape[1:] == (1, 64, 64)
+
+
+# -- review: numbers the tests above did not pin down ----------------------------------------------
+
+
+def _compressed(counts: list[int]) -> str:
+    return mask_utils.frPyObjects({"size": [H, W], "counts": counts}, H, W)["counts"].decode("ascii")
+
+
+@pytest.mark.parametrize(
+    "counts, text",
+    [
+        ([H * W, 5], "cover 3077 pixels, the image has 3072"),  # runs past the image: decode fails mid-run
+        ([10, 5], "cover 15 pixels, the image has 3072"),
+    ],
+)
+def test_compressed_rle_whose_runs_do_not_cover_the_image(tmp_path, counts, text):
+    """A compressed RLE is checked like an uncompressed one at start-up, not when a worker
+    decodes it (pycocotools raises a bare 'Invalid RLE mask representation' there)."""
+    good = [[4, 4, 24, 4, 24, 20, 4, 20]]
+    path = _write(tmp_path, [good, {"size": [H, W], "counts": _compressed(counts)}, good])
+    with pytest.raises(DatasetError, match="bad RLE") as err:
+        CocoIndex(path, masks=True)
+    assert "annotations[1] (id 2, image 'b.png')" in str(err.value) and text in str(err.value)
+    assert CocoIndex(path, masks=True, on_invalid="repair").repairs[REPAIRED] == 1
+
+
+def test_compressed_rle_that_is_not_a_run_length_string(tmp_path):
+    good = [[4, 4, 24, 4, 24, 20, 4, 20]]
+    path = _write(tmp_path, [good, {"size": [H, W], "counts": "\u00e9\u00e9"}, good])
+    with pytest.raises(DatasetError, match="not a pycocotools run-length string"):
+        CocoIndex(path, masks=True)
+
+
+def test_compressed_rle_total_agrees_with_pycocotools():
+    from detector.data.masks import compressed_rle_total
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 40))
+        counts = rng.integers(0, 5000, n).tolist()
+        s = mask_utils.frPyObjects({"size": [1, sum(counts)], "counts": counts}, 1, sum(counts))["counts"]
+        assert compressed_rle_total(s) == sum(counts)
+        assert compressed_rle_total(s.decode("ascii")) == sum(counts)
+    assert compressed_rle_total("") == 0
+    assert compressed_rle_total("\u00e9") is None and compressed_rle_total("0`") is None  # bad char, cut short
+
+
+def test_drop_empty_after_images_without_masks(tmp_path):
+    """data.drop_empty drops the empty image, not whatever is at its position once the images
+    without masks are gone."""
+    for n in ("a.png", "b.png", "c.png", "d.png"):
+        Image.new("RGB", (W, H)).save(tmp_path / n)
+    good = [[4, 4, 24, 4, 24, 20, 4, 20]]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 16], "segmentation": good},
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [4, 4, 20, 16], "segmentation": []},
+            {"id": 3, "image_id": 4, "category_id": 1, "bbox": [4, 4, 20, 16], "segmentation": good}]  # fmt: skip
+    images = [{"id": k + 1, "file_name": n, "width": W, "height": H} for k, n in enumerate("abcd")]
+    for im in images:
+        im["file_name"] += ".png"
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
+    index = CocoIndex(path, masks=True, drop_empty=True)
+    assert [index.file_name(i) for i in range(len(index))] == ["a.png", "d.png"]
+    assert index.num_annotations == 2 and len(index.masks.kind) == 2
+
+
+def test_unmasked_annotation_of_a_dropped_category_keeps_its_image(tmp_path):
+    """Repair mode drops a validation annotation whose class the model does not have; its
+    missing mask no longer costs the image its other objects."""
+    from detector.labels import LabelMap
+
+    good = [[4, 4, 24, 4, 24, 20, 4, 20]]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 16], "segmentation": good},
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [4, 4, 20, 16], "segmentation": good},
+            {"id": 3, "image_id": 2, "category_id": 2, "bbox": [30, 4, 20, 16], "segmentation": []}]  # fmt: skip
+    images = [{"id": 1, "file_name": "a.png", "width": W, "height": H},
+              {"id": 2, "file_name": "b.png", "width": W, "height": H}]  # fmt: skip
+    path = tmp_path / "v.json"
+    cats = [{"id": 1, "name": "x"}, {"id": 2, "name": "y"}]
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    index = CocoIndex(path, masks=True, on_invalid="repair", label_map=LabelMap((1,), ("x",)))
+    assert len(index) == 2 and index.num_annotations == 2
+    assert NO_MASKS_IMAGES not in index.repairs
+
+
+def test_polygon_rasterised_as_pycocotools_draws_the_json(tmp_path):
+    """Training masks and the evaluation ground truth are both pycocotools' drawing of the json's
+    polygons (float32 storage moved vertices at 0.1-pixel ties by a few pixels)."""
+    rng = np.random.default_rng(1)
+    segs = [[np.round(rng.uniform(0, [W, H] * 3), 2).tolist()] for _ in range(60)]
+    path = _write(tmp_path, segs, boxes=[[1.0, 1.0, 40.0, 30.0]] * len(segs))
+    index = CocoIndex(path, masks=True)
+    gt = index.to_coco_gt()
+    # the ground truth is the json's own polygons
+    assert sorted(json.dumps(a["segmentation"]) for a in gt["annotations"]) == sorted(json.dumps(p) for p in segs)
+    drawn = rasterize(index.masks, np.arange(index.num_annotations), H, W)
+    for m, a in zip(drawn, gt["annotations"]):
+        want = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], H, W)))
+        assert (m == want).all()
+
+
+def test_reduced_scale_masks_match_boxes_when_size_is_not_a_multiple(tmp_path):
+    """A 1020 px JPEG decoded at 1/8 is 128 px (ceil): its content scale is 1/8 exactly, as for the
+    boxes, not 128/1020 (masks were stretched by up to a decoded pixel against their boxes)."""
+    big = 1020
+    Image.new("RGB", (big, big), (80, 80, 80)).save(tmp_path / "a.jpg")
+    seg = [[800, 800, 1016, 800, 1016, 1016, 800, 1016]]
+    block = np.zeros((big, big), np.uint8)
+    block[200:416, 200:416] = 1
+    rle = mask_utils.encode(np.asfortranarray(block))
+    rle = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [800, 800, 216, 216], "segmentation": seg},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [200, 200, 216, 216], "segmentation": rle}]  # fmt: skip
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": big, "height": big}],
+                                "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))  # fmt: skip
+    image, t = CocoDetection(CocoIndex(path, masks=True), tmp_path, None, model_size=(64, 64))[0]
+    assert image.shape[1:] == (128, 128) and t["scale"] == (0.125, 0.125)
+    assert t["boxes"].tolist() == [[100.0, 100.0, 127.0, 127.0], [25.0, 25.0, 52.0, 52.0]]
+    for b, m in zip(t["boxes"].numpy(), t["masks"].numpy()):
+        x, y, w, h = _bbox_of(m)
+        assert [x, y, x + w, y + h] == b.tolist()
+
+
+def test_results_file_scored_in_the_exif_rotated_frame(tmp_path, capsys):
+    """evaluate.py --predictions with masks: an EXIF-rotated image whose json gives the stored size
+    is scored at its rotated size when --images is given (as training scores it); without the
+    images, masks of another size than the json's are an error naming the image (pycocotools
+    scores them 0 silently)."""
+    from .conftest import run_tool_in_process
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored W x H (64 x 48), shown rotated: 48 wide, 64 high
+    Image.new("RGB", (W, H), (90, 90, 90)).save(tmp_path / "r.jpg", exif=exif)
+    seg = [[4, 30, 24, 30, 24, 50, 4, 50]]  # drawn on the shown image (y up to 50 > 48)
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 30, 20, 20], "segmentation": seg}]
+    gt_path = tmp_path / "r.json"
+    gt_path.write_text(json.dumps({"images": [{"id": 1, "file_name": "r.jpg", "width": W, "height": H}],
+                                   "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))  # fmt: skip
+    shown = np.zeros((W, H), np.uint8)  # (rows, columns) of the shown image
+    shown[30:50, 4:24] = 1
+    rows = [{"image_id": 1, "category_id": 1, "score": 1.0, "bbox": [4, 30, 20, 20],
+             "segmentation": encode(shown[None])[0]}]  # fmt: skip
+    res, out = tmp_path / "rows.json", tmp_path / "m.json"
+    res.write_text(json.dumps(rows))
+    args = ["--predictions", res, "--annotations", gt_path, "--output", out]
+    assert run_tool_in_process("evaluate.py", *args, "--images", tmp_path) == 0
+    scores = json.loads(out.read_text())
+    assert scores["segm/mAP"] == pytest.approx(1.0) and scores["mAP"] == pytest.approx(1.0)
+    capsys.readouterr()
+    assert run_tool_in_process("evaluate.py", *args) == 2
+    err = capsys.readouterr().err
+    assert "r.jpg" in err and "[64, 48]" in err and "--images" in err
+
+
+def test_masks_brought_to_full_size_in_chunks():
+    """to_original_size/mask_rles upsample a few masks at a time (memory: n full-size float
+    images at once): the same masks as all at once, cropped to the json size."""
+    from detector import segm
+
+    torch.manual_seed(0)
+    probs = torch.rand(2 * segm.CHUNK + 1, 1, 13, 17)
+    full = torch.nn.functional.interpolate(probs, size=(52, 68), mode="bilinear", align_corners=False)
+    want = (full[:, 0, :50, :66] > 0.5).numpy().astype(np.uint8)
+    assert np.array_equal(segm.to_original_size(probs, (0.25, 0.25), (66, 50)), want)
+    assert segm.mask_rles(probs, (0.25, 0.25), (66, 50)) == encode(want)
+    assert segm.to_original_size(probs[:0], (0.25, 0.25), (66, 50)).shape == (0, 50, 66)

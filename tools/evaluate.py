@@ -43,12 +43,18 @@ def score_file(args) -> dict:
     if not isinstance(rows, list):
         raise DatasetError(f"{args.predictions}: expected a list of COCO results (image_id, category_id, bbox, score)")
     masks = any(isinstance(r, dict) and "segmentation" in r for r in rows)  # Mask R-CNN results: segm too
-    gt = CocoIndex(args.annotations, on_invalid=args.on_invalid, masks=masks)
+    # masks are in the frame training scores them in: EXIF-swapped sizes need the image headers
+    gt = CocoIndex(args.annotations, on_invalid=args.on_invalid, masks=masks,
+                   images_root=args.images if masks and args.images else None)  # fmt: skip
     known = set(gt.image_ids.tolist())
     unknown = sum(1 for r in rows if r.get("image_id") not in known)
     if unknown:
         raise DatasetError(f"{args.predictions}: {unknown} result(s) name images that are not in {args.annotations}")
     coco_gt = gt.to_coco_gt()
+    if masks:
+        from detector.segm import check_result_sizes
+
+        check_result_sizes(coco_gt, rows, str(args.predictions))
     result = evaluate_coco(coco_gt, rows, args.backend)
     print(report(result))
     segm, segm_result = segm_metrics(coco_gt, rows, args.backend, prefix="segm/")

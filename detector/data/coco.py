@@ -261,8 +261,9 @@ class CocoIndex:
             from detector.data.mask_index import drop_maskless
 
             drop_maskless(self)
-        if drop_empty:
-            self.drop_images(np.flatnonzero(counts == 0), "images without annotations dropped (data.drop_empty)")
+        if drop_empty:  # positions of now: images without masks may have been dropped above
+            empty = np.flatnonzero(np.diff(self.ann_start) == 0)
+            self.drop_images(empty, "images without annotations dropped (data.drop_empty)")
 
     # -- parsing -------------------------------------------------------------------------------
 
@@ -839,7 +840,7 @@ class CocoDetection(torch.utils.data.Dataset):
         else:
             from detector.data.mask_index import apply_with_masks, item_masks
 
-            masks = item_masks(self.index, i, (w0, h0))
+            masks = item_masks(self.index, i, (w0, h0), (sx, sy))
             arr, boxes, labels, masks = apply_with_masks(self.transform, arr, boxes, labels, masks, seed)
         h1, w1 = arr.shape[:2]
         wh = boxes[:, 2:] - boxes[:, :2]

@@ -33,8 +33,8 @@ def parse_masks(
     Every bad mask (a polygon with fewer than 3 points, an odd or non-finite coordinate, an RLE
     whose size disagrees with the image or whose counts do not cover it) is reported by file,
     json location and id; repair mode drops the annotation instead, counted. Annotations
-    without a mask are remembered by image (``index.maskless``): their images are dropped,
-    named and counted, once the index is complete.
+    without a mask keep kind NONE: their images are dropped, named and counted, once the index
+    is complete (``drop_maskless``).
 
     Returns:
         the rows (as the box parsers return them) without the dropped annotations, and the store.
@@ -71,7 +71,6 @@ def parse_masks(
             "box model (e.g. model.name=fasterrcnn_resnet50_fpn)."
         )
     store = builder.build()
-    index.maskless = sorted({int(i) for i in img[missing & keep].tolist()})
     if not keep.all():
         rows = tuple(r[keep] for r in rows)
         store.select(np.flatnonzero(keep))
@@ -84,19 +83,25 @@ def drop_maskless(index: CocoIndex) -> None:
     Training an image with an unmasked object would teach the mask head that the object is
     background; scoring it would count a correct mask as a miss.
     """
-    positions = getattr(index, "maskless", [])
+    assert index.masks is not None
+    # the annotations still there (those of classes the model lacks are gone) that have no mask
+    image_of = np.repeat(np.arange(len(index)), np.diff(index.ann_start))
+    positions = np.unique(image_of[index.masks.kind == NONE]).tolist()
     if not positions:
         return
     index.maskless_names = [index.file_name(i) for i in positions]
     index.drop_images(positions, NO_MASKS_IMAGES)
 
 
-def item_masks(index: CocoIndex, i: int, decoded_size: tuple[int, int]) -> np.ndarray:
-    """The non-crowd masks of image i at the decoded image's (width, height), uint8 (n, H, W)."""
+def item_masks(
+    index: CocoIndex, i: int, decoded_size: tuple[int, int], scale: tuple[float, float] | None = None
+) -> np.ndarray:
+    """The non-crowd masks of image i at the decoded image's (width, height), uint8 (n, H, W);
+    ``scale`` is the decoded content's (sx, sy), as the boxes are scaled (see ``rasterize``)."""
     s, e = int(index.ann_start[i]), int(index.ann_start[i + 1])
     rows = np.arange(s, e)[~index.iscrowd[s:e]]
     assert index.masks is not None
-    return rasterize(index.masks, rows, int(index.heights[i]), int(index.widths[i]), decoded_size)
+    return rasterize(index.masks, rows, int(index.heights[i]), int(index.widths[i]), decoded_size, scale)
 
 
 def apply_with_masks(
