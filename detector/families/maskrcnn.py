@@ -9,45 +9,21 @@ from typing import Any
 import torch
 from torch import nn
 from torchvision.models import detection as D
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import maskrcnn_loss
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from detector.config import ModelConfig
 from detector.families import Family, rcnn
-from detector.families.backbones import resnet_fpn
 
 
-def _resnet18_fpn(
-    *,
-    weights: Any,
-    weights_backbone: Any,
-    num_classes: int,
-    trainable_backbone_layers: int | None,
-    returned_layers: list[int] | None = None,
-    fpn_channels: int | None = None,
-    representation_size: int | None = None,
-    **kw: Any,
-) -> D.MaskRCNN:
+def _resnet18_fpn(*, num_classes: int, **kw: Any) -> D.MaskRCNN:
     """Mask R-CNN on our ResNet-18 + FPN: from scratch on a CPU (tests, the demo). The mask head
     is torchvision's four 3x3 convolutions, as wide as the FPN."""
-    if weights is not None:
-        raise ValueError("maskrcnn_resnet18_fpn has no pretrained detection weights")
-    backbone = resnet_fpn(18, weights_backbone, trainable_backbone_layers, returned_layers, fpn_channels,
-                          LastLevelMaxPool())  # fmt: skip
-    if "rpn_anchor_generator" not in kw:  # 32 px at stride 4, doubling per level
-        stages = list(returned_layers) if returned_layers else [1, 2, 3, 4]
-        sizes = tuple((32 * 2 ** (k - 1),) for k in [*stages, stages[-1] + 1])
-        kw["rpn_anchor_generator"] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-    width = representation_size or 1024
+    backbone, kw = rcnn.scratch_parts("maskrcnn_resnet18_fpn", 18, num_classes=num_classes, **kw)
     c = backbone.out_channels
     return D.MaskRCNN(
         backbone,
         num_classes=None,
-        box_head=TwoMLPHead(c * 7 * 7, width),
-        box_predictor=FastRCNNPredictor(width, num_classes),
         mask_head=MaskRCNNHeads(c, [c] * 4, 1),
         mask_predictor=MaskRCNNPredictor(c, c, num_classes),
         **kw,

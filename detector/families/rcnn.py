@@ -20,33 +20,42 @@ from detector.families import Family, float32, set_keys
 from detector.families.backbones import resnet_fpn
 
 
+def scratch_parts(
+    name: str,
+    depth: int,
+    *,
+    weights: Any,
+    weights_backbone: Any,
+    num_classes: int,
+    trainable_backbone_layers: int | None,
+    returned_layers: list[int] | None = None,
+    fpn_channels: int | None = None,
+    representation_size: int | None = None,
+    **kw: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The backbone and the R-CNN keywords (anchors, box head and predictor) of our from-scratch
+    ResNet-{depth} + FPN models; Faster and Mask R-CNN build on them."""
+    if weights is not None:
+        raise ValueError(f"{name} has no pretrained detection weights")
+    backbone = resnet_fpn(depth, weights_backbone, trainable_backbone_layers, returned_layers, fpn_channels,
+                          LastLevelMaxPool())  # fmt: skip
+    if "rpn_anchor_generator" not in kw:  # 32 px at stride 4, doubling per level
+        stages = list(returned_layers) if returned_layers else [1, 2, 3, 4]
+        sizes = tuple((32 * 2 ** (k - 1),) for k in [*stages, stages[-1] + 1])
+        kw["rpn_anchor_generator"] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    width = representation_size or 1024
+    kw["box_head"] = TwoMLPHead(backbone.out_channels * 7 * 7, width)
+    kw["box_predictor"] = FastRCNNPredictor(width, num_classes)
+    return backbone, kw
+
+
 def _resnet_fpn(depth: int) -> Callable[..., D.FasterRCNN]:
     """Faster R-CNN on our ResNet-{depth} + FPN; the box head's width is a setting (a narrow FPN
     on stages 2-4 with a 256-wide head is several times cheaper on a CPU: the demo's model)."""
 
-    def build(
-        *,
-        weights: Any,
-        weights_backbone: Any,
-        num_classes: int,
-        trainable_backbone_layers: int | None,
-        returned_layers: list[int] | None = None,
-        fpn_channels: int | None = None,
-        representation_size: int | None = None,
-        **kw: Any,
-    ) -> D.FasterRCNN:
-        if weights is not None:
-            raise ValueError(f"fasterrcnn_resnet{depth}_fpn has no pretrained detection weights")
-        backbone = resnet_fpn(depth, weights_backbone, trainable_backbone_layers, returned_layers, fpn_channels,
-                              LastLevelMaxPool())  # fmt: skip
-        if "rpn_anchor_generator" not in kw:  # 32 px at stride 4, doubling per level
-            stages = list(returned_layers) if returned_layers else [1, 2, 3, 4]
-            sizes = tuple((32 * 2 ** (k - 1),) for k in [*stages, stages[-1] + 1])
-            kw["rpn_anchor_generator"] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-        width = representation_size or 1024
-        head = TwoMLPHead(backbone.out_channels * 7 * 7, width)
-        return D.FasterRCNN(backbone, num_classes=None, box_head=head,
-                            box_predictor=FastRCNNPredictor(width, num_classes), **kw)  # fmt: skip
+    def build(**kw: Any) -> D.FasterRCNN:
+        backbone, kw = scratch_parts(f"fasterrcnn_resnet{depth}_fpn", depth, **kw)
+        return D.FasterRCNN(backbone, num_classes=None, **kw)
 
     return build
 
