@@ -24,6 +24,7 @@ from PIL import Image  # noqa: E402
 
 from detector import runtime, storage  # noqa: E402
 from detector.config import DataConfig  # noqa: E402
+from detector.data import header_progress  # noqa: E402
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError  # noqa: E402
 from detector.plots import draw_detections  # noqa: E402
 
@@ -63,16 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         if not exc.problems:
             raise
         problems = exc.problems
-    bar = runtime.progress(True, desc="reading image headers", unit="img")
     index = CocoIndex(  # what training with on_invalid=repair would use
         args.annotations,
         on_invalid="repair",
         images_root=args.images,
-        progress=lambda it, total: _wrap(bar, it, total),
+        progress=header_progress(True),
         max_pixels=DataConfig().max_image_pixels,
         masks=args.masks,
     )
-    bar.close()
     found = index.files
     print(index.summary())
     print("box sizes:")
@@ -137,13 +136,6 @@ def decode_all(index: CocoIndex, images: str, skip: set[int], workers: int) -> l
     bar.close()
     print(f"decoded {len(todo) - len(failures)} of {len(todo)} image(s) in full")
     return failures
-
-
-def _wrap(bar, iterable, total):
-    bar.reset(total=total)
-    for item in iterable:
-        bar.update(1)
-        yield item
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector import runtime  # noqa: E402
+from detector.data import header_progress  # noqa: E402
 from detector.data.coco import DatasetError  # noqa: E402
 from detector.data.convert import FORMATS, convert, read_class_names, validate  # noqa: E402
 
@@ -49,26 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result.coco))
-    bar = runtime.progress(True, desc="checking the result", unit="img")
     try:
-        index = validate(tmp, args.images, progress=lambda it, total: _wrap(bar, it, total))
+        index = validate(tmp, args.images, progress=header_progress(True, desc="checking the result"))
     except DatasetError as exc:  # named after the file it would have been
         tmp.unlink(missing_ok=True)
         raise DatasetError(str(exc).replace(str(tmp), f"{out} (not written)"), exc.problems) from None
-    finally:
-        bar.close()
     tmp.replace(out)  # only a file that loads cleanly is written
     print(index.summary().replace(str(tmp), str(out)))
     for what, n in sorted(result.counts.items()):
         print(f"  {what}: {n}")
     return 0
-
-
-def _wrap(bar, iterable, total):
-    bar.reset(total=total)
-    for item in iterable:
-        bar.update(1)
-        yield item
 
 
 if __name__ == "__main__":

@@ -72,13 +72,13 @@ def _needs_masks(cfg: Config) -> bool:
     return bool(fam is not None and fam.masks)
 
 
-def header_progress(enabled: bool, interval: float = 30.0) -> Callable:
+def header_progress(enabled: bool, interval: float = 30.0, desc: str = "reading image headers") -> Callable:
     """A progress wrapper for the start-up header scan (``CocoIndex(progress=...)``): one bar per
     split, on the main process (the scan of an object-store prefix takes a while)."""
     from detector import runtime
 
     def wrap(iterable, total):
-        bar = runtime.progress(enabled, total=total, desc="reading image headers", unit="img", interval=interval)
+        bar = runtime.progress(enabled, total=total, desc=desc, unit="img", interval=interval)
         try:
             for item in iterable:
                 bar.update(1)
