@@ -3,6 +3,7 @@ tools, dummy batches for the training loop, and the reference data beside the ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -232,3 +233,25 @@ def cpu_accelerator():
     from accelerate import Accelerator
 
     return Accelerator(cpu=True)
+
+
+@contextlib.contextmanager
+def http_server(root: Path):
+    """A quiet web server on 127.0.0.1 serving `root` (a remote image store that cannot list
+    folders); yields its base URL and stops with the block."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join()

@@ -189,25 +189,10 @@ def test_wandb_start_failure_message_carries_no_secret(tmp_path, monkeypatch):
 def test_check_dataset_decode_reads_images_from_a_url_root(tiny_dataset, capsys):
     """--decode joins the file names to the images root as training does: a URL root (here a
     web server on 127.0.0.1) must not become 'http:/host/...' (every image undecodable)."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from .conftest import http_server, run_tool_in_process
 
-    from .conftest import run_tool_in_process
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tiny_dataset["root"])))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/val"
-        code = run_tool_in_process("check_dataset.py", tiny_dataset["val"], url, "--decode", "--workers", "2")
-    finally:
-        server.shutdown()
-        thread.join()
+    with http_server(tiny_dataset["root"]) as url:
+        code = run_tool_in_process("check_dataset.py", tiny_dataset["val"], f"{url}/val", "--decode", "--workers", "2")
     out = capsys.readouterr().out
     assert code == 0 and "problems: 0" in out and "decoded 7 of 7 image(s)" in out, out[-2000:]
 

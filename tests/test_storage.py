@@ -15,7 +15,7 @@ import pytest
 from detector import storage
 from detector.data.coco import CocoIndex, DatasetError
 from detector.images import load_image
-from tests.conftest import epoch_records, run_tool_in_process, train, write_coco
+from tests.conftest import epoch_records, http_server, run_tool_in_process, train, write_coco
 
 pytestmark = [pytest.mark.xdist_group("storage")]  # its module fixtures are built once, on one xdist worker
 
@@ -210,19 +210,7 @@ def test_config_refuses_credentials_in_urls_before_anything_is_written():
 
 def test_http_image_root_without_listing(tiny_dataset):
     """Another fsspec backend: a plain web server (which cannot list a folder) on 127.0.0.1."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tiny_dataset["root"])))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with http_server(tiny_dataset["root"]) as url:
         remote = CocoIndex(f"{url}/val.json", images_root=f"{url}/val")
         local = CocoIndex(tiny_dataset["val"], images_root=tiny_dataset["root"] / "val")
         assert not any(remote.files[k] for k in ("missing", "unreadable", "size_mismatch"))
@@ -231,9 +219,6 @@ def test_http_image_root_without_listing(tiny_dataset):
         b, _, _ = load_image(tiny_dataset["root"] / "val" / local.file_name(0))
         np.testing.assert_array_equal(a, b)
         assert storage.existing(f"{url}/val", [local.file_name(0), "gone.jpg"]) == [True, False]
-    finally:
-        server.shutdown()
-        thread.join()
 
 
 @pytest.mark.parametrize(
