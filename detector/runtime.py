@@ -378,7 +378,7 @@ def run_main(main) -> int:
         return main()
     except (ConfigError, DatasetError, WeightsError, CheckpointError) as exc:
         if os.environ.get("RANK", "0") == "0" or _from_worker(exc):  # a worker's error is its process's alone
-            print(f"error: {_message(exc)}", file=sys.stderr)
+            print(f"error: {error_text(exc)}", file=sys.stderr)
         return 2
     except (WriteError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno not in _WRITE_ERRNOS:
@@ -434,11 +434,6 @@ def _from_worker(exc: BaseException) -> bool:
 
 
 def error_text(exc: BaseException) -> str:
-    """An error's message without the DataLoader worker's traceback around it."""
-    return _message(exc)
-
-
-def _message(exc: BaseException) -> str:
     """The error's own message; an error raised in a DataLoader worker arrives wrapped in the
     worker's whole traceback, of which only its last line says anything to a user."""
     text = str(exc)
