@@ -16,7 +16,7 @@ from detector.labels import LabelMap
 from detector.models import model_input_size
 from detector.weights import load_model
 
-__all__ = ["Detections", "Predictor", "load_model"]
+__all__ = ["Detections", "Predictor", "load_model", "prepare_file"]
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
@@ -124,14 +124,7 @@ class Predictor:
         they are.
         """
         if isinstance(image, (str, Path)):
-            try:
-                w, h = oriented_size(image)
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-                raise ImageDecodeError(f"cannot decode image {image}: {exc}") from None
-            want = decode_size(w, h, model_input_size(self.model)) if self.draft_decode else None
-            arr, scale, _ = load_image(image, want)
-            t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(255)
-            return t, scale, (w, h)
+            return prepare_file(image, model_input_size(self.model), self.draft_decode)
         t = self.to_tensor(image)
         return t, 1.0, (int(t.shape[2]), int(t.shape[1]))
 
@@ -148,7 +141,15 @@ class Predictor:
             images = [images]
         out: list[Detections] = []
         for batch in _chunks(list(images), self.batch_size):
-            prepared = [self.prepare(im) for im in batch]
+            out += self.predict_prepared([self.prepare(im) for im in batch])
+        return out
+
+    @torch.no_grad()
+    def predict_prepared(self, prepared: Sequence[tuple[torch.Tensor, float, tuple[int, int]]]) -> list[Detections]:
+        """Detections for inputs already through ``prepare`` (or ``prepare_file``, e.g. in a
+        DataLoader's workers), in one forward pass: ``predict`` is ``prepare`` then this."""
+        out: list[Detections] = []
+        if prepared:
             tensors = [t.to(self.device) for t, _, _ in prepared]
             _, dets = loss_and_detections(self.model, tensors, None)
             for d, (_, scale, (w, h)) in zip(dets, prepared):
@@ -171,6 +172,27 @@ class Predictor:
                     )
                 )
         return out
+
+
+def prepare_file(
+    path: str | Path, model_size: tuple[int, int] | None, draft_decode: bool = True
+) -> tuple[torch.Tensor, float, tuple[int, int]]:
+    """An image file as ``Predictor.prepare`` gives it: (float (3, H, W) in [0, 1], content scale,
+    full (w, h)), decoded with EXIF orientation and, when ``draft_decode``, at the reduced scale
+    ``model_size`` (``models.model_input_size``) allows. A plain function, so DataLoader workers
+    can decode exactly as the Predictor does without a copy of the model.
+
+    Raises:
+        ImageDecodeError: naming the file, for unreadable, corrupt or truncated images.
+    """
+    try:
+        w, h = oriented_size(path)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"cannot decode image {path}: {exc}") from None
+    want = decode_size(w, h, model_size) if draft_decode else None
+    arr, scale, _ = load_image(path, want)
+    t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(255)
+    return t, scale, (w, h)
 
 
 def _rgb(t: torch.Tensor) -> torch.Tensor:

@@ -1,38 +1,38 @@
-"""Detect objects in images with a trained checkpoint.
+"""Detect objects in images and videos with a trained checkpoint.
 
-    python tools/infer.py --checkpoint best.pt [--score-threshold T] [--output DIR] INPUT...
+    python tools/infer.py --checkpoint best.pt [--score-threshold T] [--output DIR] [--workers N] INPUT...
 
-INPUT may be image files, folders (searched recursively) or glob patterns. Writes to DIR the
-images with boxes, class names and scores drawn (and a Mask R-CNN's masks), and results.json:
-COCO-format results (image_id = position in images.json, category_id = the dataset's own ids,
-bbox xywh, and segmentation as compressed RLE for masks) plus images.json mapping image ids to files.
+INPUT may be image or video files (.mp4 .avi .mov .mkv .webm), folders (searched recursively for
+both) or glob patterns; images may also be URLs. Writes to DIR:
+
+- images: results.json, COCO-format results (image_id = position in images.json, category_id =
+  the dataset's own ids, bbox xywh, and segmentation as compressed RLE for masks), images.json
+  mapping image ids to files, and each image drawn (boxes, class names, scores, masks). Images
+  stream through a DataLoader (--workers processes decode them) with bounded memory.
+- each video: NAME.json, per-frame COCO-style detections (images = frames with frame_index and
+  timestamp; annotations), and NAME.mp4, every frame drawn at the input's frame rate and size.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import json
 import sys
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
-
 from detector import runtime, storage  # noqa: E402
-from detector.images import ImageDecodeError, load_image, oriented_size  # noqa: E402
 from detector.inference import Predictor  # noqa: E402
-from detector.plots import draw_detections  # noqa: E402
+from detector.streaming import infer_images  # noqa: E402
+from detector.video import VIDEO_EXTS, VideoError, infer_video  # noqa: E402
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def collect(inputs: list[str]) -> list[Path | str]:
     """Expand files, folders, globs and URLs (an object or a prefix) into a sorted, de-duplicated
-    list of image files."""
+    list of image and video files (videos: local files only)."""
     found: list[Path | str] = []
     for item in inputs:
         if storage.is_url(item):
@@ -44,94 +44,77 @@ def collect(inputs: list[str]) -> list[Path | str]:
             continue
         p = Path(item)
         if p.is_dir():
-            found += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTS)
+            found += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTS | VIDEO_EXTS)
         elif p.is_file():
             found.append(p)
         else:
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
             if not matches:
                 raise FileNotFoundError(f"no such file, folder or glob match: {item}")
-            found += [m for m in matches if m.suffix.lower() in IMAGE_EXTS]
+            found += [m for m in matches if m.suffix.lower() in IMAGE_EXTS | VIDEO_EXTS]
     return list(dict.fromkeys(found))
+
+
+def video_names(videos: list[Path]) -> list[str]:
+    """Output names for the videos: their stems, made unique with _2, _3... in input order."""
+    names: list[str] = []
+    for v in videos:
+        name, k = v.stem, 1
+        while name in names:
+            k += 1
+            name = f"{v.stem}_{k}"
+        names.append(name)
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("inputs", nargs="+", help="image files, folders or globs")
+    ap.add_argument("inputs", nargs="+", help="image or video files, folders or globs")
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--score-threshold", type=float, default=0.5)
-    ap.add_argument("--output", default="predictions", help="folder for drawn images and results.json")
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--output", default="predictions", help="folder for the drawn images, videos and json files")
+    ap.add_argument("--batch-size", type=int, default=4, help="images or video frames per forward pass")
+    ap.add_argument("--workers", type=int, default=0, help="processes decoding images (0: in this one)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--no-draw", action="store_true", help="only write results.json")
+    ap.add_argument("--no-draw", action="store_true", help="only write the json files (no drawn images or videos)")
     args = ap.parse_args(argv)
 
     try:
-        files = collect(args.inputs)
+        found = collect(args.inputs)
     except (FileNotFoundError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not files:
-        print("error: no images found in the inputs", file=sys.stderr)
+    videos = [Path(f) for f in found if not storage.is_url(f) and Path(f).suffix.lower() in VIDEO_EXTS]
+    files = [f for f in found if storage.is_url(f) or Path(f).suffix.lower() not in VIDEO_EXTS]
+    if not files and not videos:
+        print("error: no images or videos found in the inputs", file=sys.stderr)
         return 2
     predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.score_threshold, args.batch_size)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    results, images, failed = [], [], []
-    bar = runtime.progress(True, total=len(files), desc="infer", unit="img")
-    for start in range(0, len(files), args.batch_size):
-        batch = []
-        for f in files[start : start + args.batch_size]:
-            try:  # the header: unreadable files are reported and skipped, the rest go on
-                batch.append((f, oriented_size(f)))
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-                failed.append(f"cannot decode image {f}: {exc}")
+    failed: list[str] = []
+    done = 0
+    if files:
+        bar = runtime.progress(True, total=len(files), desc="infer", unit="img")
+        summary = infer_images(predictor, files, out, not args.no_draw, args.workers, bar)
+        bar.close()
+        failed += summary.failed
+        done += summary.images
+        print(f"{summary.images} image(s), {summary.detections} detection(s) >= {args.score_threshold} -> {out}")
+    for video, name in zip(videos, video_names(videos)):
         try:
-            dets = predictor.predict([f for f, _ in batch]) if batch else []
-        except ImageDecodeError:  # a file that fails past its header: one at a time to name it
-            dets = []
-            for f, size in list(batch):
-                try:
-                    dets += predictor.predict([f])
-                except ImageDecodeError as exc:
-                    failed.append(str(exc))
-                    batch.remove((f, size))
-        for (f, (w, h)), det in zip(batch, dets):
-            image_id = len(images)
-            images.append({"id": image_id, "file_name": str(f), "height": h, "width": w})
-            rles = det.rles() if det.masks is not None else [None] * len(det)
-            for b, c, s, rle in zip(det.boxes.tolist(), det.category_ids.tolist(), det.scores.tolist(), rles):
-                results.append(
-                    {
-                        "image_id": image_id,
-                        "category_id": int(c),
-                        "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
-                        "score": s,
-                        **({"segmentation": rle} if rle is not None else {}),  # Mask R-CNN: compressed RLE
-                    }
-                )
-            if not args.no_draw:
-                arr, _, _ = load_image(f)  # drawn on the full-size image
-                drawn = draw_detections(
-                    torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))),
-                    torch.from_numpy(det.boxes),
-                    det.labels,
-                    predictor.class_names,
-                    det.scores,
-                    masks=torch.from_numpy(det.masks) if det.masks is not None else None,
-                )
-                Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(
-                    out / f"{image_id:05d}_{PurePosixPath(str(f)).stem}.png"
-                )
-        bar.update(len(files[start : start + args.batch_size]))
-    bar.close()
-    (out / "results.json").write_text(json.dumps(results))
-    (out / "images.json").write_text(json.dumps({"images": images, "categories": [
-        {"id": c, "name": n} for c, n in zip(predictor.label_map.category_ids, predictor.class_names)]}))  # fmt: skip
-    print(f"{len(images)} image(s), {len(results)} detection(s) >= {args.score_threshold} -> {out}")
+            v = infer_video(predictor, video, out, name, not args.no_draw)
+        except VideoError as exc:
+            failed.append(str(exc))
+            continue
+        done += 1
+        if v.warning:
+            print(f"warning: {v.warning}", file=sys.stderr)
+        written = f"{v.json_path}" + (f", {v.video_path}" if v.video_path else "")
+        print(f"{video}: {v.frames} frame(s), {v.detections} detection(s) >= {args.score_threshold} -> {written}")
     for message in failed:
         print(f"warning: skipped {message}", file=sys.stderr)
-    return 1 if failed and not images else 0
+    return 1 if failed and not done else 0
 
 
 if __name__ == "__main__":
