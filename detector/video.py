@@ -214,8 +214,9 @@ def infer_video(
     images, annotations = RowSpool(out), RowSpool(out)
     n_frames = 0
     size = (info.width, info.height)
+    decoded = frames(path, queue_size=2 * predictor.batch_size)  # a generator: starts when iterated
     try:
-        for batch in iter_batches(frames(path, queue_size=2 * predictor.batch_size), predictor.batch_size):
+        for batch in iter_batches(decoded, predictor.batch_size):
             dets = predictor.predict([rgb for _, _, rgb in batch])
             for (i, t, rgb), det in zip(batch, dets):
                 size = (rgb.shape[1], rgb.shape[0])
@@ -243,6 +244,7 @@ def infer_video(
             video_path.unlink(missing_ok=True)  # no half-written video left behind
         raise
     finally:
+        decoded.close()  # stops the decoding thread however the loop ended
         bar.close()
         images.close()
         annotations.close()

@@ -56,15 +56,16 @@ def collect(inputs: list[str]) -> list[Path | str]:
 
 
 def video_names(videos: list[Path]) -> list[str]:
-    """Output names for the videos: their stems, made unique with _2, _3... in input order."""
-    names: list[str] = []
+    """Output names for the videos: their stems, made unique with _2, _3... in input order (and
+    never results or images, the images' json files)."""
+    names: list[str] = ["results", "images"]
     for v in videos:
         name, k = v.stem, 1
         while name in names:
             k += 1
             name = f"{v.stem}_{k}"
         names.append(name)
-    return names
+    return names[2:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,8 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    videos = [Path(f) for f in found if not storage.is_url(f) and Path(f).suffix.lower() in VIDEO_EXTS]
-    files = [f for f in found if storage.is_url(f) or Path(f).suffix.lower() not in VIDEO_EXTS]
+    is_video = [Path(str(f)).suffix.lower() in VIDEO_EXTS for f in found]
+    remote = [str(storage.redact(f)) for f, v in zip(found, is_video) if v and storage.is_url(f)]
+    if remote:
+        print(f"error: videos must be local files: {', '.join(remote)}", file=sys.stderr)
+        return 2
+    videos = [Path(f) for f, v in zip(found, is_video) if v]
+    files = [f for f, v in zip(found, is_video) if not v]
     if not files and not videos:
         print("error: no images or videos found in the inputs", file=sys.stderr)
         return 2
