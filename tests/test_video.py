@@ -49,6 +49,18 @@ def _decode(path: Path) -> tuple[list[np.ndarray], float, tuple[int, int]]:
     return out, fps, size
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as the tools get in a subprocess (conftest.tool_env): the tools run in
+    this process here, and two threads on a busy 2-core machine are several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def clip(tiny_dataset, tmp_path_factory) -> Path:
     """12 frames, 96x64 at 7.5 fps, made from the val images (MPEG-4 Part 2 in .mp4)."""
