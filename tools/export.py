@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     meta_path = export.write_metadata(info, path)
     print(f"wrote {path} and {meta_path}")
     print(
-        f"parity on {parity.images} image(s), {parity.detections} detection(s) >= {args.score_threshold}: "
+        f"parity on {parity.images} image(s) of {len({tuple(im.shape[1:]) for im in images})} size(s) "
+        f"({', '.join(f'{im.shape[1]}x{im.shape[2]}' for im in images)}), "
+        f"{parity.detections} detection(s) >= {args.score_threshold}: "
         f"labels equal {parity.labels_equal}, max box diff {parity.max_box_diff:.4f} px, "
         f"max score diff {parity.max_score_diff:.2e}"
     )
