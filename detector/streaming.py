@@ -1,7 +1,7 @@
 """Inference over many image files with bounded memory (tools/infer.py).
 
 A torch DataLoader decodes the files in worker processes exactly as ``Predictor.prepare`` does
-(``inference.prepare_file``: EXIF orientation, reduced-scale JPEG decoding); the main process runs
+(``inference.decode``: EXIF orientation, reduced-scale JPEG decoding); the main process runs
 the model a batch at a time, writes each drawn image as soon as it is made, and appends the COCO
 result rows to a spool file. Memory stays flat however many files there are: the only thing
 kept per image is its row in images.json (id, file name, size).
@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from detector.images import ImageDecodeError, load_image
-from detector.inference import Detections, Predictor, prepare_file
+from detector.inference import Detections, Predictor, decode
 from detector.models import model_input_size
 from detector.plots import draw_detections
 
@@ -131,7 +131,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, Prepared | None, str | None]:
         try:
-            return i, prepare_file(self.files[i], self.model_size, self.draft_decode), None
+            return i, decode(self.files[i], self.model_size if self.draft_decode else None), None
         except ImageDecodeError as exc:
             return i, None, str(exc)
 

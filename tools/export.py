@@ -1,12 +1,16 @@
 """Export a checkpoint to ONNX or TorchScript and check it against eager PyTorch.
 
-    python tools/export.py --checkpoint best.pt --format onnx|torchscript --output FILE [--size H W] [--samples IMG ...]
+    python tools/export.py --checkpoint best.pt --format onnx|torchscript --output FILE [--samples IMG ...]
 
-ONNX graphs take one float RGB image (3, H, W) in [0, 1] of the export size (default: the
-model's min_size x a 4:3 width). A metadata file FILE.json is written beside the model (class
-names, input size, normalisation). The check runs both on sample images and fails (exit 1)
-when labels differ or boxes differ by more than --box-tolerance pixels (a Mask R-CNN's graph
-includes the mask head: its masks must overlap eager PyTorch's by at least --mask-iou IoU).
+ONNX graphs take one float RGB image (3, H, W) in [0, 1] of any size (they resize and normalise
+inside) and return boxes in that image's pixels; --size H W only sets the example image the
+graph is traced with. A metadata file FILE.json is written beside the model (class names,
+the decoding steps before the graph and their inverse after it, normalisation);
+detector.deploy.ExportedPredictor runs the model on files like the Predictor. The check runs
+both models on the sample images at their own sizes and on crops of them at three aspect ratios
+(portrait 3:4, 4:3, 16:9) and two sizes, and fails (exit 1) when labels differ or boxes differ
+by more than --box-tolerance pixels (a Mask R-CNN's graph includes the mask head: its masks must
+overlap eager PyTorch's by at least --mask-iou IoU).
 """
 
 from __future__ import annotations
@@ -24,11 +28,10 @@ from detector.families import family_of_model  # noqa: E402
 from detector.inference import Predictor, load_model  # noqa: E402
 
 
-def sample_images(
-    paths: list[str], size: tuple[int, int] | None, checkpoint_cfg: dict, predictor: Predictor
-) -> list[torch.Tensor]:
-    """Sample images at the export size: given files, else the training run's val images,
-    decoded as the Predictor (and training) decode them."""
+def sample_images(paths: list[str], checkpoint_cfg: dict, predictor: Predictor) -> list[torch.Tensor]:
+    """Sample images at their own sizes (given files, else the training run's val images, decoded
+    as the Predictor and training decode them), then crops of the first one at the sizes and
+    aspect ratios of ``export.parity_shapes``: a graph that only works at one size cannot pass."""
     if not paths:
         val = checkpoint_cfg.get("data", {}).get("val", {})
         root = Path(val.get("images") or "")
@@ -38,10 +41,8 @@ def sample_images(
         paths = [str(p) for p in sorted(root.glob("*"))[:4]] if root.is_dir() else []
     images = [predictor.prepare(p)[0] for p in paths]
     if not images:  # nothing to look at: noise still checks that the graphs compute the same thing
-        images = [torch.rand(3, *(size or (320, 320)), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    if size is not None:
-        images = [torch.nn.functional.interpolate(im[None], size=size, mode="bilinear")[0] for im in images]
-    return images
+        images = [torch.rand(3, 320, 320, generator=torch.Generator().manual_seed(0))]
+    return images + [export.reshaped(images[0], s) for s in export.parity_shapes(predictor.model)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--format", choices=["onnx", "torchscript"], required=True)
     ap.add_argument("--output", required=True)
-    ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="ONNX input size (fixed)")
+    ap.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="ONNX: the example image size the graph is traced with (the graph takes any size)",
+    )
     ap.add_argument("--samples", nargs="*", default=[], help="images for the parity check")
     ap.add_argument("--score-threshold", type=float, default=0.3, help="detections compared in the check")
     ap.add_argument("--box-tolerance", type=float, default=1.0, help="max box difference in pixels")
@@ -58,20 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     model, label_map, meta = load_model(args.checkpoint)
-    size = None
     if args.format == "onnx":
-        size = tuple(args.size) if args.size else export.default_size(model)
-        path = export.export_onnx(model, args.output, size)
+        path = export.export_onnx(model, args.output, tuple(args.size) if args.size else None)
         runner = export.onnx_runner(path)
     else:
         path = export.export_torchscript(model, args.output)
         runner = export.torchscript_runner(path)
-    info = export.metadata(label_map, size, args.format, model)
     draft = bool(meta.get("config", {}).get("data", {}).get("draft_decode", True))
-    images = sample_images(args.samples, size, meta.get("config", {}), Predictor(model, label_map, "cpu", 1, draft))
+    info = export.metadata(label_map, None, args.format, model, draft)
+    images = sample_images(args.samples, meta.get("config", {}), Predictor(model, label_map, "cpu", 1, draft))
     parity = export.check_parity(model, images, runner, args.score_threshold)
     info["parity"] = {
         **parity.__dict__,
+        "shapes_hw": [list(im.shape[1:]) for im in images],
         "box_tolerance_px": args.box_tolerance,
         "score_tolerance": args.score_tolerance,
         "score_threshold": args.score_threshold,
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if family_of_model(model).masks:  # the mask head is in the graph: compare masks too
         from detector.mask_export import mask_parity, mask_runner
 
-        info["outputs"]["masks"] = "(n, 1, H, W) probabilities in input pixels (object where > 0.5)"
+        info["outputs"]["masks"] = "(n, 1, H, W) probabilities at the given image's size (object where > 0.5)"
         mp = mask_parity(model, images, mask_runner(path, args.format), args.score_threshold)
         info["parity"].update({**mp, "mask_iou_tolerance": args.mask_iou})
         print(f"mask parity on {mp['mask_pairs']} detection(s): min IoU {mp['min_mask_iou']:.4f}, "
@@ -89,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     meta_path = export.write_metadata(info, path)
     print(f"wrote {path} and {meta_path}")
     print(
-        f"parity on {parity.images} image(s), {parity.detections} detection(s) >= {args.score_threshold}: "
+        f"parity on {parity.images} image(s) of {len({tuple(im.shape[1:]) for im in images})} size(s) "
+        f"({', '.join(f'{im.shape[1]}x{im.shape[2]}' for im in images)}), "
+        f"{parity.detections} detection(s) >= {args.score_threshold}: "
         f"labels equal {parity.labels_equal}, max box diff {parity.max_box_diff:.4f} px, "
         f"max score diff {parity.max_score_diff:.2e}"
     )
