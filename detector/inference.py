@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from detector import storage
 from detector.families import loss_and_detections
 from detector.images import ImageDecodeError, decode_size, load_image, oriented_size, to_rgb_array
 from detector.labels import LabelMap
@@ -187,8 +188,8 @@ def prepare_file(
     """
     try:
         w, h = oriented_size(path)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError(f"cannot decode image {path}: {exc}") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"cannot decode image {storage.redact(path)}: {exc}") from None  # as load_image
     want = decode_size(w, h, model_size) if draft_decode else None
     arr, scale, _ = load_image(path, want)
     t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(255)

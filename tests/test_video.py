@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -15,7 +16,7 @@ import pytest
 from PIL import Image
 
 from detector.inference import Detections, Predictor
-from detector.streaming import RowSpool, detection_rows, draw, write_json
+from detector.streaming import ImageFiles, RowSpool, detection_rows, draw, write_json
 from detector.video import VideoError, frames, infer_video, probe
 
 from .conftest import run_tool_in_process
@@ -239,3 +240,28 @@ def test_rows_spool_and_masks_drawn(tmp_path):
     inside[2, :] = inside[7, :] = inside[:, 3] = inside[:, 11] = False  # away from the box outline
     assert (drawn[inside] > 0).any(axis=1).all()  # the mask is filled
     assert (drawn[0, 0] == 0).all()  # outside every box and mask: untouched
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height (its pixel data is not there)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_folder_item_errors_name_the_file_and_never_stop_the_loader(tmp_path):
+    """A header declaring a decompression bomb (PIL raises its own error, not an OSError) and a URL
+    that cannot be read are skipped by name, as any undecodable file is, instead of killing the
+    DataLoader; the URL is named without its query string (signed URLs carry keys there)."""
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(20_000, 20_000))  # 400 M pixels: twice PIL's limit
+    url = "http://127.0.0.1:9/no/such.png?X-Amz-Signature=SECRET"
+    files = ImageFiles([bomb, url], (64, 64), True)
+    index, prepared, message = files[0]
+    assert (index, prepared) == (0, None) and message.startswith(f"cannot decode image {bomb}: ")
+    index, prepared, message = files[1]
+    assert (index, prepared) == (1, None) and "http://127.0.0.1:9/no/such.png" in message
+    assert "SECRET" not in message
