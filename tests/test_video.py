@@ -9,15 +9,17 @@ import shutil
 import struct
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
+from detector import video
 from detector.inference import Detections, Predictor
 from detector.streaming import ImageFiles, RowSpool, detection_rows, draw, write_json
-from detector.video import VideoError, frames, infer_video, probe
+from detector.video import VideoError, VideoInfo, frames, infer_video, probe
 
 from .conftest import run_tool_in_process
 
@@ -265,3 +267,41 @@ def test_folder_item_errors_name_the_file_and_never_stop_the_loader(tmp_path):
     index, prepared, message = files[1]
     assert (index, prepared) == (1, None) and "http://127.0.0.1:9/no/such.png" in message
     assert "SECRET" not in message
+
+
+class _NothingFound:
+    """A Predictor stand-in that finds nothing (the frames' bookkeeping without a model)."""
+
+    batch_size = 3
+    class_names = ["thing"]
+    label_map = SimpleNamespace(category_ids=[1])
+
+    def predict(self, images: list) -> list[Detections]:
+        empty = Detections(boxes=np.zeros((0, 4), np.float32), labels=np.zeros(0, np.int64), names=[],
+                           scores=np.zeros(0, np.float32), category_ids=np.zeros(0, np.int64))  # fmt: skip
+        return [empty for _ in images]
+
+
+@pytest.mark.parametrize(
+    ("fps", "count", "timestamps", "warned"),
+    [
+        # variable frame rate in an .mkv/.webm (no frame count there: OpenCV estimates duration x
+        # nominal fps, 28): the 8 frames span the whole 1.12 s, nothing is missing
+        (25.0, 28, [0, 0.1, 0.15, 0.4, 0.5, 1.0, 1.04, 1.08], False),
+        (7.5, 12, [i / 7.5 for i in range(7)], True),  # cut short: 7 of 12 frames, 0.93 of 1.6 s
+        (7.5, 12, [i / 7.5 for i in range(11)], True),  # only the last frame missing
+        (7.5, 12, [i / 7.5 for i in range(12)], False),
+        (0.0, 12, [0.0] * 5, True),  # no frame rate: the count alone decides
+    ],
+)
+def test_short_video_warning_trusts_timestamps_over_estimated_counts(monkeypatch, tmp_path, fps, count, timestamps,
+                                                                     warned):  # fmt: skip
+    info = VideoInfo(path="v.mkv", fps=fps, width=8, height=6, frame_count=count, rotation=0)
+    decoded = [(i, t, np.zeros((6, 8, 3), np.uint8)) for i, t in enumerate(timestamps)]
+    monkeypatch.setattr(video, "probe", lambda path: info)
+    monkeypatch.setattr(video, "frames", lambda path, queue_size: (d for d in decoded))
+    summary = infer_video(_NothingFound(), "v.mkv", tmp_path, "v", draw_frames=False, progress=False)
+    assert summary.frames == len(timestamps)
+    assert (summary.warning is not None) == warned, summary.warning
+    if warned:
+        assert f"decoded {len(timestamps)} frame(s)" in summary.warning and str(count) in summary.warning
