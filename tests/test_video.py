@@ -305,3 +305,11 @@ def test_short_video_warning_trusts_timestamps_over_estimated_counts(monkeypatch
     assert (summary.warning is not None) == warned, summary.warning
     if warned:
         assert f"decoded {len(timestamps)} frame(s)" in summary.warning and str(count) in summary.warning
+
+
+def test_write_json_leaves_no_partial_file_on_error(tmp_path):
+    """An interrupted or failed write leaves neither a half-written json nor its .partial file."""
+    target = tmp_path / "images.json"
+    with pytest.raises(TypeError):
+        write_json(target, {"images": [{"id": 0}], "bad": object()})  # orjson cannot encode it
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
