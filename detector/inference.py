@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from detector import storage
 from detector.families import loss_and_detections
 from detector.images import ImageDecodeError, decode_size, load_image, oriented_size, to_rgb_array
 from detector.labels import LabelMap
@@ -139,7 +140,7 @@ class Predictor:
 
     @torch.no_grad()
     def predict_prepared(self, prepared: Sequence[tuple[torch.Tensor, float, tuple[int, int]]]) -> list[Detections]:
-        """Detections for inputs already through ``prepare`` (or ``prepare_file``, e.g. in a
+        """Detections for inputs already through ``prepare`` (or ``decode``, e.g. in a
         DataLoader's workers), in one forward pass: ``predict`` is ``prepare`` then this."""
         out: list[Detections] = []
         if prepared:
@@ -166,8 +167,8 @@ def decode(image: ImageInput, model_size: tuple[int, int] | None = None) -> tupl
     if isinstance(image, (str, Path)):
         try:
             w, h = oriented_size(image)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-            raise ImageDecodeError(f"cannot decode image {image}: {exc}") from None
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise ImageDecodeError(f"cannot decode image {storage.redact(image)}: {exc}") from None  # as load_image
         want = decode_size(w, h, model_size)
         arr, scale, _ = load_image(image, want)
         t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(255)

@@ -96,19 +96,23 @@ def write_json(path: Path, value: RowSpool | dict[str, Any]) -> None:
     """Write a spool as a JSON array, or a dict whose values may be spools, atomically (a
     temporary file renamed into place: an interrupted run leaves no half-written file)."""
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as out:
-        if isinstance(value, RowSpool):
-            value.copy_into(out)
-        else:
-            out.write(b"{")
-            for i, (key, v) in enumerate(value.items()):
-                out.write((b"," if i else b"") + orjson.dumps(key) + b":")
-                if isinstance(v, RowSpool):
-                    v.copy_into(out)
-                else:
-                    out.write(orjson.dumps(v))
-            out.write(b"}")
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as out:
+            if isinstance(value, RowSpool):
+                value.copy_into(out)
+            else:
+                out.write(b"{")
+                for i, (key, v) in enumerate(value.items()):
+                    out.write((b"," if i else b"") + orjson.dumps(key) + b":")
+                    if isinstance(v, RowSpool):
+                        v.copy_into(out)
+                    else:
+                        out.write(orjson.dumps(v))
+                out.write(b"}")
+        tmp.replace(path)
+    except BaseException:  # Ctrl-C, a full disk: no .partial left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # -- folders of images through a DataLoader -------------------------------------------------------

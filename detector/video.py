@@ -174,6 +174,21 @@ class AnnotatedVideoWriter:
             self._writer = None
 
 
+def _ended_early(info: VideoInfo, n_frames: int, last_t: float) -> bool:
+    """Whether the frames decoded stop short of the video's declared length.
+
+    OpenCV's frame count is the container's own where it has one (mp4, mov, avi) and otherwise
+    (mkv, webm) its duration x nominal frame rate, which overcounts a variable frame rate. So
+    fewer frames than that count are a shortfall only when the last one (plus one frame interval)
+    also ends more than half a frame before count / fps: a complete variable-rate file spans it.
+    """
+    if info.frame_count is None or n_frames >= info.frame_count:
+        return False
+    if info.fps <= 0:  # no frame rate, so no estimate: the count is the container's own
+        return True
+    return last_t + 1 / info.fps < (info.frame_count - 0.5) / info.fps
+
+
 @dataclass
 class VideoSummary:
     frames: int
@@ -212,7 +227,7 @@ def infer_video(
     video_path = out / f"{name}.mp4" if draw_frames else None
     writer = AnnotatedVideoWriter(video_path, fps) if video_path is not None else None
     images, annotations = RowSpool(out), RowSpool(out)
-    n_frames = 0
+    n_frames, last_t = 0, 0.0
     size = (info.width, info.height)
     decoded = frames(path, queue_size=2 * predictor.batch_size)  # a generator: starts when iterated
     try:
@@ -225,12 +240,12 @@ def infer_video(
                 annotations.add([{"id": annotations.count + 1 + k, **r} for k, r in enumerate(detection_rows(det, i))])
                 if writer is not None:
                     writer.write(draw(rgb, det, predictor.class_names))
-                n_frames += 1
+                n_frames, last_t = n_frames + 1, t
             bar.update(len(batch))
         if writer is not None:
             writer.close()
         warning = None
-        if info.frame_count is not None and n_frames != info.frame_count:
+        if _ended_early(info, n_frames, last_t):
             warning = f"video {path}: decoded {n_frames} frame(s), its header declares {info.frame_count} (truncated or corrupt?)"
         meta = {"file_name": str(path), "fps": info.fps, "width": size[0], "height": size[1], "frames": n_frames,
                 "declared_frames": info.frame_count, "rotation": info.rotation}  # fmt: skip

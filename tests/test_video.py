@@ -7,16 +7,19 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
+from detector import video
 from detector.inference import Detections, Predictor
-from detector.streaming import RowSpool, detection_rows, draw, write_json
-from detector.video import VideoError, frames, infer_video, probe
+from detector.streaming import ImageFiles, RowSpool, detection_rows, draw, write_json
+from detector.video import VideoError, VideoInfo, frames, infer_video, probe
 
 from .conftest import run_tool_in_process
 
@@ -239,3 +242,74 @@ def test_rows_spool_and_masks_drawn(tmp_path):
     inside[2, :] = inside[7, :] = inside[:, 3] = inside[:, 11] = False  # away from the box outline
     assert (drawn[inside] > 0).any(axis=1).all()  # the mask is filled
     assert (drawn[0, 0] == 0).all()  # outside every box and mask: untouched
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height (its pixel data is not there)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_folder_item_errors_name_the_file_and_never_stop_the_loader(tmp_path):
+    """A header declaring a decompression bomb (PIL raises its own error, not an OSError) and a URL
+    that cannot be read are skipped by name, as any undecodable file is, instead of killing the
+    DataLoader; the URL is named without its query string (signed URLs carry keys there)."""
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(20_000, 20_000))  # 400 M pixels: twice PIL's limit
+    url = "http://127.0.0.1:9/no/such.png?X-Amz-Signature=SECRET"
+    files = ImageFiles([bomb, url], (64, 64), True)
+    index, prepared, message = files[0]
+    assert (index, prepared) == (0, None) and message.startswith(f"cannot decode image {bomb}: ")
+    index, prepared, message = files[1]
+    assert (index, prepared) == (1, None) and "http://127.0.0.1:9/no/such.png" in message
+    assert "SECRET" not in message
+
+
+class _NothingFound:
+    """A Predictor stand-in that finds nothing (the frames' bookkeeping without a model)."""
+
+    batch_size = 3
+    class_names = ["thing"]
+    label_map = SimpleNamespace(category_ids=[1])
+
+    def predict(self, images: list) -> list[Detections]:
+        empty = Detections(boxes=np.zeros((0, 4), np.float32), labels=np.zeros(0, np.int64), names=[],
+                           scores=np.zeros(0, np.float32), category_ids=np.zeros(0, np.int64))  # fmt: skip
+        return [empty for _ in images]
+
+
+@pytest.mark.parametrize(
+    ("fps", "count", "timestamps", "warned"),
+    [
+        # variable frame rate in an .mkv/.webm (no frame count there: OpenCV estimates duration x
+        # nominal fps, 28): the 8 frames span the whole 1.12 s, nothing is missing
+        (25.0, 28, [0, 0.1, 0.15, 0.4, 0.5, 1.0, 1.04, 1.08], False),
+        (7.5, 12, [i / 7.5 for i in range(7)], True),  # cut short: 7 of 12 frames, 0.93 of 1.6 s
+        (7.5, 12, [i / 7.5 for i in range(11)], True),  # only the last frame missing
+        (7.5, 12, [i / 7.5 for i in range(12)], False),
+        (0.0, 12, [0.0] * 5, True),  # no frame rate: the count alone decides
+    ],
+)
+def test_short_video_warning_trusts_timestamps_over_estimated_counts(monkeypatch, tmp_path, fps, count, timestamps,
+                                                                     warned):  # fmt: skip
+    info = VideoInfo(path="v.mkv", fps=fps, width=8, height=6, frame_count=count, rotation=0)
+    decoded = [(i, t, np.zeros((6, 8, 3), np.uint8)) for i, t in enumerate(timestamps)]
+    monkeypatch.setattr(video, "probe", lambda path: info)
+    monkeypatch.setattr(video, "frames", lambda path, queue_size: (d for d in decoded))
+    summary = infer_video(_NothingFound(), "v.mkv", tmp_path, "v", draw_frames=False, progress=False)
+    assert summary.frames == len(timestamps)
+    assert (summary.warning is not None) == warned, summary.warning
+    if warned:
+        assert f"decoded {len(timestamps)} frame(s)" in summary.warning and str(count) in summary.warning
+
+
+def test_write_json_leaves_no_partial_file_on_error(tmp_path):
+    """An interrupted or failed write leaves neither a half-written json nor its .partial file."""
+    target = tmp_path / "images.json"
+    with pytest.raises(TypeError):
+        write_json(target, {"images": [{"id": 0}], "bad": object()})  # orjson cannot encode it
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

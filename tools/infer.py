@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detector import runtime, storage  # noqa: E402
 from detector.inference import Predictor  # noqa: E402
 from detector.streaming import infer_images  # noqa: E402
-from detector.video import VIDEO_EXTS, VideoError, infer_video  # noqa: E402
+from detector.video import VIDEO_EXTS, VideoError, infer_video, is_video  # noqa: E402
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -85,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    is_video = [Path(str(f)).suffix.lower() in VIDEO_EXTS for f in found]
-    remote = [str(storage.redact(f)) for f, v in zip(found, is_video) if v and storage.is_url(f)]
+    video_flags = [is_video(f) for f in found]
+    remote = [str(storage.redact(f)) for f, v in zip(found, video_flags) if v and storage.is_url(f)]
     if remote:
         print(f"error: videos must be local files: {', '.join(remote)}", file=sys.stderr)
         return 2
-    videos = [Path(f) for f, v in zip(found, is_video) if v]
-    files = [f for f, v in zip(found, is_video) if not v]
+    videos = [Path(f) for f, v in zip(found, video_flags) if v]
+    files = [f for f, v in zip(found, video_flags) if not v]
     if not files and not videos:
         print("error: no images or videos found in the inputs", file=sys.stderr)
         return 2
