@@ -225,3 +225,47 @@ def test_check_parity_fails_a_graph_that_drops_each_images_weakest_detection(tra
     assert export.check_parity(model, images, eager, 0.05).ok(BOX_TOL, 1e-4)
     parity = export.check_parity(model, images, lambda img: eager(img, drop=1), 0.05)
     assert parity.detections > 0 and not parity.labels_equal, parity
+
+
+# -- tools/export.py: what the check looks at, and bad input ------------------------------------------
+
+
+def _export_tool():
+    import importlib.util
+
+    from .conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("tool_export_samples", ROOT / "tools" / "export.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_the_aspect_ratio_crops_are_of_a_sample_with_objects(trained_run, tiny_dataset):
+    # the first val image has nothing above 0.15 for the trained tiny model, the second has plenty:
+    # crops of the first would compare nothing at the three aspect ratios, and any graph would pass
+    model, label_map, _ = load_model(trained_run / "best.pt")
+    predictor = Predictor(model, label_map, "cpu", 1)
+    first, second = (str(p) for p in _val_images(tiny_dataset)[:2])
+    images = _export_tool().sample_images([first, second], {}, predictor, score_threshold=0.15)
+    crops = images[2:]
+    assert [tuple(im.shape[1:]) for im in crops] == export.parity_shapes(model)
+    with torch.no_grad():
+        found = [int((model([im])[0]["scores"] >= 0.15).sum()) for im in crops]
+    assert all(n > 0 for n in found), found
+
+
+@pytest.mark.slow
+def test_export_tool_refuses_a_bad_size_or_a_missing_sample_clearly(trained_run, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    with pytest.raises(SystemExit) as exc:
+        run_tool_in_process("export.py", "--checkpoint", trained_run / "best.pt", "--format", "onnx", "--output", out,
+                            "--size", 0, 96)  # fmt: skip
+    assert exc.value.code == 2 and "--size" in capsys.readouterr().err
+    code = run_tool_in_process("export.py", "--checkpoint", trained_run / "best.pt", "--format", "onnx", "--output",
+                               out, "--samples", tmp_path / "missing.jpg")  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "missing.jpg" in err and "Traceback" not in err, err
+    assert not out.exists()  # refused before exporting anything
