@@ -121,11 +121,15 @@ def export_torchscript(model: torch.nn.Module, path: str | Path) -> Path:
     return path
 
 
+def _postprocess_setting(model: torch.nn.Module, name: str) -> float | None:
+    """A setting of the model's detection post-processing (its roi_heads' for the R-CNNs)."""
+    value = getattr(getattr(model, "roi_heads", model), name, None)
+    return float(value) if value is not None else None
+
+
 def score_threshold(model: torch.nn.Module) -> float | None:
     """The score below which the model drops detections (its box_score_thresh)."""
-    heads = getattr(model, "roi_heads", model)
-    value = getattr(heads, "score_thresh", None)
-    return float(value) if value is not None else None
+    return _postprocess_setting(model, "score_thresh")
 
 
 def metadata(label_map: LabelMap, size: tuple[int, int] | None, fmt: str, model: torch.nn.Module,
@@ -180,8 +184,7 @@ def metadata(label_map: LabelMap, size: tuple[int, int] | None, fmt: str, model:
 
 def detections_cap(model: torch.nn.Module) -> int | None:
     """The most detections the model returns for one image (its detections_per_img)."""
-    heads = getattr(model, "roi_heads", model)
-    value = getattr(heads, "detections_per_img", None)
+    value = _postprocess_setting(model, "detections_per_img")
     return int(value) if value is not None else None
 
 
