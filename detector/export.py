@@ -121,11 +121,15 @@ def export_torchscript(model: torch.nn.Module, path: str | Path) -> Path:
     return path
 
 
+def _postprocess_setting(model: torch.nn.Module, name: str) -> float | None:
+    """A setting of the model's detection post-processing (its roi_heads' for the R-CNNs)."""
+    value = getattr(getattr(model, "roi_heads", model), name, None)
+    return float(value) if value is not None else None
+
+
 def score_threshold(model: torch.nn.Module) -> float | None:
     """The score below which the model drops detections (its box_score_thresh)."""
-    heads = getattr(model, "roi_heads", model)
-    value = getattr(heads, "score_thresh", None)
-    return float(value) if value is not None else None
+    return _postprocess_setting(model, "score_thresh")
 
 
 def metadata(label_map: LabelMap, size: tuple[int, int] | None, fmt: str, model: torch.nn.Module,
@@ -178,20 +182,32 @@ def metadata(label_map: LabelMap, size: tuple[int, int] | None, fmt: str, model:
     }
 
 
+def detections_cap(model: torch.nn.Module) -> int | None:
+    """The most detections the model returns for one image (its detections_per_img)."""
+    value = _postprocess_setting(model, "detections_per_img")
+    return int(value) if value is not None else None
+
+
 def _match(eager: dict[str, np.ndarray], other: tuple[np.ndarray, np.ndarray, np.ndarray], thresh: float,
-           margin: float = 1e-3):  # fmt: skip
+           margin: float = 1e-3, cap: int | None = None):  # fmt: skip
     """Pair each eager detection at or above ``thresh`` with an exported one of the same label
     (the closest box); the order of near-equal scores may differ between runtimes, so pairs are
     found by label and box, not by position. Detections within ``margin`` of the threshold may
     be missing on either side (a score of 0.3001 vs 0.2999 is no disagreement).
+
+    Args:
+        cap: the model's detections per image (``detections_cap``): where the eager list has that
+            many, the lowest score it kept acts as the threshold too (None: no cap).
 
     Returns:
         (every detection paired, max box difference px, max score difference, eager count).
     """
     boxes_o, labels_o, scores_o = (np.asarray(a) for a in other)
     # Where the model's detections-per-image cap cut the list, the cut falls among near-equal
-    # scores too: below the lowest score it kept, either side may have kept another one.
-    floor = max(thresh, float(eager["scores"].min()) if len(eager["scores"]) else thresh)
+    # scores too: below the lowest score it kept, either side may have kept another one. Only
+    # there: a list the cap did not cut is complete, and its weakest detection must be paired.
+    capped = cap is not None and len(eager["scores"]) >= cap > 0
+    floor = max(thresh, float(eager["scores"].min())) if capped else thresh
     keep_e = eager["scores"] >= thresh
     be, le, se = eager["boxes"][keep_e], eager["labels"][keep_e], eager["scores"][keep_e]
     free = np.flatnonzero(scores_o >= thresh - margin)
@@ -225,11 +241,12 @@ def check_parity(
         score_threshold: detections below it are not compared (near-ties there can flip).
     """
     labels_ok, box_diff, score_diff, count = True, 0.0, 0.0, 0
+    cap = detections_cap(model)
     with torch.no_grad():
         for img in images:
             det = model([img])[0]
             eager = {k: v.numpy() for k, v in det.items()}
-            same, bd, sd, n = _match(eager, run_exported(img), score_threshold)
+            same, bd, sd, n = _match(eager, run_exported(img), score_threshold, cap=cap)
             labels_ok &= same
             box_diff, score_diff, count = max(box_diff, bd), max(score_diff, sd), count + n
     return Parity(len(images), count, labels_ok, box_diff, score_diff)

@@ -65,10 +65,12 @@ def exif_rotated_jpeg(src: Path, dst: Path, upscale: int = 3) -> tuple[int, int]
     return im.size
 
 
-def _pairs(a: Detections, b: Detections, thresh: float) -> tuple[bool, float, int, list[tuple[int, int]]]:
+def _pairs(
+    a: Detections, b: Detections, thresh: float, cap: int | None
+) -> tuple[bool, float, int, list[tuple[int, int]]]:
     """export._match on two Detections, and the (i, j) pairs of the same label and closest box."""
     ok, box_diff, _, n = export._match({"boxes": a.boxes, "labels": a.labels, "scores": a.scores},
-                                       (b.boxes, b.labels, b.scores), thresh)  # fmt: skip
+                                       (b.boxes, b.labels, b.scores), thresh, cap=cap)  # fmt: skip
     pairs = []
     for i in np.flatnonzero(a.scores >= thresh):
         cand = [j for j in range(len(b)) if b.labels[j] == a.labels[i]]
@@ -87,11 +89,13 @@ def exported_like_predictor(onnx_path: Path, checkpoint: Path, inputs: list, thr
     # one image per forward, as the graph runs: a batch of mixed sizes is padded to its largest,
     # which changes what the RPN's top-n proposals are chosen from
     with one_thread():
-        eager = Predictor.from_checkpoint(checkpoint, device="cpu", batch_size=1).predict(inputs)
+        predictor = Predictor.from_checkpoint(checkpoint, device="cpu", batch_size=1)
+        eager = predictor.predict(inputs)
         exported = ExportedPredictor.from_onnx(onnx_path, threads=1).predict(inputs)
     compared, worst, min_iou = 0, 0.0, 1.0
+    cap = export.detections_cap(predictor.model)
     for k, (a, b) in enumerate(zip(eager, exported, strict=True)):
-        ok, box_diff, n, pairs = _pairs(a, b, thresh)
+        ok, box_diff, n, pairs = _pairs(a, b, thresh, cap)
         assert ok and box_diff <= BOX_TOL, (k, box_diff, a.boxes[:3], b.boxes[:3])
         compared, worst = compared + n, max(worst, box_diff)
         assert (a.masks is None) == (b.masks is None)
@@ -184,3 +188,84 @@ def test_metadata_of_a_fixed_size_export_is_refused(tmp_path):
         read_metadata(tmp_path / "m.onnx")
     with pytest.raises(FileNotFoundError, match="no metadata"):
         read_metadata(tmp_path / "other.onnx")
+
+
+# -- the parity check itself: a wrong graph must not pass ------------------------------------------
+
+
+def _dets(boxes: list[list[float]], labels: list[int], scores: list[float]):
+    return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64), np.asarray(scores, np.float32))
+
+
+def test_parity_pairing_excuses_a_missing_detection_only_where_the_models_cap_cut_the_list():
+    b, lab, s = _dets([[10, 10, 50, 50]], [1], [0.9])
+    eager = {"boxes": b, "labels": lab, "scores": s}
+    empty, extra = _dets([], [], []), _dets([[10, 10, 50, 50], [60, 60, 90, 90]], [1, 2], [0.9, 0.5])
+    # one confident detection: a graph that returns nothing, or something eager does not find, fails
+    assert not export._match(eager, empty, 0.3, cap=100)[0]
+    assert not export._match(eager, extra, 0.3, cap=100)[0]
+    assert export._match(eager, (b, lab, s), 0.3, cap=100)[0]
+    # the list at the cap (here 1): below its lowest score either side may have kept another one
+    assert export._match(eager, extra, 0.3, cap=1)[0]
+
+
+@pytest.mark.slow
+def test_check_parity_fails_a_graph_that_drops_each_images_weakest_detection(trained_run, tiny_dataset):
+    # every detection the model returns is above the compared threshold (as for a confident model
+    # on sparse images): none of them is a near-tie at the threshold or at the model's cap
+    model, _, _ = load_model(trained_run / "best.pt", box_score_thresh=0.1)
+    images = shaped_images(_val_images(tiny_dataset)[2])[:3]
+
+    def eager(img: torch.Tensor, drop: int = 0):
+        with torch.no_grad():
+            d = model([img])[0]
+        n = len(d["scores"]) - drop
+        return d["boxes"][:n].numpy(), d["labels"][:n].numpy(), d["scores"][:n].numpy()
+
+    assert export.check_parity(model, images, eager, 0.05).ok(BOX_TOL, 1e-4)
+    parity = export.check_parity(model, images, lambda img: eager(img, drop=1), 0.05)
+    assert parity.detections > 0 and not parity.labels_equal, parity
+
+
+# -- tools/export.py: what the check looks at, and bad input ------------------------------------------
+
+
+def _export_tool():
+    import importlib.util
+
+    from .conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("tool_export_samples", ROOT / "tools" / "export.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_the_aspect_ratio_crops_are_of_a_sample_with_objects(trained_run, tiny_dataset):
+    # the first val image has nothing above 0.15 for the trained tiny model, the second has plenty:
+    # crops of the first would compare nothing at the three aspect ratios, and any graph would pass
+    model, label_map, _ = load_model(trained_run / "best.pt")
+    predictor = Predictor(model, label_map, "cpu", 1)
+    first, second = (str(p) for p in _val_images(tiny_dataset)[:2])
+    images = _export_tool().sample_images([first, second], {}, predictor, score_threshold=0.15)
+    crops = images[2:]
+    assert [tuple(im.shape[1:]) for im in crops] == export.parity_shapes(model)
+    with torch.no_grad():
+        found = [int((model([im])[0]["scores"] >= 0.15).sum()) for im in crops]
+    assert all(n > 0 for n in found), found
+
+
+@pytest.mark.slow
+def test_export_tool_refuses_a_bad_size_or_a_missing_sample_clearly(trained_run, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    with pytest.raises(SystemExit) as exc:
+        run_tool_in_process("export.py", "--checkpoint", trained_run / "best.pt", "--format", "onnx", "--output", out,
+                            "--size", 0, 96)  # fmt: skip
+    assert exc.value.code == 2 and "--size" in capsys.readouterr().err
+    code = run_tool_in_process("export.py", "--checkpoint", trained_run / "best.pt", "--format", "onnx", "--output",
+                               out, "--samples", tmp_path / "missing.jpg")  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "missing.jpg" in err and "Traceback" not in err, err
+    assert not out.exists()  # refused before exporting anything

@@ -7,10 +7,10 @@ inside) and return boxes in that image's pixels; --size H W only sets the exampl
 graph is traced with. A metadata file FILE.json is written beside the model (class names,
 the decoding steps before the graph and their inverse after it, normalisation);
 detector.deploy.ExportedPredictor runs the model on files like the Predictor. The check runs
-both models on the sample images at their own sizes and on crops of them at three aspect ratios
-(portrait 3:4, 4:3, 16:9) and two sizes, and fails (exit 1) when labels differ or boxes differ
-by more than --box-tolerance pixels (a Mask R-CNN's graph includes the mask head: its masks must
-overlap eager PyTorch's by at least --mask-iou IoU).
+both models on the sample images at their own sizes and on crops of the one with the most
+detections at three aspect ratios (portrait 3:4, 4:3, 16:9) and two sizes, and fails (exit 1)
+when labels differ or boxes differ by more than --box-tolerance pixels (a Mask R-CNN's graph
+includes the mask head: its masks must overlap eager PyTorch's by at least --mask-iou IoU).
 """
 
 from __future__ import annotations
@@ -25,13 +25,18 @@ import torch  # noqa: E402
 
 from detector import export, runtime  # noqa: E402
 from detector.families import family_of_model  # noqa: E402
+from detector.images import ImageDecodeError  # noqa: E402
 from detector.inference import Predictor, load_model  # noqa: E402
 
 
-def sample_images(paths: list[str], checkpoint_cfg: dict, predictor: Predictor) -> list[torch.Tensor]:
+def sample_images(
+    paths: list[str], checkpoint_cfg: dict, predictor: Predictor, score_threshold: float = 0.3
+) -> list[torch.Tensor]:
     """Sample images at their own sizes (given files, else the training run's val images, decoded
-    as the Predictor and training decode them), then crops of the first one at the sizes and
-    aspect ratios of ``export.parity_shapes``: a graph that only works at one size cannot pass."""
+    as the Predictor and training decode them), then crops at the sizes and aspect ratios of
+    ``export.parity_shapes`` of the sample where eager PyTorch finds the most detections at or
+    above ``score_threshold`` (crops of an empty one would compare nothing): a graph that only
+    works at one size cannot pass."""
     if not paths:
         val = checkpoint_cfg.get("data", {}).get("val", {})
         root = Path(val.get("images") or "")
@@ -42,7 +47,10 @@ def sample_images(paths: list[str], checkpoint_cfg: dict, predictor: Predictor) 
     images = [predictor.prepare(p)[0] for p in paths]
     if not images:  # nothing to look at: noise still checks that the graphs compute the same thing
         images = [torch.rand(3, 320, 320, generator=torch.Generator().manual_seed(0))]
-    return images + [export.reshaped(images[0], s) for s in export.parity_shapes(predictor.model)]
+    with torch.no_grad():
+        found = [int((predictor.model([im])[0]["scores"] >= score_threshold).sum()) for im in images]
+    source = images[max(range(len(images)), key=found.__getitem__)]  # the first of the most
+    return images + [export.reshaped(source, s) for s in export.parity_shapes(predictor.model)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,17 +71,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--score-tolerance", type=float, default=1e-3, help="max score difference")
     ap.add_argument("--mask-iou", type=float, default=0.95, help="Mask R-CNN: min IoU of exported vs eager masks")
     args = ap.parse_args(argv)
+    if args.size and min(args.size) < 1:
+        ap.error(f"--size takes a positive height and width, got {args.size[0]} {args.size[1]}")
 
     model, label_map, meta = load_model(args.checkpoint)
+    draft = bool(meta.get("config", {}).get("data", {}).get("draft_decode", True))
+    predictor = Predictor(model, label_map, "cpu", 1, draft)
+    try:  # before exporting: a missing or broken sample is the user's to fix
+        images = sample_images(args.samples, meta.get("config", {}), predictor, args.score_threshold)
+    except ImageDecodeError as exc:
+        print(f"error: {exc}; pass --samples with readable images", file=sys.stderr)
+        return 2
     if args.format == "onnx":
         path = export.export_onnx(model, args.output, tuple(args.size) if args.size else None)
         runner = export.onnx_runner(path)
     else:
         path = export.export_torchscript(model, args.output)
         runner = export.torchscript_runner(path)
-    draft = bool(meta.get("config", {}).get("data", {}).get("draft_decode", True))
     info = export.metadata(label_map, None, args.format, model, draft)
-    images = sample_images(args.samples, meta.get("config", {}), Predictor(model, label_map, "cpu", 1, draft))
     parity = export.check_parity(model, images, runner, args.score_threshold)
     info["parity"] = {
         **parity.__dict__,
