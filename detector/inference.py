@@ -14,6 +14,7 @@ from detector.families import loss_and_detections
 from detector.images import ImageDecodeError, decode_size, load_image, oriented_size, to_rgb_array
 from detector.labels import LabelMap
 from detector.models import model_input_size
+from detector.slicing import SliceSpec
 from detector.weights import load_model
 
 __all__ = ["Detections", "Predictor", "load_model"]
@@ -60,6 +61,7 @@ class Predictor:
         device: str | torch.device = "cpu",
         batch_size: int = 4,
         draft_decode: bool = True,
+        slicing: SliceSpec | None = None,
     ) -> None:
         """Args:
         model: a detector in eval mode.
@@ -68,12 +70,15 @@ class Predictor:
         batch_size: images per forward pass.
         draft_decode: decode image files larger than the model's input at reduced scale, as
             training and evaluation did (data.draft_decode of the training run).
+        slicing: detect by overlapping tiles of the full-resolution image, batch_size tiles per
+            forward pass, merged with a full-image pass (detector.slicing); None: whole images.
         """
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.label_map = label_map
         self.batch_size = batch_size
         self.draft_decode = draft_decode
+        self.slicing = slicing
 
     @classmethod
     def from_checkpoint(
@@ -82,13 +87,14 @@ class Predictor:
         device: str | torch.device | None = None,
         score_threshold: float | None = None,
         batch_size: int = 4,
+        slicing: SliceSpec | None = None,
     ) -> Predictor:
         """Load best.pt (or last.pt); device defaults to CUDA when there is one."""
         overrides = {"box_score_thresh": score_threshold} if score_threshold is not None else {}
         model, label_map, meta = load_model(path, **overrides)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         draft = bool(meta.get("config", {}).get("data", {}).get("draft_decode", True))
-        return cls(model, label_map, device, batch_size, draft)
+        return cls(model, label_map, device, batch_size, draft, slicing)
 
     @property
     def class_names(self) -> list[str]:
@@ -146,6 +152,10 @@ class Predictor:
             isinstance(images, torch.Tensor) and images.ndim == 4
         ):
             images = [images]
+        if self.slicing is not None:
+            from detector.slicing import predict_sliced
+
+            return predict_sliced(self, list(images))
         out: list[Detections] = []
         for batch in _chunks(list(images), self.batch_size):
             prepared = [self.prepare(im) for im in batch]

@@ -1,6 +1,7 @@
 """Detect objects in images with a trained checkpoint.
 
     python tools/infer.py --checkpoint best.pt [--score-threshold T] [--output DIR] INPUT...
+    python tools/infer.py --checkpoint best.pt --slice 640 --overlap 0.2 [--no-full-pass] INPUT...
 
 INPUT may be image files, folders (searched recursively) or glob patterns. Writes to DIR the
 images with boxes, class names and scores drawn (and a Mask R-CNN's masks), and results.json:
@@ -26,6 +27,7 @@ from detector import runtime, storage  # noqa: E402
 from detector.images import ImageDecodeError, load_image, oriented_size  # noqa: E402
 from detector.inference import Predictor  # noqa: E402
 from detector.plots import draw_detections  # noqa: E402
+from detector.slicing import add_slice_args, slice_spec  # noqa: E402
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--no-draw", action="store_true", help="only write results.json")
+    add_slice_args(ap)
     args = ap.parse_args(argv)
 
     try:
@@ -74,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print("error: no images found in the inputs", file=sys.stderr)
         return 2
-    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.score_threshold, args.batch_size)
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, args.device, args.score_threshold, args.batch_size, slice_spec(ap, args)
+    )
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     results, images, failed = [], [], []
