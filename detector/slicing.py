@@ -76,6 +76,18 @@ class SliceSpec:
         return round(self.size * self.overlap)
 
 
+def _sv() -> Any:
+    """supervision, or an error saying how to get it (it is the ``slicing`` extra)."""
+    try:
+        import supervision
+    except ImportError:
+        raise RuntimeError(
+            "sliced inference (--slice, Predictor(slicing=...)) and data.tile need the supervision package: "
+            "pip install 'supervision>=0.31' (or pip install -e '.[slicing]')"
+        ) from None
+    return supervision
+
+
 def tile_grid(width: int, height: int, size: int, overlap: float) -> np.ndarray:
     """The tiles covering a width x height image: int64 (n, 4) xyxy, row by row.
 
@@ -83,10 +95,10 @@ def tile_grid(width: int, height: int, size: int, overlap: float) -> np.ndarray:
     the same): tiles step by ``size - overlap`` and the last one in a row or column is moved back
     to end at the image's edge, so every tile is size x size unless the image is smaller.
     """
-    from supervision.detection.tools.inference_slicer import InferenceSlicer
-
+    sv = _sv()
     ov = round(size * overlap)
-    grid = InferenceSlicer._generate_offset((int(width), int(height)), (size, size), (ov, ov))
+    # InferenceSlicer's own grid function (a static method): the tiles it slices at inference
+    grid = sv.InferenceSlicer._generate_offset((int(width), int(height)), (size, size), (ov, ov))
     return np.asarray(grid, dtype=np.int64).reshape(-1, 4)
 
 
@@ -169,8 +181,7 @@ def detect_sliced(
         ``boxes`` float32 (n, 4) xyxy in the image's pixels, ``labels`` int64, ``scores`` float32
         (tensors on the CPU); for a Mask R-CNN ``masks``, a CompactProbabilities (n, 1, H, W).
     """
-    import supervision as sv
-
+    sv = _sv()
     h, w = int(image.shape[-2]), int(image.shape[-1])
     device = image.device
     hwc = image.detach().cpu().permute(1, 2, 0).numpy()  # a view: supervision crops numpy arrays

@@ -134,7 +134,10 @@ def test_predictor_slices_full_resolution_files_and_pastes_masks(tmp_path):
     from detector.labels import LabelMap
     from detector.models import build_model
 
-    cfg = config.load(TINY.parent / "tiny_mask.yaml", ["data.synthetic.enabled=true", "model.box_score_thresh=0.0", "model.box_detections_per_img=5"])
+    cfg = config.load(
+        TINY.parent / "tiny_mask.yaml",
+        ["data.synthetic.enabled=true", "model.box_score_thresh=0.0", "model.box_detections_per_img=5"],
+    )
     torch.manual_seed(0)
     model = build_model(cfg.model, 2, ["a", "b"], lambda m: None).eval()
     arr = (np.random.default_rng(0).random((200, 320, 3)) * 255).astype(np.uint8)
