@@ -114,8 +114,8 @@ class CompactProbabilities:
         return self.shape[0]
 
     def __getitem__(self, index: slice) -> torch.Tensor:
-        part = self.compact[index] if len(self.compact[index]) else None
-        if part is None:
+        part = self.compact[index]
+        if not len(part):
             return torch.zeros((0, *self.shape[1:]))
         return torch.from_numpy(part.to_dense()[:, None]).float()
 
