@@ -56,6 +56,16 @@ class BboxConfig:
 
 
 @dataclass(frozen=True)
+class TileConfig:
+    """Train on overlapping size x size crops of the full-resolution images (detector/data/tiles.py),
+    so small objects in large images are seen at their real pixel size; null size: whole images."""
+
+    size: int | None = None
+    overlap: float = 0.2  # a fraction of size
+    min_visibility: float = 0.3  # a box cut by a tile's edge to less than this fraction of itself is dropped (counted)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig = field(default_factory=SplitConfig)
@@ -79,6 +89,7 @@ class DataConfig:
     augment: list[Any] = field(default_factory=_default_train_augment)  # train pipeline
     val_augment: list[Any] = field(default_factory=list)
     bbox: BboxConfig = field(default_factory=BboxConfig)
+    tile: TileConfig = field(default_factory=TileConfig)
 
 
 @dataclass(frozen=True)
@@ -288,6 +299,9 @@ def validate(cfg: Config) -> None:
     """Checks that types alone cannot express; raises ConfigError naming the key."""
     checks = [
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.data.tile.size is None or cfg.data.tile.size >= 16, "data.tile.size must be >= 16 px (or null: off)"),
+        (0 <= cfg.data.tile.overlap < 1, "data.tile.overlap must be in [0, 1)"),
+        (0 <= cfg.data.tile.min_visibility <= 1, "data.tile.min_visibility must be in [0, 1]"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),

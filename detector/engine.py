@@ -335,6 +335,7 @@ def evaluate(
     backend: str = "pycocotools",
     seed: int = 0,
     progress: Any = None,
+    detect: Callable[[nn.Module, list[torch.Tensor]], list[dict[str, Any]]] | None = None,
 ) -> tuple[dict[str, float], CocoResult, list[dict[str, Any]]]:
     """Validation loss and COCOeval metrics, identical for any number of processes.
 
@@ -349,6 +350,8 @@ def evaluate(
         seed: seeds the loss's anchor/proposal sampling per batch (reproducible, and the
             training RNG stream is left untouched).
         progress: optional tqdm bar.
+        detect: makes the detections instead of the model's own pass, e.g. sliced inference
+            (detector.slicing); then there is no val loss (val/loss is NaN).
 
     Returns:
         (metrics, coco_result, results): val/loss (+ parts), val/<stat> and val/AP/<class>;
@@ -364,7 +367,10 @@ def evaluate(
         if data_error is not None:
             break
         imgs, tgts = to_device(images, targets, accelerator.device)
-        if imgs:
+        if imgs and detect is not None:
+            losses, dets = {}, detect(net, imgs)
+            rows = detections_to_coco(dets, targets, label_map)
+        elif imgs:
             with seeded(seed * 1_000_003 + batch_id, accelerator.device):
                 losses, dets = loss_and_detections(net, imgs, tgts, accelerator.autocast)
             rows = detections_to_coco(dets, targets, label_map)

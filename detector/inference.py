@@ -15,6 +15,7 @@ from detector.families import loss_and_detections
 from detector.images import ImageDecodeError, decode_size, load_image, oriented_size, to_rgb_array
 from detector.labels import LabelMap
 from detector.models import model_input_size
+from detector.slicing import SliceSpec
 from detector.weights import load_model
 
 __all__ = ["Detections", "Predictor", "decode", "load_model", "to_detections"]
@@ -61,6 +62,7 @@ class Predictor:
         device: str | torch.device = "cpu",
         batch_size: int = 4,
         draft_decode: bool = True,
+        slicing: SliceSpec | None = None,
     ) -> None:
         """Args:
         model: a detector in eval mode.
@@ -69,12 +71,15 @@ class Predictor:
         batch_size: images per forward pass.
         draft_decode: decode image files larger than the model's input at reduced scale, as
             training and evaluation did (data.draft_decode of the training run).
+        slicing: detect by overlapping tiles of the full-resolution image, batch_size tiles per
+            forward pass, merged with a full-image pass (detector.slicing); None: whole images.
         """
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.label_map = label_map
         self.batch_size = batch_size
         self.draft_decode = draft_decode
+        self.slicing = slicing
 
     @classmethod
     def from_checkpoint(
@@ -83,13 +88,14 @@ class Predictor:
         device: str | torch.device | None = None,
         score_threshold: float | None = None,
         batch_size: int = 4,
+        slicing: SliceSpec | None = None,
     ) -> Predictor:
         """Load best.pt (or last.pt); device defaults to CUDA when there is one."""
         overrides = {"box_score_thresh": score_threshold} if score_threshold is not None else {}
         model, label_map, meta = load_model(path, **overrides)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         draft = bool(meta.get("config", {}).get("data", {}).get("draft_decode", True))
-        return cls(model, label_map, device, batch_size, draft)
+        return cls(model, label_map, device, batch_size, draft, slicing)
 
     @property
     def class_names(self) -> list[str]:
@@ -120,7 +126,14 @@ class Predictor:
     def prepare(self, image: ImageInput) -> tuple[torch.Tensor, float, tuple[int, int]]:
         """An input as the model sees it: (float (3, H, W) in [0, 1], content scale, full (w, h))
         (see ``decode``)."""
-        return decode(image, model_input_size(self.model) if self.draft_decode else None)
+        return decode(image, self.decode_model_size)
+
+    @property
+    def decode_model_size(self) -> tuple[int, int] | None:
+        """The model input size that image files may be decoded down to (``decode``'s
+        ``model_size``); None for full resolution: draft decoding off, or sliced inference (tiles
+        are cut from the full-resolution image)."""
+        return model_input_size(self.model) if self.draft_decode and self.slicing is None else None
 
     @torch.no_grad()
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> list[Detections]:
@@ -141,7 +154,12 @@ class Predictor:
     @torch.no_grad()
     def predict_prepared(self, prepared: Sequence[tuple[torch.Tensor, float, tuple[int, int]]]) -> list[Detections]:
         """Detections for inputs already through ``prepare`` (or ``decode``, e.g. in a
-        DataLoader's workers), in one forward pass: ``predict`` is ``prepare`` then this."""
+        DataLoader's workers), in one forward pass: ``predict`` is ``prepare`` then this. With
+        ``slicing`` set, each image is detected by tiles instead (``detector.slicing``)."""
+        if self.slicing is not None:
+            from detector.slicing import predict_sliced
+
+            return predict_sliced(self, prepared)
         out: list[Detections] = []
         if prepared:
             tensors = [t.to(self.device) for t, _, _ in prepared]

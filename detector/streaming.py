@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from detector.images import ImageDecodeError, load_image
 from detector.inference import Detections, Predictor, decode
-from detector.models import model_input_size
 from detector.plots import draw_detections
 
 Prepared = tuple[torch.Tensor, float, tuple[int, int]]
@@ -125,17 +124,17 @@ class ImageFiles(Dataset):
     ``(index, None, message naming the file)`` for the main process to report and skip.
     """
 
-    def __init__(self, files: Sequence[str | Path], model_size: tuple[int, int] | None, draft_decode: bool) -> None:
+    def __init__(self, files: Sequence[str | Path], model_size: tuple[int, int] | None) -> None:
+        """``model_size``: ``decode``'s (``Predictor.decode_model_size``; None: full resolution)."""
         self.files = list(files)
         self.model_size = model_size
-        self.draft_decode = draft_decode
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[int, Prepared | None, str | None]:
         try:
-            return i, decode(self.files[i], self.model_size if self.draft_decode else None), None
+            return i, decode(self.files[i], self.model_size), None
         except ImageDecodeError as exc:
             return i, None, str(exc)
 
@@ -147,7 +146,7 @@ def _as_list(batch: list) -> list:
 def image_loader(files: Sequence[str | Path], predictor: Predictor, workers: int = 0) -> DataLoader:
     """Batches of ``predictor.batch_size`` files in order, decoded by ``workers`` processes
     (0: in this process); at most 2 batches per worker are decoded ahead."""
-    dataset = ImageFiles(files, model_input_size(predictor.model), predictor.draft_decode)
+    dataset = ImageFiles(files, predictor.decode_model_size)
     return DataLoader(dataset, batch_size=predictor.batch_size, shuffle=False, num_workers=workers,
                       collate_fn=_as_list, prefetch_factor=2 if workers else None)  # fmt: skip
 

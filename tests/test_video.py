@@ -261,7 +261,7 @@ def test_folder_item_errors_name_the_file_and_never_stop_the_loader(tmp_path):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_png_header(20_000, 20_000))  # 400 M pixels: twice PIL's limit
     url = "http://127.0.0.1:9/no/such.png?X-Amz-Signature=SECRET"
-    files = ImageFiles([bomb, url], (64, 64), True)
+    files = ImageFiles([bomb, url], (64, 64))
     index, prepared, message = files[0]
     assert (index, prepared) == (0, None) and message.startswith(f"cannot decode image {bomb}: ")
     index, prepared, message = files[1]

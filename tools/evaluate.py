@@ -1,6 +1,7 @@
 """Evaluate a checkpoint on a COCO dataset, or score an existing COCO results file.
 
     accelerate launch tools/evaluate.py --checkpoint best.pt --annotations A --images I [--batch-size N] [--output metrics.json]
+    accelerate launch tools/evaluate.py --checkpoint best.pt ... --slice 640 --overlap 0.2 [--no-full-pass]
     python tools/evaluate.py --predictions results.json --annotations A [--images I] [--output metrics.json]
 
 Prints the 12 COCO stats and a per-class AP table (and the segm ones for a Mask R-CNN checkpoint or
@@ -27,6 +28,7 @@ from detector.data import check_files  # noqa: E402
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError, read_json  # noqa: E402
 from detector.evaluation import CocoResult, evaluate_coco, flat_metrics  # noqa: E402
 from detector.segm import segm_metrics  # noqa: E402
+from detector.slicing import add_slice_args, slice_spec, sliced_detect  # noqa: E402
 
 
 def report(result: CocoResult) -> str:
@@ -92,7 +94,7 @@ def evaluate_checkpoint(args) -> dict | None:
         accelerator.print(f"warning: {problem}")
     accelerator.print(index.summary())
     coco_gt = index.to_coco_gt()
-    draft = bool(meta.get("config", {}).get("data", {}).get("draft_decode", True))
+    draft = bool(meta.get("config", {}).get("data", {}).get("draft_decode", True)) and args.slicing is None
     ds = CocoDetection(index, args.images, None, model_input_size(model) if draft else None, args.on_corrupt_image)
     sampler = EvalBatchSampler(
         index.aspect_ratios(), args.batch_size, accelerator.num_processes, accelerator.process_index
@@ -110,6 +112,7 @@ def evaluate_checkpoint(args) -> dict | None:
         backend=args.backend,
         seed=int(meta.get("config", {}).get("train", {}).get("seed", 0)),  # the loss's sampling, as in training
         progress=bar,
+        detect=sliced_detect(args.slicing, args.batch_size, accelerator.autocast) if args.slicing else None,
     )
     bar.close()
     accelerator.wait_for_everyone()
@@ -120,7 +123,8 @@ def evaluate_checkpoint(args) -> dict | None:
     if masks:
         print("segm (masks):\n" + "\n".join(f"{k[len('val/segm/'):]:>11}: {v:.4f}" for k, v in metrics.items()
                                             if k.startswith("val/segm/") and "/AP/" not in k))  # fmt: skip
-    print(f"{'val loss':>11}: {metrics['val/loss']:.6f}")
+    if args.slicing is None:  # sliced detection makes no loss
+        print(f"{'val loss':>11}: {metrics['val/loss']:.6f}")
     if args.results:  # in the annotation file's own category ids
         back = {t: c for c, t in index.category_remap.items()}
         own = [{**r, "category_id": back.get(r["category_id"], r["category_id"])} for r in rows]
@@ -152,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gallery", type=int, default=8, help="images per gallery of worst images (0: none)")
     ap.add_argument("--wandb", action="store_true", help="log the stats to the W&B run that trained the checkpoint")
     ap.add_argument("--wandb-prefix", default="test", help="the stats' W&B names: PREFIX/mAP... (default: test)")
+    add_slice_args(ap)
     args = ap.parse_args(argv)
+    args.slicing = slice_spec(ap, args)
+    if args.slicing is not None and args.predictions:
+        ap.error("--slice applies to --checkpoint (a results file is scored as it is)")
     if not 0 < args.confusion_iou <= 1:
         ap.error(f"--confusion-iou {args.confusion_iou} is not in (0, 1]")
     args.wandb_prefix = args.wandb_prefix.strip("/")

@@ -1,6 +1,7 @@
 """Detect objects in images and videos with a trained checkpoint.
 
     python tools/infer.py --checkpoint best.pt [--score-threshold T] [--output DIR] [--workers N] INPUT...
+    python tools/infer.py --checkpoint best.pt --slice 640 --overlap 0.2 [--no-full-pass] INPUT...
 
 INPUT may be image or video files (.mp4 .avi .mov .mkv .webm), folders (searched recursively for
 both) or glob patterns; images may also be URLs. Writes to DIR:
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector import runtime, storage  # noqa: E402
 from detector.inference import Predictor  # noqa: E402
+from detector.slicing import add_slice_args, slice_spec  # noqa: E402
 from detector.streaming import infer_images  # noqa: E402
 from detector.video import VIDEO_EXTS, VideoError, infer_video, is_video  # noqa: E402
 
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=0, help="processes decoding images (0: in this one)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--no-draw", action="store_true", help="only write the json files (no drawn images or videos)")
+    add_slice_args(ap)
     args = ap.parse_args(argv)
 
     try:
@@ -95,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     if not files and not videos:
         print("error: no images or videos found in the inputs", file=sys.stderr)
         return 2
-    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.score_threshold, args.batch_size)
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, args.device, args.score_threshold, args.batch_size, slice_spec(ap, args)
+    )
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []

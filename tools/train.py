@@ -45,9 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     model = build_model(cfg.model, label_map.num_classes, list(label_map.names), log)
     train_ds, val_ds = data.build_datasets(splits, cfg.data, model_input_size(model))
+    ratios = splits.train.aspect_ratios()
+    if cfg.data.tile.size:  # the training items are tiles (data/tiles.py)
+        log(train_ds.summary())  # type: ignore[attr-defined]
+        ratios = train_ds.aspect_ratios()  # type: ignore[attr-defined]
     world, rank = accelerator.num_processes, accelerator.process_index
     train_sampler = TrainBatchSampler(
-        splits.train.aspect_ratios(), cfg.train.batch_size, cfg.train.seed, world, rank, cfg.data.aspect_ratio_grouping
+        ratios, cfg.train.batch_size, cfg.train.seed, world, rank, cfg.data.aspect_ratio_grouping
     )
     val_sampler = EvalBatchSampler(splits.val.aspect_ratios(), cfg.eval.batch_size, world, rank)
     train_loader = build_loader(train_ds, train_sampler, cfg.data.num_workers, cfg.train.seed)

@@ -136,6 +136,14 @@ def build_datasets(
     train_tf = build_transform(cfg.augment, cfg.bbox, "data.augment")
     val_tf = build_transform(cfg.val_augment, cfg.bbox, "data.val_augment") if cfg.val_augment else None
     size = model_size if cfg.draft_decode else None
+    if cfg.tile.size:  # overlapping full-resolution crops (data/tiles.py); validation keeps whole images
+        from detector.data.tiles import TiledDataset
+
+        t = cfg.tile
+        tiled = TiledDataset(
+            splits.train, splits.train_root, train_tf, t.size, t.overlap, t.min_visibility, cfg.on_corrupt_image
+        )
+        return tiled, CocoDetection(splits.val, splits.val_root, val_tf, size, cfg.on_corrupt_image)  # type: ignore[return-value]
     return (
         CocoDetection(splits.train, splits.train_root, train_tf, size, cfg.on_corrupt_image),
         CocoDetection(splits.val, splits.val_root, val_tf, size, cfg.on_corrupt_image),

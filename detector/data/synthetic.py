@@ -75,7 +75,16 @@ def _iou(a: list[float], b: list[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _make_split(root: Path, split: str, n: int, seed: int, masks: bool = True) -> Path:
+def _make_split(
+    root: Path,
+    split: str,
+    n: int,
+    seed: int,
+    masks: bool = True,
+    sizes: list[tuple[int, int]] = SIZES,
+    object_px: tuple[float, float] = (22, 64),
+    objects: tuple[int, int] = (1, 5),
+) -> Path:
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     img_dir = root / split
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -83,14 +92,14 @@ def _make_split(root: Path, split: str, n: int, seed: int, masks: bool = True) -
     images, annotations = [], []
     ann_id = 1
     for i in range(n):
-        w, h = SIZES[i % len(SIZES)]
+        w, h = sizes[i % len(sizes)]
         im = _background(rng, w, h)
         draw = ImageDraw.Draw(im)
-        n_obj = 0 if rng.random() < EMPTY_FRACTION else int(rng.integers(1, 5))
+        n_obj = 0 if rng.random() < EMPTY_FRACTION else int(rng.integers(*objects))
         boxes: list[list[float]] = []
         for _ in range(n_obj):
             for _attempt in range(20):
-                s = float(rng.uniform(22, 64))
+                s = float(rng.uniform(*object_px))
                 ar = float(rng.uniform(0.75, 1.33))
                 bw, bh = s * math.sqrt(ar), s / math.sqrt(ar)
                 x1, y1 = float(rng.uniform(0, w - bw)), float(rng.uniform(0, h - bh))
@@ -168,3 +177,37 @@ def ensure_dataset(root: str | Path, num_train: int, num_val: int, seed: int) ->
     paths = make_dataset(root, num_train, num_val, seed)
     stamp.write_text(json.dumps(want))
     return paths
+
+
+def make_large_dataset(
+    root: str | Path,
+    num_train: int = 8,
+    num_val: int = 4,
+    seed: int = 0,
+    size: tuple[int, int] = (3000, 2000),
+    object_px: tuple[float, float] = (16, 32),
+    objects: tuple[int, int] = (150, 301),
+    masks: bool = True,
+) -> dict[str, Path]:
+    """The demo shapes, small, on large images: what sliced inference is for.
+
+    Args:
+        root: output folder; gets train.json, val.json, train/ and val/.
+        num_train: training images.
+        num_val: validation images.
+        seed: the dataset is a pure function of its arguments.
+        size: (width, height) of every image (its portrait twin every other image).
+        object_px: the range of the objects' size (about their side) in pixels.
+        objects: objects per image, drawn from [low, high).
+        masks: write polygon segmentations (Mask R-CNN).
+
+    Returns:
+        Paths of the annotation files, by split.
+    """
+    root = Path(root)
+    w, h = size
+    opts = {"sizes": [(w, h), (h, w)], "object_px": object_px, "objects": objects}
+    return {
+        "train": _make_split(root, "train", num_train, seed, masks, **opts),  # type: ignore[arg-type]
+        "val": _make_split(root, "val", num_val, seed, masks, **opts),  # type: ignore[arg-type]
+    }

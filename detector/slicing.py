@@ -1,0 +1,311 @@
+"""Sliced (tiled) inference for images much larger than the model's input.
+
+A 3000x2000 photo given whole to a detector is resized by the model itself (torchvision's
+GeneralizedRCNNTransform: shorter side to ``min_size``, longer side at most ``max_size``) to
+e.g. 800x533: a 20 px object becomes 5 px and is missed. Sliced inference cuts the full-resolution
+image into overlapping ``size`` x ``size`` tiles, runs batches of tiles through the model, maps
+each tile's detections to full-image pixels and merges the duplicates that tiles' overlaps (and
+the optional full-image pass, which keeps large objects whole) produce: by default greedy
+non-maximum merging by intersection over the smaller box (as sahi does), or NMS; class-aware.
+
+Each tile still goes through the model's own resize: a 640 tile is seen at ``min_size/640`` of
+its pixels (a model with min_size 800 enlarges it 1.25x, one with min_size 320 halves it). So a
+tile size near the model's input size sees objects at about their real pixel size; the tile size
+is the knob that sets the scale objects are seen at.
+
+The slicing and merging are supervision's (``InferenceSlicer``: the tile grid, batched callback,
+moving boxes and masks by the tile offset, and ``Detections.with_nms``, class-aware). supervision
+was chosen over sahi because sahi requires the GUI build ``opencv-python`` (it would replace the
+``opencv-python-headless`` that Albumentations uses, and needs libGL), while supervision imports
+on a headless box and keeps masks compact (run-length crops, ``compact_masks``) while merging, so
+a large image with many tiles never holds a full-size mask per tile detection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["SliceSpec", "detect_sliced", "tile_grid"]
+
+# images -> per image boxes (xyxy in that image's pixels), labels, scores (and masks (n, 1, h, w))
+DetectFn = Callable[[list[torch.Tensor]], list[dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """How to slice an image.
+
+    Args:
+        size: tile width and height in full-image pixels.
+        overlap: overlap of neighbouring tiles, as a fraction of ``size`` (0 <= overlap < 1).
+        full_pass: also detect on the whole image (resized by the model as usual) and merge: large
+            objects that no tile holds whole are found there.
+        iou: overlap above which two detections of one class are the same object.
+        merge: "nmm" merges such detections into one (their boxes' union, the best score; masks
+            united), "nms" keeps the best-scored one only.
+        metric: "ios" (intersection over the smaller box) or "iou". An object cut by a tile's
+            edge is detected whole in one tile and in part in the next: the part lies inside the
+            whole (IoS near 1) but has a small IoU with it, so only IoS finds such duplicates.
+    """
+
+    size: int = 640
+    overlap: float = 0.2
+    full_pass: bool = True
+    iou: float = 0.5
+    merge: str = "nmm"
+    metric: str = "ios"
+
+    def __post_init__(self) -> None:
+        if int(self.size) < 16:
+            raise ValueError(f"slice size {self.size} is too small (at least 16 px)")
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"slice overlap {self.overlap} is not in [0, 1)")
+        if not 0 < self.iou <= 1:
+            raise ValueError(f"slice merge threshold {self.iou} is not in (0, 1]")
+        if self.merge not in ("nmm", "nms") or self.metric not in ("ios", "iou"):
+            raise ValueError(f"slice merge {self.merge!r}/{self.metric!r}: expected nmm or nms, and ios or iou")
+
+    @property
+    def overlap_px(self) -> int:
+        return round(self.size * self.overlap)
+
+
+def _sv() -> Any:
+    """supervision, or an error saying how to get it (it is the ``slicing`` extra)."""
+    try:
+        import supervision
+    except ImportError:
+        raise RuntimeError(
+            "sliced inference (--slice, Predictor(slicing=...)) and data.tile need the supervision package: "
+            "pip install 'supervision>=0.31' (or pip install -e '.[slicing]')"
+        ) from None
+    return supervision
+
+
+def tile_grid(width: int, height: int, size: int, overlap: float) -> np.ndarray:
+    """The tiles covering a width x height image: int64 (n, 4) xyxy, row by row.
+
+    supervision's grid (the one InferenceSlicer uses, so training tiles and inference tiles are
+    the same): tiles step by ``size - overlap`` and the last one in a row or column is moved back
+    to end at the image's edge, so every tile is size x size unless the image is smaller.
+    """
+    sv = _sv()
+    ov = round(size * overlap)
+    # InferenceSlicer's own grid function (a static method): the tiles it slices at inference
+    grid = sv.InferenceSlicer._generate_offset((int(width), int(height)), (size, size), (ov, ov))
+    return np.asarray(grid, dtype=np.int64).reshape(-1, 4)
+
+
+class CompactProbabilities:
+    """Merged masks (a supervision CompactMask) that look like the model's ``(n, 1, H, W)`` mask
+    probabilities to detector.segm (0/1 values): indexing materialises only the masks asked for,
+    so COCO RLEs are made a few full-size masks at a time."""
+
+    def __init__(self, compact: Any, height: int, width: int) -> None:
+        self.compact, self.shape = compact, (len(compact), 1, height, width)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        part = self.compact[index]
+        if not len(part):
+            return torch.zeros((0, *self.shape[1:]))
+        return torch.from_numpy(part.to_dense()[:, None]).float()
+
+    def dense(self) -> np.ndarray:
+        """All masks as bool (n, H, W)."""
+        if not len(self):
+            return np.zeros(self.shape[:1] + self.shape[2:], bool)
+        return self.compact.to_dense()
+
+
+def _to_sv(det: dict[str, torch.Tensor], shape: tuple[int, int], scale: float = 1.0) -> Any:
+    """A model output (boxes in an image ``scale`` times the frame's size) -> supervision
+    Detections in the frame of ``shape`` (h, w), masks compact."""
+    import supervision as sv
+    from supervision.detection.compact_mask import CompactMask
+
+    boxes = det["boxes"].detach().float().cpu().numpy().astype(np.float32) / scale
+    h, w = shape
+    boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
+    mask = None
+    if "masks" in det:
+        from detector.segm import to_original_size
+
+        dense = to_original_size(det["masks"], (scale, scale), (w, h)).view(bool)
+        mask = CompactMask.from_dense(dense, boxes.astype(np.float64), image_shape=(h, w))
+    return sv.Detections(
+        xyxy=boxes,
+        confidence=det["scores"].detach().float().cpu().numpy().astype(np.float32),
+        class_id=det["labels"].detach().cpu().numpy().astype(np.int64),
+        mask=mask,
+    )
+
+
+def _model_scale(height: int, width: int, input_size: tuple[int, int] | None) -> float:
+    """The factor the model's own resize would apply to a height x width image (at most 1)."""
+    if input_size is None:
+        return 1.0
+    lo, hi = input_size
+    return min(1.0, lo / min(height, width), hi / max(height, width))
+
+
+@torch.no_grad()
+def detect_sliced(
+    detect: DetectFn,
+    image: torch.Tensor,
+    spec: SliceSpec,
+    batch_size: int = 4,
+    input_size: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """Detections of one full-resolution image by tiles (and a full-image pass), merged.
+
+    Args:
+        detect: runs the model on a list of float (3, h, w) images and returns its detections
+            (e.g. ``lambda ims: loss_and_detections(model, ims, None)[1]``).
+        image: float (3, H, W) in [0, 1], at full resolution (not a reduced-scale decode).
+        spec: tile size, overlap, full pass, merge IoU.
+        batch_size: tiles per forward pass.
+        input_size: the model's (min_size, max_size): the full-image pass is given the image
+            already at that scale (the model would resize it there anyway), so its masks are
+            pasted at that size, not as full-size float images.
+
+    Returns:
+        ``boxes`` float32 (n, 4) xyxy in the image's pixels, ``labels`` int64, ``scores`` float32
+        (tensors on the CPU); for a Mask R-CNN ``masks``, a CompactProbabilities (n, 1, H, W).
+    """
+    sv = _sv()
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    device = image.device
+    hwc = image.detach().cpu().permute(1, 2, 0).numpy()  # a view: supervision crops numpy arrays
+
+    def run(tiles: list[np.ndarray]) -> list[Any]:
+        tensors = [torch.from_numpy(t).permute(2, 0, 1).to(device) for t in tiles]
+        dets = detect(tensors)
+        return [_to_sv(d, t.shape[:2]) for d, t in zip(dets, tiles)]
+
+    slicer = sv.InferenceSlicer(
+        callback=run if batch_size > 1 else (lambda tile: run([tile])[0]),
+        slice_wh=spec.size,
+        overlap_wh=spec.overlap_px,
+        overlap_filter="none",  # merged below, together with the full-image pass
+        batch_size=max(1, batch_size),
+        compact_masks=True,
+    )
+    parts = [slicer(hwc)]
+    if spec.full_pass:
+        s = _model_scale(h, w, input_size)
+        small = image
+        if s < 1.0:
+            size = (max(1, round(h * s)), max(1, round(w * s)))
+            small = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        full = detect([small])[0]
+        parts.append(_to_sv(full, (h, w), scale=small.shape[-1] / w))
+    parts = [p for p in parts if len(p)]
+    merged = sv.Detections.merge(parts) if parts else sv.Detections.empty()
+    if len(merged):
+        # class-aware (class_agnostic=False); with masks, the overlap is the masks'
+        from supervision.detection.utils.iou_and_nms import OverlapMetric
+
+        how = merged.with_nmm if spec.merge == "nmm" else merged.with_nms
+        merged = how(threshold=spec.iou, class_agnostic=False, overlap_metric=OverlapMetric(spec.metric.upper()))
+        order = np.argsort(-merged.confidence, kind="stable")
+        merged = merged[order]
+    out: dict[str, Any] = {
+        "boxes": torch.from_numpy(np.asarray(merged.xyxy, np.float32).reshape(-1, 4)),
+        "labels": torch.from_numpy(np.asarray(merged.class_id if len(merged) else [], np.int64)),
+        "scores": torch.from_numpy(np.asarray(merged.confidence if len(merged) else [], np.float32)),
+    }
+    if merged.mask is not None:
+        out["masks"] = CompactProbabilities(merged.mask, h, w)
+    return out
+
+
+def predict_sliced(predictor: Any, prepared: Sequence[tuple[torch.Tensor, float, tuple[int, int]]]) -> list[Any]:
+    """``Predictor.predict_prepared`` with ``predictor.slicing`` set: each image, decoded at full
+    resolution (``Predictor.prepare`` never reduces the scale then: that would defeat slicing),
+    is detected by tiles.
+
+    Returns:
+        Detections (detector.inference) per image; a Mask R-CNN's masks are bool (n, H, W).
+    """
+    from detector.families import family_of_model, loss_and_detections
+    from detector.inference import Detections
+    from detector.models import model_input_size
+
+    model, spec = predictor.model, predictor.slicing
+    has_masks = family_of_model(model).masks
+    size = model_input_size(model)
+    out = []
+    for t, scale, _ in prepared:
+        if scale != 1.0:
+            raise ValueError("sliced inference takes full-resolution images (decoded with model_size=None)")
+        t = t.to(predictor.device)
+        d = detect_sliced(lambda ims: loss_and_detections(model, ims, None)[1], t, spec, predictor.batch_size, size)
+        labels = d["labels"].numpy()
+        masks = None
+        if has_masks:
+            masks = d["masks"].dense() if "masks" in d else np.zeros((0, *t.shape[-2:]), bool)
+        out.append(
+            Detections(
+                boxes=d["boxes"].numpy(),
+                labels=labels,
+                names=[predictor.label_map.names[i - 1] for i in labels],
+                scores=d["scores"].numpy(),
+                category_ids=predictor.label_map.to_category_ids(labels),
+                masks=masks,
+            )
+        )
+    return out
+
+
+def add_slice_args(ap: Any) -> None:
+    """--slice/--overlap/--no-full-pass/--slice-iou, shared by tools/infer.py and tools/evaluate.py."""
+    g = ap.add_argument_group("sliced inference (images much larger than the model's input)")
+    g.add_argument("--slice", type=int, metavar="PX", help="detect by PX x PX tiles of the full-resolution image")
+    g.add_argument("--overlap", type=float, default=0.2, help="tile overlap, a fraction of --slice (default 0.2)")
+    g.add_argument("--no-full-pass", action="store_true", help="tiles only (no whole-image pass merged in)")
+    g.add_argument("--slice-iou", type=float, default=0.5, help="overlap of one object's duplicates (default 0.5)")
+    g.add_argument("--slice-merge", choices=["nmm", "nms"], default="nmm",
+                   help="merge duplicates into one (nmm, default) or keep the best (nms)")  # fmt: skip
+    g.add_argument("--slice-metric", choices=["ios", "iou"], default="ios",
+                   help="duplicates by intersection over the smaller box (ios, default) or IoU")  # fmt: skip
+
+
+def slice_spec(ap: Any, args: Any) -> SliceSpec | None:
+    """The SliceSpec the command line asks for (None without --slice); bad values are usage errors."""
+    if args.slice is None:
+        if args.no_full_pass:
+            ap.error("--no-full-pass needs --slice")
+        return None
+    try:
+        return SliceSpec(
+            args.slice, args.overlap, not args.no_full_pass, args.slice_iou, args.slice_merge, args.slice_metric
+        )
+    except ValueError as exc:
+        ap.error(str(exc))
+    return None
+
+
+def sliced_detect(
+    spec: SliceSpec, batch_size: int, autocast: Callable[[], Any] | None = None
+) -> Callable[[torch.nn.Module, list[torch.Tensor]], list[dict[str, Any]]]:
+    """The ``detect`` of engine.evaluate for sliced evaluation: each full-resolution image of a
+    batch by its own tiles, ``batch_size`` tiles per forward pass. Images are sliced one by one
+    (their tiles never mix), so the detections of an image do not depend on the batches or the
+    number of processes, and the gathered metrics stay the same for 1 and N processes."""
+    from detector.families import loss_and_detections
+    from detector.models import model_input_size
+
+    def detect(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, Any]]:
+        run = lambda ims: loss_and_detections(model, ims, None, autocast)[1]  # noqa: E731
+        return [detect_sliced(run, im, spec, batch_size, model_input_size(model)) for im in images]
+
+    return detect

@@ -1,0 +1,282 @@
+"""Sliced inference (detector/slicing.py) and training on tiles (detector/data/tiles.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.ops import box_iou
+
+from detector.slicing import SliceSpec, detect_sliced, tile_grid
+from tests.conftest import TINY, run_tool_in_process, write_coco
+
+# -- a detector whose sight depends on scale, as a real one's does -------------------------------
+
+
+def blob_detector(model_side: int, min_px: int = 3, calls: list | None = None):
+    """Finds bright squares, after shrinking its input as torchvision's transform does (so that
+    neither side exceeds model_side) and only those at least min_px wide at that scale: an object
+    of 16 px in a 1500 px image shrunk to 128 px is 1.4 px, below what it resolves."""
+    from scipy import ndimage
+
+    def detect(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        if calls is not None:
+            calls.append(len(images))
+        out = []
+        for im in images:
+            h, w = im.shape[-2:]
+            s = min(1.0, model_side / max(h, w))
+            small = F.interpolate(im[None], scale_factor=s, mode="bilinear")[0] if s < 1 else im
+            lab, _ = ndimage.label((small.mean(0) > 0.5).numpy())
+            found = [
+                [x.start / s, y.start / s, x.stop / s, y.stop / s]
+                for y, x in ndimage.find_objects(lab)
+                if y.stop - y.start >= min_px and x.stop - x.start >= min_px
+            ]
+            b = torch.tensor(found, dtype=torch.float32).reshape(-1, 4)
+            out.append(
+                {"boxes": b, "labels": torch.ones(len(b), dtype=torch.int64), "scores": torch.full((len(b),), 0.9)}
+            )
+        return out
+
+    return detect
+
+
+def scene(w: int = 1500, h: int = 1000, n: int = 30, lo: int = 12, hi: int = 20, seed: int = 0):
+    """White squares of lo..hi px on black, apart from each other: (image (3, h, w), boxes xyxy)."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((3, h, w), np.float32)
+    boxes: list[list[int]] = []
+    while len(boxes) < n:
+        s = int(rng.integers(lo, hi + 1))
+        x, y = int(rng.integers(0, w - s)), int(rng.integers(0, h - s))
+        b = [x, y, x + s, y + s]
+        if all(b[0] > o[2] + 2 or o[0] > b[2] + 2 or b[1] > o[3] + 2 or o[1] > b[3] + 2 for o in boxes):
+            boxes.append(b)
+            img[:, y : y + s, x : x + s] = 1.0
+    return torch.from_numpy(img), np.array(boxes, np.float32)
+
+
+# -- the grid, the mapping, the merge ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("w,h,size,overlap", [(1500, 1000, 320, 0.2), (640, 480, 256, 0.5), (100, 80, 128, 0.2)])
+def test_tile_grid_covers_the_image_with_the_overlap(w, h, size, overlap):
+    tiles = tile_grid(w, h, size, overlap)
+    covered = np.zeros((h, w), bool)
+    for x0, y0, x1, y1 in tiles:
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        assert x1 - x0 == min(size, w) and y1 - y0 == min(size, h)  # full tiles, the last moved back
+        covered[y0:y1, x0:x1] = True
+    assert covered.all()
+    ov = round(size * overlap)
+    for axis in (0, 1):  # neighbours along each axis overlap by at least the overlap
+        starts = np.unique(tiles[:, axis])
+        if len(starts) > 1:
+            assert (np.diff(starts) <= size - ov).all()
+
+
+def test_sliced_finds_the_small_objects_that_the_whole_image_pass_misses():
+    img, gt = scene()  # 1500x1000, 30 squares of 12-20 px
+    detect = blob_detector(128)
+    assert len(detect([img])[0]["boxes"]) == 0  # whole: shrunk to 128x85, the squares are < 2 px
+    calls: list[int] = []
+    out = detect_sliced(blob_detector(128, calls=calls), img, SliceSpec(128, 0.2), 4, (128, 128))
+    n_tiles = len(tile_grid(1500, 1000, 128, 0.2))
+    assert calls == [4] * (n_tiles // 4) + ([n_tiles % 4] if n_tiles % 4 else []) + [1]  # batches of tiles + full pass
+    iou = box_iou(torch.from_numpy(gt), out["boxes"])
+    assert (iou.max(1).values > 0.99).all()  # every square, at its place in the full image
+    assert len(out["boxes"]) == len(gt)  # and once: the pieces cut by tile edges merged into it
+
+
+def test_duplicates_across_tile_borders_merge_into_one_per_class():
+    img = torch.zeros(3, 200, 300)
+    img[:, 90:110, 95:115] = 1.0  # in the overlap of the tiles starting at x=0 and x=80, y=0 and y=80
+    img[:, 40:60, 150:170] = 1.0  # cut by the edge x=160 of the first tile: whole in the next
+    spec = SliceSpec(160, 0.5, full_pass=False)
+    raw = [
+        d["boxes"]
+        for d in blob_detector(160)([img[:, y0:y1, x0:x1] for x0, y0, x1, y1 in tile_grid(300, 200, 160, 0.5)])
+    ]
+    assert sum(len(b) for b in raw) > 2  # each square is found in several tiles
+    out = detect_sliced(blob_detector(160), img, spec, batch_size=2)
+    want = torch.tensor([[95, 90, 115, 110], [150, 40, 170, 60]], dtype=torch.float32)
+    assert len(out["boxes"]) == 2 and (box_iou(want, out["boxes"]).max(1).values > 0.99).all()
+    nms_iou = detect_sliced(blob_detector(160), img, SliceSpec(160, 0.5, False, merge="nms", metric="iou"), 2)
+    assert len(nms_iou["boxes"]) == 3  # IoU does not see the cut piece inside the whole square
+
+    def two_classes(images):  # the same square as class 1 and as class 2: not duplicates
+        dets = blob_detector(160)(images)
+        return [{k: torch.cat([d[k], d[k] + (k == "labels")]) for k in d} for d in dets]
+
+    both = detect_sliced(two_classes, img, spec, batch_size=2)
+    assert sorted(both["labels"].tolist()) == [1, 1, 2, 2]
+
+
+def test_slice_spec_rejects_bad_values():
+    for bad in ({"size": 8}, {"overlap": 1.0}, {"overlap": -0.1}, {"iou": 0}, {"merge": "x"}, {"metric": "giou"}):
+        with pytest.raises(ValueError):
+            SliceSpec(**{"size": 64, **bad})
+
+
+# -- the Predictor -----------------------------------------------------------------------------------
+
+
+def test_predictor_slices_full_resolution_files_and_pastes_masks(tmp_path):
+    from detector import config
+    from detector.inference import Predictor
+    from detector.labels import LabelMap
+    from detector.models import build_model
+
+    cfg = config.load(
+        TINY.parent / "tiny_mask.yaml",
+        ["data.synthetic.enabled=true", "model.box_score_thresh=0.0", "model.box_detections_per_img=5"],
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 2, ["a", "b"], lambda m: None).eval()
+    arr = (np.random.default_rng(0).random((200, 320, 3)) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "big.jpg", quality=95)
+    calls: list[int] = []
+    model.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    p = Predictor(model, LabelMap((1, 2), ("a", "b")), batch_size=3, slicing=SliceSpec(128, 0.2))
+    (det,) = p.predict(tmp_path / "big.jpg")
+    n_tiles = len(tile_grid(320, 200, 128, 0.2))
+    assert calls == [3] * (n_tiles // 3) + ([n_tiles % 3] if n_tiles % 3 else []) + [1]
+    assert det.masks is not None and det.masks.shape == (len(det), 200, 320) and det.masks.dtype == bool
+    assert len(det) > 0 and (det.boxes >= 0).all() and (det.boxes[:, [0, 2]] <= 320).all()
+    assert (det.boxes[:, [1, 3]] <= 200).all()
+    for box, mask in zip(det.boxes, det.masks):  # each mask inside its (merged) box
+        ys, xs = np.nonzero(mask)
+        if len(xs):
+            assert xs.min() >= math.floor(box[0]) - 1 and xs.max() <= math.ceil(box[2]) + 1
+            assert ys.min() >= math.floor(box[1]) - 1 and ys.max() <= math.ceil(box[3]) + 1
+
+
+# -- training on tiles ----------------------------------------------------------------------------
+
+
+def test_data_tile_clips_drops_and_counts(tmp_path):
+    from detector.data.coco import CocoIndex
+    from detector.data.tiles import TiledDataset
+
+    Image.new("RGB", (288, 200)).save(tmp_path / "a.jpg")
+    boxes = [[10, 10, 10, 10], [150, 40, 20, 20], [124, 150, 40, 20]]  # xywh
+    anns = [
+        {"id": i + 1, "image_id": 1, "category_id": 1, "bbox": b, "area": 400, "iscrowd": 0}
+        for i, b in enumerate(boxes)
+    ]
+    write_coco(
+        tmp_path / "a.json",
+        [{"id": 1, "file_name": "a.jpg", "width": 288, "height": 200}],
+        anns,
+        [{"id": 1, "name": "x"}],
+    )
+    index = CocoIndex(tmp_path / "a.json", images_root=tmp_path)
+    ds = TiledDataset(index, tmp_path, None, size=160, overlap=0.2, min_visibility=0.3)
+    assert ds.tile_xyxy.tolist() == [[0, 0, 160, 160], [128, 0, 288, 160], [0, 40, 160, 200], [128, 40, 288, 200]]
+    assert isinstance(ds.tile_image, np.ndarray) and ds.tile_image.tolist() == [0, 0, 0, 0]  # flat arrays
+    # A (10-20, 10-20): whole in tile 0 only.
+    # B (150-170, 40-60): tiles 0 and 2 cut it at x=160 (0.5 visible); whole in tiles 1 and 3.
+    # C (124-164, 150-170): tiles 0 and 1 keep 36/40 x 10/20 of it (0.45); tiles 2 and 3 36/40 (0.9).
+    t0 = ds[0][1]
+    assert t0["boxes"].tolist() == [[10, 10, 20, 20], [150, 40, 160, 60], [124, 150, 160, 160]]
+    t3 = ds[3][1]
+    assert t3["boxes"].tolist() == [[22, 0, 42, 20], [0, 110, 36, 130]]  # in the tile's coordinates
+    assert ds.boxes_clipped == 6 and ds.boxes_dropped == 0 and t0["dropped"] == 0
+    strict = TiledDataset(index, tmp_path, None, size=160, overlap=0.2, min_visibility=0.55)
+    assert (strict.boxes_clipped, strict.boxes_dropped) == (2, 4)  # B in tiles 0, 2 and C in 0, 1 cut off
+    assert strict[0][1]["dropped"] == 2 and strict[0][1]["boxes"].tolist() == [[10, 10, 20, 20]]
+    assert "dropped (cut below min_visibility 0.55): 4" in strict.summary()
+
+
+def test_data_tile_config_builds_tiled_training_set(tiny_dataset):
+    from detector import config, data
+    from detector.data.tiles import TiledDataset
+
+    ds = tiny_dataset
+    cfg = config.load(TINY, [f"data.train.annotations={ds['train']}", f"data.train.images={ds['root'] / 'train'}",
+                             f"data.val.annotations={ds['val']}", f"data.val.images={ds['root'] / 'val'}",
+                             "data.tile.size=128", "data.tile.overlap=0.25"])  # fmt: skip
+    splits = data.load_splits(cfg, log=lambda m: None)
+    train, val = data.build_datasets(splits, cfg.data, (96, 128))
+    assert isinstance(train, TiledDataset) and not isinstance(val, TiledDataset)  # validation: whole images
+    assert len(train) > len(splits.train) and len(train.aspect_ratios()) == len(train)
+    image, target = train[(0, 7)]
+    assert image.dtype == torch.uint8 and max(image.shape[1:]) <= 128 and target["boxes"].shape[1] == 4
+    with pytest.raises(config.ConfigError, match="data.tile.size"):
+        config.load(TINY, ["data.synthetic.enabled=true", "data.tile.size=4"])
+
+
+# -- the tools ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_infer_and_evaluate_slice(trained_run, tiny_dataset, tmp_path):
+    from detector.inference import Predictor
+
+    ckpt, val, images = trained_run / "best.pt", tiny_dataset["val"], tiny_dataset["root"] / "val"
+    files = sorted(images.glob("*.jpg"))[:2]
+    assert run_tool_in_process("infer.py", "--checkpoint", ckpt, "--slice", 128, "--overlap", 0.2, "--no-draw",
+                               "--output", tmp_path / "pred", *files) == 0  # fmt: skip
+    assert len(json.loads((tmp_path / "pred" / "images.json").read_text())["images"]) == 2
+    common = ["--checkpoint", ckpt, "--annotations", val, "--images", images, "--num-workers", 0]
+    # One tile holding the whole image, merged by the model's own rule (NMS, IoU 0.5): the model's
+    # detections on the full-resolution image, in full-image coordinates, as the Predictor finds them.
+    one_tile = ["--slice", 512, "--no-full-pass", "--slice-merge", "nms", "--slice-metric", "iou"]
+    out = tmp_path / "one_tile.json"
+    assert (
+        run_tool_in_process("evaluate.py", *common, *one_tile, "--output", out, "--results", tmp_path / "r.json") == 0
+    )
+    assert math.isnan(json.loads(out.read_text())["loss"])  # sliced detection makes no loss
+    rows = json.loads((tmp_path / "r.json").read_text())
+    names = {im["id"]: im["file_name"] for im in json.loads(Path(val).read_text())["images"]}
+    p = Predictor.from_checkpoint(ckpt, "cpu")
+    p.draft_decode = False
+    for image_id, name in names.items():
+        det = p.predict(images / name)[0]
+        got = sorted((r["category_id"], r["score"], *r["bbox"]) for r in rows if r["image_id"] == image_id)
+        xywh = np.concatenate([det.boxes[:, :2], det.boxes[:, 2:] - det.boxes[:, :2]], 1)
+        want = sorted((int(c), float(s), *map(float, b)) for c, s, b in zip(det.category_ids, det.scores, xywh))
+        assert len(got) == len(want) and np.allclose(np.array(got), np.array(want), atol=2e-3), name
+    assert len(rows) > 0
+    with pytest.raises(SystemExit) as exc:  # a usage error, not a traceback
+        run_tool_in_process("evaluate.py", *common, "--slice", 8)
+    assert exc.value.code == 2
+
+
+def test_large_synthetic_dataset(tmp_path):
+    from detector.data.synthetic import make_large_dataset
+
+    paths = make_large_dataset(tmp_path, 1, 1, size=(1500, 1000), object_px=(12, 20), objects=(40, 41))
+    coco = json.loads(Path(paths["train"]).read_text())
+    assert {(i["width"], i["height"]) for i in coco["images"]} == {(1500, 1000)}
+    sides = np.array([a["bbox"][2:] for a in coco["annotations"]])
+    assert len(sides) > 30 and sides.min() >= 12 * 0.85 and sides.max() <= 20 * 1.16
+
+
+def test_infer_slices_folders_streamed_by_workers_at_full_resolution(trained_run, tiny_dataset, tmp_path):
+    """infer.py streams folders through DataLoader workers (Predictor.predict_prepared): with
+    --slice those images must be decoded at full resolution and detected by tiles, as
+    Predictor.predict slices them, not passed whole and at reduced scale."""
+    from detector.inference import Predictor
+
+    src = sorted((tiny_dataset["root"] / "val").glob("*.jpg"))[0]
+    big = tmp_path / "in" / "big.jpg"  # 4x: larger than the model's input, so draft decoding would shrink it
+    big.parent.mkdir()
+    with Image.open(src) as im:
+        im.resize((im.width * 4, im.height * 4)).save(big, quality=95)
+    ckpt = trained_run / "best.pt"
+    args = ["--checkpoint", ckpt, "--slice", 128, "--overlap", 0.2, "--no-draw", "--score-threshold", 0.05]
+    assert run_tool_in_process("infer.py", *args, "--workers", 2, "--output", tmp_path / "pred", big.parent) == 0
+    rows = json.loads((tmp_path / "pred" / "results.json").read_text())
+    p = Predictor.from_checkpoint(ckpt, "cpu", 0.05, slicing=SliceSpec(size=128, overlap=0.2))
+    det = p.predict(big)[0]
+    got = sorted((r["category_id"], round(r["score"], 4)) for r in rows)
+    assert len(det) > 0 and got == sorted((int(c), round(float(s), 4)) for c, s in zip(det.category_ids, det.scores))
+    assert p.decode_model_size is None
