@@ -1,10 +1,15 @@
 """Export a trained detector to TorchScript or ONNX, with a parity check against eager PyTorch.
 
-ONNX: Faster R-CNN exports reliably at a fixed input size, so the exported graph takes one
-float image (3, H, W) in [0, 1] of exactly the size given at export time; it resizes and
-normalises internally like the eager model and returns boxes (n, 4, xyxy in input pixels),
-labels (n, 1..K) and scores (n). TorchScript keeps the eager model's interface
-(a list of images of any size in, ``(losses, detections)`` out).
+ONNX: the graph takes one float RGB image (3, H, W) in [0, 1] of any height and width (dynamic
+axes, TorchScript-based exporter, as torchvision's own tests export its detectors); it resizes
+and normalises internally like the eager model and returns boxes (n, 4, xyxy in the pixels of
+the image it was given), labels (n, 1..K), scores (n) and, for Mask R-CNN, masks (n, 1, H, W)
+probabilities at the input's size. Every family of the zoo exports so (Faster and Mask R-CNN,
+RetinaNet, FCOS, SSD/SSDlite, which stretches to its fixed square inside, as in eager). The
+parity check compares it with eager PyTorch on images of several sizes and aspect ratios
+(``parity_shapes``), so that a size frozen into the graph at export cannot pass.
+``detector.deploy.ExportedPredictor`` runs it on files like the Predictor. TorchScript keeps
+the eager model's interface (a list of images of any size in, ``(losses, detections)`` out).
 """
 
 from __future__ import annotations
@@ -45,15 +50,55 @@ class Parity:
 
 
 def default_size(model: torch.nn.Module) -> tuple[int, int]:
-    """(height, width) for a fixed-size export: the model's min_size by a 4:3 width (capped)."""
+    """(height, width) the model's input is at: its min_size by a 4:3 width (capped)."""
     t = model.transform
     return int(t.min_size[-1]), min(int(t.max_size), round(t.min_size[-1] * 4 / 3))
 
 
-def export_onnx(model: torch.nn.Module, path: str | Path, size: tuple[int, int], opset: int = OPSET) -> Path:
-    """Write an ONNX graph for images of (height, width) = size."""
+def example_size(model: torch.nn.Module) -> tuple[int, int]:
+    """(height, width) of the image an ONNX graph is traced with: odd and not square (about the
+    model's min_size by 1.37 of it), so that no size or ratio the graph is later run at is
+    likely to equal it (a value frozen in the trace shows up in the parity check)."""
+    m = int(model.transform.min_size[-1])
+    return m | 1, round(m * 1.37) | 1
+
+
+def parity_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
+    """(height, width) of the images the export is checked on besides the samples: portrait
+    (3:4), 4:3 and 16:9 with a short side of 3/4 and of 3/2 the model's min_size."""
+    m = int(model.transform.min_size[-1])
+    shapes = []
+    for short in (round(m * 0.75), round(m * 1.5)):
+        shapes += [(round(short * 4 / 3), short), (short, round(short * 4 / 3)), (short, round(short * 16 / 9))]
+    return shapes
+
+
+def reshaped(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The image's centre crop of the aspect ratio of ``size`` (height, width), resized to it:
+    the content keeps its proportions (objects are not stretched)."""
+    _, h, w = image.shape
+    th, tw = size
+    if w * th > h * tw:  # wider than the target: crop the width
+        cw = max(1, round(h * tw / th))
+        image = image[:, :, (w - cw) // 2 : (w - cw) // 2 + cw]
+    else:
+        ch = max(1, round(w * th / tw))
+        image = image[:, (h - ch) // 2 : (h - ch) // 2 + ch, :]
+    return torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", antialias=True)[0].clamp_(0, 1)
+
+
+def export_onnx(
+    model: torch.nn.Module, path: str | Path, size: tuple[int, int] | None = None, opset: int = OPSET
+) -> Path:
+    """Write an ONNX graph for images of any (height, width).
+
+    Args:
+        size: the (height, width) of the example image the graph is traced with (default
+            ``example_size``); the graph takes any other size as well.
+    """
     model.eval()
-    example = torch.rand(3, *size)
+    example = torch.rand(3, *(size or example_size(model)), generator=torch.Generator().manual_seed(0))
+    outputs = list(family_of_model(model).outputs)  # the order the family's dict has
     path = Path(path)
     torch.onnx.export(
         model,
@@ -62,7 +107,8 @@ def export_onnx(model: torch.nn.Module, path: str | Path, size: tuple[int, int],
         opset_version=opset,
         dynamo=False,  # the TorchScript-based exporter handles torchvision's detection ops
         input_names=["image"],
-        output_names=list(family_of_model(model).outputs),  # the order the family's dict has
+        output_names=outputs,
+        dynamic_axes={"image": {1: "height", 2: "width"}, **{o: {0: "detections"} for o in outputs}},
     )
     return path
 
@@ -75,21 +121,55 @@ def export_torchscript(model: torch.nn.Module, path: str | Path) -> Path:
     return path
 
 
-def metadata(label_map: LabelMap, size: tuple[int, int] | None, fmt: str, model: torch.nn.Module) -> dict[str, Any]:
+def score_threshold(model: torch.nn.Module) -> float | None:
+    """The score below which the model drops detections (its box_score_thresh)."""
+    heads = getattr(model, "roi_heads", model)
+    value = getattr(heads, "score_thresh", None)
+    return float(value) if value is not None else None
+
+
+def metadata(label_map: LabelMap, size: tuple[int, int] | None, fmt: str, model: torch.nn.Module,
+             draft_decode: bool = True) -> dict[str, Any]:  # fmt: skip
+    """What an exported model's user needs to run it (written beside it as FILE.json).
+
+    Args:
+        size: None: the graph takes any size (every export now); kept for the record's shape.
+        draft_decode: the training run's data.draft_decode (how files are to be decoded).
+    """
+    from detector.deploy import METADATA_FORMAT
+    from detector.models import model_input_size
+
     t = model.transform
     return {
+        "metadata_format": METADATA_FORMAT,
         "format": fmt,
+        "family": family_of_model(model).name,
         "class_names": list(label_map.names),
         "category_ids": list(label_map.category_ids),
         "labels": "1..K index class_names (0 is the background)",
+        "score_threshold": score_threshold(model),
         "input": {
-            "layout": "float32 RGB (3, H, W) in [0, 1]",
+            "layout": "float32 RGB (3, H, W) in [0, 1], one image per call",
             "size_hw": list(size) if size else "any",
             "normalisation": {"mean": list(t.image_mean), "std": list(t.image_std), "applied_inside_model": True},
-            "model_resize": {"min_size": int(t.min_size[-1]), "max_size": int(t.max_size)},
+            "model_resize": {
+                "min_size": int(t.min_size[-1]),
+                "max_size": int(t.max_size),
+                "fixed_size": list(t.fixed_size) if getattr(t, "fixed_size", None) else None,
+                "applied_inside_model": True,
+            },
+            "decode": {
+                "steps": "decode the file as RGB with its EXIF orientation applied; optionally (draft) decode a JPEG "
+                "larger than the model's input at a reduced scale s (1/2, 1/4, 1/8) no smaller than the "
+                "size the model resizes it to; float32 (3, H, W) = pixels / 255",
+                "draft": bool(draft_decode),
+                "model_size": list(model_input_size(model)),
+                "inverse": "boxes / s, clipped to the full (oriented) image; masks resized by 1 / s (s = 1 when the "
+                "image is passed at its full size)",
+            },
         },
         "outputs": {
-            "boxes": "(n, 4) xyxy in input pixels",
+            "boxes": "(n, 4) xyxy in the pixels of the image given to the model",
             "labels": "(n,) 1..K",
             "scores": "(n,)",
             "order": list(family_of_model(model).outputs),
@@ -158,20 +238,12 @@ def check_parity(
 def onnx_runner(path: str | Path, threads: int | None = None):
     """image tensor -> (boxes, labels, scores) with ONNX Runtime on the CPU (``threads``: intra-op
     threads, None for ONNX Runtime's default)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise RuntimeError("the ONNX check needs onnxruntime: pip install 'detector[export]'") from None
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    from detector.deploy import onnx_run, onnx_session
+
+    run_graph = onnx_run(onnx_session(path, threads))
 
     def run(img: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        out = dict(
-            zip([o.name for o in session.get_outputs()], session.run(None, {name: img.numpy().astype(np.float32)}))
-        )
+        out = run_graph(img.numpy())
         return out["boxes"], out["labels"].astype(np.int64), out["scores"]
 
     return run

@@ -16,7 +16,7 @@ from detector.labels import LabelMap
 from detector.models import model_input_size
 from detector.weights import load_model
 
-__all__ = ["Detections", "Predictor", "load_model"]
+__all__ = ["Detections", "Predictor", "decode", "load_model", "to_detections"]
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
@@ -117,23 +117,9 @@ class Predictor:
         raise TypeError(f"unsupported image type {type(image).__name__}")
 
     def prepare(self, image: ImageInput) -> tuple[torch.Tensor, float, tuple[int, int]]:
-        """An input as the model sees it: (float (3, H, W) in [0, 1], content scale, full (w, h)).
-
-        Image files are decoded as training and evaluation decode them (EXIF orientation, and
-        JPEGs larger than the model's input at reduced scale); in-memory images are used as
-        they are.
-        """
-        if isinstance(image, (str, Path)):
-            try:
-                w, h = oriented_size(image)
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-                raise ImageDecodeError(f"cannot decode image {image}: {exc}") from None
-            want = decode_size(w, h, model_input_size(self.model)) if self.draft_decode else None
-            arr, scale, _ = load_image(image, want)
-            t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(255)
-            return t, scale, (w, h)
-        t = self.to_tensor(image)
-        return t, 1.0, (int(t.shape[2]), int(t.shape[1]))
+        """An input as the model sees it: (float (3, H, W) in [0, 1], content scale, full (w, h))
+        (see ``decode``)."""
+        return decode(image, model_input_size(self.model) if self.draft_decode else None)
 
     @torch.no_grad()
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> list[Detections]:
@@ -151,26 +137,72 @@ class Predictor:
             prepared = [self.prepare(im) for im in batch]
             tensors = [t.to(self.device) for t, _, _ in prepared]
             _, dets = loss_and_detections(self.model, tensors, None)
-            for d, (_, scale, (w, h)) in zip(dets, prepared):
-                labels = d["labels"].cpu().numpy().astype(np.int64)
-                boxes = d["boxes"].float().cpu().numpy() / scale
-                boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
-                masks = None
-                if "masks" in d:  # probabilities in the decoded pixels -> binary at the full size
-                    from detector.segm import to_original_size
-
-                    masks = to_original_size(d["masks"], (scale, scale), (w, h)).view(bool)  # 0/1: no copy
-                out.append(
-                    Detections(
-                        boxes=boxes,
-                        labels=labels,
-                        names=[self.label_map.names[i - 1] for i in labels],
-                        scores=d["scores"].cpu().numpy().astype(np.float32),
-                        category_ids=self.label_map.to_category_ids(labels),
-                        masks=masks,
-                    )
-                )
+            for d, (_, scale, size) in zip(dets, prepared):
+                d = {k: v.cpu() for k, v in d.items()}
+                out.append(to_detections(d["boxes"], d["labels"], d["scores"], d.get("masks"), scale, size,
+                                         self.label_map))  # fmt: skip
         return out
+
+
+def decode(image: ImageInput, model_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, float, tuple[int, int]]:
+    """An input as a detector takes it: (float (3, H, W) in [0, 1], content scale, full (w, h)).
+
+    The one pre-processing step of the Predictor and of exported models (detector.deploy).
+    Image files are decoded as training and evaluation decode them: EXIF orientation applied,
+    and with ``model_size`` (the model's (min_size, max_size), see
+    ``detector.models.model_input_size``) JPEGs larger than the model's input are decoded at a
+    reduced scale (1/2, 1/4, 1/8; ``scale`` is then that fraction, else 1). In-memory images are
+    used as they are (scale 1). Boxes found on the tensor map back to the full image as
+    ``boxes / scale``, clipped to (w, h) (``to_detections``).
+    """
+    if isinstance(image, (str, Path)):
+        try:
+            w, h = oriented_size(image)
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+            raise ImageDecodeError(f"cannot decode image {image}: {exc}") from None
+        want = decode_size(w, h, model_size)
+        arr, scale, _ = load_image(image, want)
+        t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(255)
+        return t, scale, (w, h)
+    t = Predictor.to_tensor(image)
+    return t, 1.0, (int(t.shape[2]), int(t.shape[1]))
+
+
+def to_detections(
+    boxes: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    scores: np.ndarray | torch.Tensor,
+    masks: np.ndarray | torch.Tensor | None,
+    scale: float,
+    size: tuple[int, int],
+    label_map: LabelMap,
+) -> Detections:
+    """A model's outputs on a ``decode``d image -> Detections in the full image's pixels.
+
+    Args:
+        boxes, labels, scores: (n, 4) xyxy in the decoded image's pixels, (n,) 1..K, (n,).
+        masks: (n, 1, H, W) probabilities in the decoded image's pixels (Mask R-CNN), or None.
+        scale, size: from ``decode``: boxes are divided by ``scale`` and clipped to size (w, h);
+            masks are brought to that size and thresholded at 0.5.
+    """
+    w, h = size
+    labels = np.asarray(labels).astype(np.int64)
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) / scale
+    boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
+    full = None
+    if masks is not None:  # probabilities in the decoded pixels -> binary at the full size
+        from detector.segm import to_original_size
+
+        m = torch.as_tensor(np.asarray(masks)) if not isinstance(masks, torch.Tensor) else masks
+        full = to_original_size(m, (scale, scale), (w, h)).view(bool)  # 0/1: no copy
+    return Detections(
+        boxes=boxes,
+        labels=labels,
+        names=[label_map.names[i - 1] for i in labels],
+        scores=np.asarray(scores).astype(np.float32),
+        category_ids=label_map.to_category_ids(labels),
+        masks=full,
+    )
 
 
 def _rgb(t: torch.Tensor) -> torch.Tensor:

@@ -22,14 +22,12 @@ MaskRunner = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray, np.ndarray, 
 def mask_runner(path: str | Path, fmt: str) -> MaskRunner:
     """image -> (boxes, labels, scores, masks (n, 1, H, W) probabilities) of an exported model."""
     if fmt == "onnx":
-        import onnxruntime as ort
+        from detector.deploy import onnx_run, onnx_session
 
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        names = [o.name for o in session.get_outputs()]
+        run_graph = onnx_run(onnx_session(path))
 
         def run_onnx(img: torch.Tensor):
-            out = dict(zip(names, session.run(None, {name: img.numpy().astype(np.float32)})))
+            out = run_graph(img.numpy())
             return out["boxes"], out["labels"].astype(np.int64), out["scores"], out["masks"]
 
         return run_onnx

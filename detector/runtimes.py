@@ -1,9 +1,10 @@
 """CPU runtimes for an exported detector: ONNX Runtime and OpenVINO, fp32 or int8.
 
-Every runner here is a callable ``image -> {output name: numpy array}``: the image a float RGB
-tensor (3, H, W) in [0, 1] (at the graph's size when it was exported at a fixed one), the
-outputs named and ordered as the family's detection dicts (``family_of_model(model).outputs``:
-boxes, scores, labels, and masks for a Mask R-CNN), labels as int64.
+Every runner here is a callable ``image -> {output name: numpy array}`` (detector.deploy's
+RunGraph, so ``ExportedPredictor(run, meta)`` runs it on files like the Predictor): the image a
+float32 RGB array or tensor (3, H, W) in [0, 1] of any size, the outputs named as the family's
+detection dicts (``family_of_model(model).outputs``: boxes, scores, labels, and masks for a Mask
+R-CNN), labels as int64. :func:`exported_predictor` builds the ExportedPredictor of a file.
 
 ONNX Runtime: :func:`ort_runner` sets the session up for the CPU (all graph optimisations,
 ``threads`` intra-op threads, one inter-op thread, sequential execution) and can write the
@@ -29,7 +30,7 @@ import torch
 
 from detector.config import ConfigError
 
-Runner = Callable[[torch.Tensor], dict[str, np.ndarray]]
+Runner = Callable[[np.ndarray | torch.Tensor], dict[str, np.ndarray]]
 
 DEPLOY_EXTRA = "pip install 'detector[deploy]'"
 _PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "onnx": "onnx"}
@@ -47,6 +48,12 @@ def require(module: str, what: str) -> Any:
     except ImportError:
         package = _PACKAGES.get(module.split(".")[0], module)
         raise MissingPackageError(f"{what} needs the {package} package: {DEPLOY_EXTRA}") from None
+
+
+def _array(img: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(img, torch.Tensor):
+        img = img.detach().cpu().numpy()
+    return np.ascontiguousarray(img, dtype=np.float32)
 
 
 def _named(values: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -92,9 +99,8 @@ def ort_runner(
     name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
 
-    def run(img: torch.Tensor) -> dict[str, np.ndarray]:
-        feed = {name: img.detach().cpu().numpy().astype(np.float32, copy=False)}
-        return _named(dict(zip(names, session.run(None, feed))), names)
+    def run(img: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        return _named(dict(zip(names, session.run(None, {name: _array(img)}))), names)
 
     return run
 
@@ -134,8 +140,8 @@ def openvino_runner(
     names = [next((n for n in ("boxes", "scores", "labels", "masks") if n in o.get_names()), o.get_any_name())
              for o in outputs]  # fmt: skip
 
-    def run(img: torch.Tensor) -> dict[str, np.ndarray]:
-        result = request.infer({0: img.detach().cpu().numpy().astype(np.float32, copy=False)})
+    def run(img: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        result = request.infer({0: _array(img)})
         return _named({n: np.array(result[o]) for n, o in zip(names, outputs)}, names)
 
     return run
@@ -180,3 +186,16 @@ def as_mask_runner(run: Runner) -> Callable[[torch.Tensor], tuple[np.ndarray, ..
 def runner_for(path: str | Path, threads: int | None = None) -> Runner:
     """The runner of an exported file by its suffix: .xml -> OpenVINO, .onnx -> ONNX Runtime."""
     return openvino_runner(path, threads) if str(path).endswith(".xml") else ort_runner(path, threads)
+
+
+def exported_predictor(path: str | Path, threads: int | None = None, score_threshold: float | None = None) -> Any:
+    """An ExportedPredictor (detector.deploy) of an exported .onnx (ONNX Runtime, tuned) or .xml
+    (OpenVINO), fp32 or int8, with the metadata written beside it.
+
+    Example:
+        >>> p = exported_predictor("model.xml", threads=2)
+        >>> p.predict("a.jpg")[0].boxes
+    """
+    from detector.deploy import ExportedPredictor, read_metadata
+
+    return ExportedPredictor(runner_for(path, threads), read_metadata(path), score_threshold)

@@ -20,6 +20,7 @@ from detector.families import all_models, check_keys, family_of, family_of_model
 from detector.models import WeightsError, build_model
 
 from .conftest import ROOT, data_overrides, launch, launch_cmd, read_jsonl, run_tool_in_process, tool_env
+from .test_deploy import exif_rotated_jpeg, exported_like_predictor, shaped_images
 
 pytestmark = [pytest.mark.xdist_group("families")]  # its module fixtures are built once, on one xdist worker
 
@@ -247,6 +248,14 @@ def test_family_trains_evaluates_identically_on_two_processes_and_exports(family
         parity = json.loads((tmp_path / f"m.{fmt}.json").read_text())["parity"]
         assert code == 0, (fam, fmt, parity)
         assert parity["detections"] > 0 and parity["labels_equal"], (fam, fmt, parity)
+    # the ONNX graph takes any size: run by ExportedPredictor like the Predictor on three aspect
+    # ratios at two sizes and on an EXIF-rotated file decoded at reduced scale
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["input"]["size_hw"] == "any"
+    src = sorted((tiny_dataset["root"] / "val").glob("*.jpg"))[1]
+    exif_rotated_jpeg(src, tmp_path / "rotated.jpg")
+    figures = exported_like_predictor(tmp_path / "m.onnx", run / "best.pt",
+                                      [tmp_path / "rotated.jpg", *shaped_images(src)], 0.01)  # fmt: skip
+    print(f"{fam}: ONNX vs eager {figures}")
     code = run_tool_in_process("infer.py", "--checkpoint", run / "best.pt", "--score-threshold", "0.01", "--output",
                                tmp_path / "pred", tiny_dataset["root"] / "val")  # fmt: skip
     assert code == 0

@@ -86,35 +86,7 @@ def _above(d: dict[str, np.ndarray], t: float) -> dict[str, np.ndarray]:
     return {k: v[keep] for k, v in d.items()}
 
 
-def test_onnx_export_size_samples_and_onnxruntime_matches_eager(trained_run, tiny_dataset, tmp_path):
-    import onnxruntime as ort
-
-    out = tmp_path / "model.onnx"
-    samples = _val_images(tiny_dataset)[:2]
-    res = run_tool("export.py", "--checkpoint", trained_run / "best.pt", "--format", "onnx", "--output", out,
-                   "--size", 120, 160, "--samples", *samples, "--score-threshold", 0.05)  # fmt: skip
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    meta = json.loads((tmp_path / "model.onnx.json").read_text())
-    assert meta["input"]["size_hw"] == [120, 160]  # --size
-    assert meta["parity"]["images"] == 2  # --samples (without them the tool takes 4 val images)
-    assert meta["class_names"] == ["circle", "square", "triangle"] and meta["category_ids"] == [3, 7, 12]
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    assert session.get_inputs()[0].shape == [3, 120, 160]
-
-    model, _, _ = load_model(trained_run / "best.pt")  # the same box_score_thresh the graph was exported with
-    compared = 0
-    for path in _val_images(tiny_dataset):  # real images, resized to the export size as the tool does
-        full = Predictor.to_tensor(path)
-        img = torch.nn.functional.interpolate(full[None], size=(120, 160), mode="bilinear")[0]
-        boxes, labels, scores = session.run(None, {"image": img.numpy()})
-        onnx = _above({"boxes": boxes, "labels": labels.astype(np.int64), "scores": scores}, 0.1)
-        eager = _above(_eager(model, img), 0.1)  # compared above 0.1: near-ties at the graph's 0.05 may flip
-        assert onnx["labels"].tolist() == eager["labels"].tolist(), path.name
-        np.testing.assert_allclose(onnx["scores"], eager["scores"], atol=1e-4, err_msg=path.name)
-        np.testing.assert_allclose(onnx["boxes"], eager["boxes"], atol=0.05, err_msg=path.name)
-        assert (onnx["boxes"][:, 2:] <= [160, 120]).all()  # in the pixels of the image given to the graph
-        compared += len(onnx["labels"])
-    assert compared > 0, "no detection above 0.1 on any val image: nothing was compared"
+# ONNX export: tests/test_deploy.py (any input size, ExportedPredictor on files)
 
 
 def test_torchscript_export_runs_as_eager_and_failing_parity_exits_1(trained_run, tiny_dataset, tmp_path):

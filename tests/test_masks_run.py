@@ -16,6 +16,7 @@ from pycocotools import mask as mask_utils
 from detector.config import COCO_STATS
 
 from .conftest import ROOT, data_overrides, epoch_records, launch, run_tool_in_process
+from .test_deploy import exif_rotated_jpeg, exported_like_predictor, shaped_images
 
 TINY_MASK = ROOT / "tests" / "configs" / "tiny_mask.yaml"
 
@@ -116,3 +117,11 @@ def test_onnx_export_includes_the_mask_head(mask_run, tiny_dataset, tmp_path):
     assert code == 0, info["parity"]
     assert "masks" in info["outputs"]["order"]
     assert info["parity"]["mask_pairs"] > 0 and info["parity"]["min_mask_iou"] >= 0.95
+    # any input size: ExportedPredictor like the Predictor (boxes and full-size masks) on three
+    # aspect ratios at two sizes and on an EXIF-rotated file decoded at reduced scale
+    assert info["input"]["size_hw"] == "any" and len(info["parity"]["shapes_hw"]) == 7
+    exif_rotated_jpeg(image, tmp_path / "rotated.jpg")
+    figures = exported_like_predictor(tmp_path / "m.onnx", mask_run / "best.pt",
+                                      [tmp_path / "rotated.jpg", *shaped_images(image)], 0.05)  # fmt: skip
+    assert figures["min_mask_iou"] >= 0.95
+    print(f"Mask R-CNN: ONNX vs eager {figures}")

@@ -1,13 +1,17 @@
 """Export a checkpoint to ONNX, OpenVINO or TorchScript and check it against eager PyTorch.
 
-    python tools/export.py --checkpoint best.pt --format onnx|openvino|torchscript --output FILE [--size H W] [--samples IMG ...]
+    python tools/export.py --checkpoint best.pt --format onnx|openvino|torchscript --output FILE [--samples IMG ...]
     python tools/export.py --checkpoint best.pt --format onnx|openvino --int8 [--calibration DIR] --output FILE
 
-ONNX graphs take one float RGB image (3, H, W) in [0, 1] of the export size (default: the
-model's min_size x a 4:3 width). A metadata file FILE.json is written beside the model (class
-names, input size, normalisation). The check runs both on sample images and fails (exit 1)
-when labels differ or boxes differ by more than --box-tolerance pixels (a Mask R-CNN's graph
-includes the mask head: its masks must overlap eager PyTorch's by at least --mask-iou IoU).
+ONNX graphs take one float RGB image (3, H, W) in [0, 1] of any size (they resize and normalise
+inside) and return boxes in that image's pixels; --size H W only sets the example image the
+graph is traced with. A metadata file FILE.json is written beside the model (class names,
+the decoding steps before the graph and their inverse after it, normalisation);
+detector.deploy.ExportedPredictor runs the model on files like the Predictor. The check runs
+both models on the sample images at their own sizes and on crops of them at three aspect ratios
+(portrait 3:4, 4:3, 16:9) and two sizes, and fails (exit 1) when labels differ or boxes differ
+by more than --box-tolerance pixels (a Mask R-CNN's graph includes the mask head: its masks must
+overlap eager PyTorch's by at least --mask-iou IoU).
 
 OpenVINO (FILE.xml + FILE.bin) is the ONNX graph converted to OpenVINO IR, checked in OpenVINO.
 --int8 quantizes the graph (detector/quantize.py) on --calibration-count images of --calibration
@@ -35,11 +39,10 @@ from detector.inference import Predictor, load_model  # noqa: E402
 from detector.models import model_input_size  # noqa: E402
 
 
-def sample_images(
-    paths: list[str], size: tuple[int, int] | None, checkpoint_cfg: dict, predictor: Predictor
-) -> list[torch.Tensor]:
-    """Sample images at the export size: given files, else the training run's val images,
-    decoded as the Predictor (and training) decode them."""
+def sample_images(paths: list[str], checkpoint_cfg: dict, predictor: Predictor) -> list[torch.Tensor]:
+    """Sample images at their own sizes (given files, else the training run's val images, decoded
+    as the Predictor and training decode them), then crops of the first one at the sizes and
+    aspect ratios of ``export.parity_shapes``: a graph that only works at one size cannot pass."""
     if not paths:
         val = checkpoint_cfg.get("data", {}).get("val", {})
         root = Path(val.get("images") or "")
@@ -49,10 +52,8 @@ def sample_images(
         paths = [str(p) for p in sorted(root.glob("*"))[:4]] if root.is_dir() else []
     images = [predictor.prepare(p)[0] for p in paths]
     if not images:  # nothing to look at: noise still checks that the graphs compute the same thing
-        images = [torch.rand(3, *(size or (320, 320)), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    if size is not None:
-        images = [torch.nn.functional.interpolate(im[None], size=size, mode="bilinear")[0] for im in images]
-    return images
+        images = [torch.rand(3, 320, 320, generator=torch.Generator().manual_seed(0))]
+    return images + [export.reshaped(images[0], s) for s in export.parity_shapes(predictor.model)]
 
 
 def run_split(cfg: dict, split: str) -> tuple[Path, Path] | None:
@@ -68,7 +69,7 @@ def run_split(cfg: dict, split: str) -> tuple[Path, Path] | None:
     return None
 
 
-def int8(args, model, label_map, cfg: dict, fp32_onnx: Path, fp32_path: Path, size) -> tuple[Path, dict, bool]:
+def int8(args, model, label_map, cfg: dict, fp32_onnx: Path, fp32_path: Path) -> tuple[Path, dict, bool]:
     """Quantize the checked fp32 graph to args.output and measure its AP50 against the fp32
     model's on the val set. Returns (the int8 model's path, what to record, within --max-ap50-drop)."""
     from detector import quantize, runtimes
@@ -79,7 +80,7 @@ def int8(args, model, label_map, cfg: dict, fp32_onnx: Path, fp32_path: Path, si
     folder = args.calibration or (train[1] if train else None)
     if folder is None:
         raise DatasetError("--int8 needs --calibration DIR: the training run's images are not there")
-    images, problems = quantize.calibration_images(folder, args.calibration_count, predictor.prepare, size)
+    images, problems = quantize.calibration_images(folder, args.calibration_count, predictor.prepare)
     for p in problems:
         print(f"warning: calibration image left out: {p}", file=sys.stderr)
     print(f"calibrating int8 on {len(images)} image(s) of {folder}")
@@ -93,7 +94,7 @@ def int8(args, model, label_map, cfg: dict, fp32_onnx: Path, fp32_path: Path, si
     stats = {}
     for name, file in (("fp32", fp32_path), ("int8", path)):
         run = runtimes.runner_for(file)
-        stats[name] = quantize.evaluate_runner(run, *val, label_map, model_size, size, desc=f"AP50 {name}")
+        stats[name] = quantize.evaluate_runner(run, *val, label_map, model_size, desc=f"AP50 {name}")
     drop = stats["fp32"]["mAP50"] - stats["int8"]["mAP50"]
     info["val"] = {"annotations": str(val[0]), "images": str(val[1]), "runtime": args.format,
                    "fp32": stats["fp32"], "int8": stats["int8"], "ap50_drop": drop}  # fmt: skip
@@ -107,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--format", choices=["onnx", "openvino", "torchscript"], required=True)
     ap.add_argument("--output", required=True)
-    ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="ONNX input size (fixed)")
+    ap.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="ONNX: the example image size the graph is traced with (the graph takes any size)",
+    )
     ap.add_argument("--samples", nargs="*", default=[], help="images for the parity check")
     ap.add_argument("--score-threshold", type=float, default=0.3, help="detections compared in the check")
     ap.add_argument("--box-tolerance", type=float, default=1.0, help="max box difference in pixels")
@@ -126,12 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--val-annotations and --val-images go together")
 
     model, label_map, meta = load_model(args.checkpoint)
-    size = None
     work = tempfile.TemporaryDirectory()  # the fp32 graph of an openvino or int8 export
     if args.format in ("onnx", "openvino"):
-        size = tuple(args.size) if args.size else export.default_size(model)
         direct = args.format == "onnx" and not args.int8
-        fp32_onnx = export.export_onnx(model, args.output if direct else Path(work.name) / "fp32.onnx", size)
+        fp32_onnx = export.export_onnx(model, args.output if direct else Path(work.name) / "fp32.onnx",
+                                       tuple(args.size) if args.size else None)  # fmt: skip
         path = fp32_onnx
         runner = export.onnx_runner(path)
         if args.format == "openvino":
@@ -142,13 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         path = export.export_torchscript(model, args.output)
         runner = export.torchscript_runner(path)
-    info = export.metadata(label_map, size, args.format, model)
-    info["precision"] = "int8" if args.int8 else "fp32"
     draft = bool(meta.get("config", {}).get("data", {}).get("draft_decode", True))
-    images = sample_images(args.samples, size, meta.get("config", {}), Predictor(model, label_map, "cpu", 1, draft))
+    info = export.metadata(label_map, None, args.format, model, draft)
+    info["precision"] = "int8" if args.int8 else "fp32"
+    images = sample_images(args.samples, meta.get("config", {}), Predictor(model, label_map, "cpu", 1, draft))
     parity = export.check_parity(model, images, runner, args.score_threshold)
     info["parity"] = {
         **parity.__dict__,
+        "shapes_hw": [list(im.shape[1:]) for im in images],
         "box_tolerance_px": args.box_tolerance,
         "score_tolerance": args.score_tolerance,
         "score_threshold": args.score_threshold,
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if family_of_model(model).masks:  # the mask head is in the graph: compare masks too
         from detector.mask_export import mask_parity, mask_runner
 
-        info["outputs"]["masks"] = "(n, 1, H, W) probabilities in input pixels (object where > 0.5)"
+        info["outputs"]["masks"] = "(n, 1, H, W) probabilities at the given image's size (object where > 0.5)"
         if args.format == "openvino":
             mrun = runtimes.as_mask_runner(runtimes.openvino_runner(path))
         else:
@@ -170,13 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     parity_ok = parity.detections > 0 and parity.ok(args.box_tolerance, args.score_tolerance) and masks_ok
     int8_ok = True
     if args.int8 and parity_ok:  # the int8 model of a graph that matches eager PyTorch
-        path, info["int8"], int8_ok = int8(args, model, label_map, meta.get("config", {}), fp32_onnx, path, size)
+        path, info["int8"], int8_ok = int8(args, model, label_map, meta.get("config", {}), fp32_onnx, path)
         info["parity"]["of"] = "the fp32 graph the int8 model was quantized from"
     if parity_ok or not args.int8:  # an int8 export writes nothing when its fp32 graph is wrong
         meta_path = export.write_metadata(info, path)
         print(f"wrote {path} and {meta_path}")
     print(
-        f"parity on {parity.images} image(s), {parity.detections} detection(s) >= {args.score_threshold}: "
+        f"parity on {parity.images} image(s) of {len({tuple(im.shape[1:]) for im in images})} size(s) "
+        f"({', '.join(f'{im.shape[1]}x{im.shape[2]}' for im in images)}), "
+        f"{parity.detections} detection(s) >= {args.score_threshold}: "
         f"labels equal {parity.labels_equal}, max box diff {parity.max_box_diff:.4f} px, "
         f"max score diff {parity.max_score_diff:.2e}"
     )
