@@ -6,9 +6,12 @@ float32 RGB array or tensor (3, H, W) in [0, 1] of any size, the outputs named a
 detection dicts (``family_of_model(model).outputs``: boxes, scores, labels, and masks for a Mask
 R-CNN), labels as int64. :func:`exported_predictor` builds the ExportedPredictor of a file.
 
-ONNX Runtime: :func:`ort_runner` sets the session up for the CPU (all graph optimisations,
-``threads`` intra-op threads, one inter-op thread, sequential execution) and can write the
-optimised graph (``optimized_path``) so that a later session loads it without optimising again.
+ONNX Runtime: :func:`ort_runner` sets the session up for the CPU explicitly (all graph
+optimisations, ``threads`` intra-op threads, one inter-op thread, sequential execution) and can
+write the optimised graph (``optimized_path``) so that a later session loads it without
+optimising again. These are ONNX Runtime's own defaults on a CPU (1.32: ORT_ENABLE_ALL,
+sequential, one thread per physical core): setting them changed nothing measurable on the demo
+model (tools/bench/bench_runtimes.py); the fp32 gain over ONNX Runtime is OpenVINO's.
 
 OpenVINO reads the ONNX graph directly (:func:`export_openvino` writes it as OpenVINO IR,
 .xml + .bin); :func:`openvino_runner` compiles it for the CPU with ``threads`` inference threads
