@@ -139,12 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         fp32_onnx = export.export_onnx(model, args.output if direct else Path(work.name) / "fp32.onnx",
                                        tuple(args.size) if args.size else None)  # fmt: skip
         path = fp32_onnx
-        runner = export.onnx_runner(path)
-        if args.format == "openvino":
+        if args.format == "openvino":  # checked in OpenVINO, at f32
             from detector import runtimes
 
             path = runtimes.export_openvino(fp32_onnx, Path(work.name) / "fp32.xml" if args.int8 else args.output)
             runner = runtimes.as_triple(runtimes.openvino_runner(path))
+        else:
+            runner = export.onnx_runner(path)
     else:
         path = export.export_torchscript(model, args.output)
         runner = export.torchscript_runner(path)
