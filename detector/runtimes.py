@@ -145,9 +145,21 @@ def openvino_runner(
 
     def run(img: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
         result = request.infer({0: _array(img)})
-        return _named({n: np.array(result[o]) for n, o in zip(names, outputs)}, names)
+        return _drop_phantom(_named({n: np.array(result[o]) for n, o in zip(names, outputs)}, names))
 
     return run
+
+
+def _drop_phantom(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Where a graph finds nothing, OpenVINO (2026.4) returns outputs of one row of uninitialised
+    memory instead of zero rows (ONNX Runtime and eager PyTorch return none): seen as label 0,
+    a score like 2e-42 or 1e17, a box of ~0 px. Rows that cannot be detections (label < 1, the
+    background, or a score outside [0, 1]) are dropped."""
+    if "labels" not in out or "scores" not in out:
+        return out
+    scores = out["scores"]
+    keep = (out["labels"] >= 1) & np.isfinite(scores) & (scores >= 0) & (scores <= 1)
+    return out if keep.all() else {k: v[keep] for k, v in out.items()}
 
 
 def runtime_layers(path: str | Path) -> dict[str, int]:

@@ -57,6 +57,21 @@ def test_openvino_export_matches_eager_and_runs_like_the_predictor(trained_run, 
 
 
 @pytest.mark.slow
+def test_openvino_returns_no_rows_where_the_model_finds_nothing(trained_run, tmp_path):
+    """OpenVINO returns one row of uninitialised memory for an empty output; the runner drops it."""
+    from detector.inference import load_model
+
+    model, _, _ = load_model(trained_run / "best.pt", box_score_thresh=1.0)  # no score reaches 1.0
+    onnx_path = export.export_onnx(model, tmp_path / "none.onnx")
+    image = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert len(model([image])[0]["scores"]) == 0
+    assert len(runtimes.ort_runner(onnx_path, threads=1)(image)["scores"]) == 0
+    out = runtimes.openvino_runner(runtimes.export_openvino(onnx_path, tmp_path / "none.xml"), threads=1)(image)
+    assert {k: v.shape[0] for k, v in out.items()} == {"boxes": 0, "scores": 0, "labels": 0}
+
+
+@pytest.mark.slow
 def test_int8_export_is_quantized_and_its_ap50_is_cocoeval_of_its_detections(trained_run, tiny_dataset, tmp_path):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
