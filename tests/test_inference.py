@@ -1,5 +1,5 @@
 """The trained tiny checkpoint through the Predictor and the exported models: the score threshold,
-every input type, and TorchScript / ONNX Runtime outputs compared with eager PyTorch."""
+every input type, and TorchScript outputs compared with eager PyTorch (ONNX: tests/test_deploy.py)."""
 
 from __future__ import annotations
 
