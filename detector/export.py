@@ -178,7 +178,7 @@ def metadata(label_map: LabelMap, size: tuple[int, int] | None, fmt: str, model:
             "scores": "(n,)",
             "order": list(family_of_model(model).outputs),
         },  # fmt: skip
-        "opset": OPSET if fmt == "onnx" else None,
+        "opset": OPSET if fmt in ("onnx", "openvino") else None,  # openvino: converted from ONNX
     }
 
 

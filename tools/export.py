@@ -1,6 +1,7 @@
-"""Export a checkpoint to ONNX or TorchScript and check it against eager PyTorch.
+"""Export a checkpoint to ONNX, OpenVINO or TorchScript and check it against eager PyTorch.
 
-    python tools/export.py --checkpoint best.pt --format onnx|torchscript --output FILE [--samples IMG ...]
+    python tools/export.py --checkpoint best.pt --format onnx|openvino|torchscript --output FILE [--samples IMG ...]
+    python tools/export.py --checkpoint best.pt --format onnx|openvino --int8 [--calibration DIR] --output FILE
 
 ONNX graphs take one float RGB image (3, H, W) in [0, 1] of any size (they resize and normalise
 inside) and return boxes in that image's pixels; --size H W only sets the example image the
@@ -11,12 +12,20 @@ both models on the sample images at their own sizes and on crops of the one with
 detections at three aspect ratios (portrait 3:4, 4:3, 16:9) and two sizes, and fails (exit 1)
 when labels differ or boxes differ by more than --box-tolerance pixels (a Mask R-CNN's graph
 includes the mask head: its masks must overlap eager PyTorch's by at least --mask-iou IoU).
+
+OpenVINO (FILE.xml + FILE.bin) is the ONNX graph converted to OpenVINO IR, checked in OpenVINO.
+--int8 quantizes the graph (detector/quantize.py) on --calibration-count images of --calibration
+(default: the training run's training images); the parity check is then that of the fp32 graph
+it was made from, and the accuracy cost is measured instead: box AP50 of the fp32 and the int8
+model on the val set (the training run's, or --val-annotations/--val-images), written to FILE.json;
+--max-ap50-drop fails the export (exit 1) when int8 loses more than that.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,9 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from detector import export, runtime  # noqa: E402
+from detector.data.coco import DatasetError  # noqa: E402
 from detector.families import family_of_model  # noqa: E402
 from detector.images import ImageDecodeError  # noqa: E402
 from detector.inference import Predictor, load_model  # noqa: E402
+from detector.models import model_input_size  # noqa: E402
 
 
 def sample_images(
@@ -53,10 +64,57 @@ def sample_images(
     return images + [export.reshaped(source, s) for s in export.parity_shapes(predictor.model)]
 
 
+def run_split(cfg: dict, split: str) -> tuple[Path, Path] | None:
+    """(annotations, images) of a training run's split, when both are still there."""
+    data = cfg.get("data", {})
+    part = data.get(split, {}) or {}
+    ann, img = part.get("annotations"), part.get("images")
+    if data.get("synthetic", {}).get("enabled"):
+        root = Path(data["synthetic"]["root"])
+        ann, img = root / f"{split}.json", root / split
+    if ann and img and Path(ann).is_file() and Path(img).is_dir():
+        return Path(ann), Path(img)
+    return None
+
+
+def int8(args, model, label_map, cfg: dict, fp32_onnx: Path, fp32_path: Path) -> tuple[Path, dict, bool]:
+    """Quantize the checked fp32 graph to args.output and measure its AP50 against the fp32
+    model's on the val set. Returns (the int8 model's path, what to record, within --max-ap50-drop)."""
+    from detector import quantize, runtimes
+
+    draft = bool(cfg.get("data", {}).get("draft_decode", True))
+    predictor = Predictor(model, label_map, "cpu", 1, draft)
+    train = run_split(cfg, "train")
+    folder = args.calibration or (train[1] if train else None)
+    if folder is None:
+        raise DatasetError("--int8 needs --calibration DIR: the training run's images are not there")
+    images, problems = quantize.calibration_images(folder, args.calibration_count, predictor.prepare)
+    for p in problems:
+        print(f"warning: calibration image left out: {p}", file=sys.stderr)
+    print(f"calibrating int8 on {len(images)} image(s) of {folder}")
+    path = quantize.quantize_export(fp32_onnx, args.output, args.format, images)
+    info: dict = {"calibration": {"folder": str(folder), "images": len(images), "left_out": len(problems)}}
+    val = (Path(args.val_annotations), Path(args.val_images)) if args.val_annotations else run_split(cfg, "val")
+    if val is None:
+        print("note: no val set (the run's is not there; pass --val-annotations/--val-images): AP50 not measured")
+        return path, info, True
+    model_size = model_input_size(model) if draft else None
+    stats = {}
+    for name, file in (("fp32", fp32_path), ("int8", path)):
+        run = runtimes.runner_for(file)
+        stats[name] = quantize.evaluate_runner(run, *val, label_map, model_size, desc=f"AP50 {name}")
+    drop = stats["fp32"]["mAP50"] - stats["int8"]["mAP50"]
+    info["val"] = {"annotations": str(val[0]), "images": str(val[1]), "runtime": args.format,
+                   "fp32": stats["fp32"], "int8": stats["int8"], "ap50_drop": drop}  # fmt: skip
+    print(f"box AP50 on {val[0]}: fp32 {stats['fp32']['mAP50']:.4f}, int8 {stats['int8']['mAP50']:.4f} "
+          f"(drop {drop:+.4f}); mAP fp32 {stats['fp32']['mAP']:.4f}, int8 {stats['int8']['mAP']:.4f}")  # fmt: skip
+    return path, info, args.max_ap50_drop is None or drop <= args.max_ap50_drop
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    ap.add_argument("--format", choices=["onnx", "openvino", "torchscript"], required=True)
     ap.add_argument("--output", required=True)
     ap.add_argument(
         "--size",
@@ -70,9 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--box-tolerance", type=float, default=1.0, help="max box difference in pixels")
     ap.add_argument("--score-tolerance", type=float, default=1e-3, help="max score difference")
     ap.add_argument("--mask-iou", type=float, default=0.95, help="Mask R-CNN: min IoU of exported vs eager masks")
+    ap.add_argument("--int8", action="store_true", help="onnx/openvino: an int8 model (static quantization)")
+    ap.add_argument("--calibration", help="--int8: a folder of calibration images (default: the training images)")
+    ap.add_argument("--calibration-count", type=int, default=100, help="--int8: calibration images used")
+    ap.add_argument("--val-annotations", help="--int8: the val set's COCO json for AP50 (default: the run's)")
+    ap.add_argument("--val-images", help="--int8: the val set's image folder (default: the run's)")
+    ap.add_argument("--max-ap50-drop", type=float, help="--int8: fail when AP50 drops by more than this (0-1)")
     args = ap.parse_args(argv)
     if args.size and min(args.size) < 1:
         ap.error(f"--size takes a positive height and width, got {args.size[0]} {args.size[1]}")
+    if args.int8 and args.format == "torchscript":
+        ap.error("--int8 is for --format onnx or openvino")
+    if bool(args.val_annotations) != bool(args.val_images):
+        ap.error("--val-annotations and --val-images go together")
 
     model, label_map, meta = load_model(args.checkpoint)
     draft = bool(meta.get("config", {}).get("data", {}).get("draft_decode", True))
@@ -82,13 +150,24 @@ def main(argv: list[str] | None = None) -> int:
     except ImageDecodeError as exc:
         print(f"error: {exc}; pass --samples with readable images", file=sys.stderr)
         return 2
-    if args.format == "onnx":
-        path = export.export_onnx(model, args.output, tuple(args.size) if args.size else None)
-        runner = export.onnx_runner(path)
+    work = tempfile.TemporaryDirectory()  # the fp32 graph of an openvino or int8 export
+    if args.format in ("onnx", "openvino"):
+        direct = args.format == "onnx" and not args.int8
+        fp32_onnx = export.export_onnx(model, args.output if direct else Path(work.name) / "fp32.onnx",
+                                       tuple(args.size) if args.size else None)  # fmt: skip
+        path = fp32_onnx
+        if args.format == "openvino":  # checked in OpenVINO, at f32
+            from detector import runtimes
+
+            path = runtimes.export_openvino(fp32_onnx, Path(work.name) / "fp32.xml" if args.int8 else args.output)
+            runner = runtimes.as_triple(runtimes.openvino_runner(path))
+        else:
+            runner = export.onnx_runner(path)
     else:
         path = export.export_torchscript(model, args.output)
         runner = export.torchscript_runner(path)
     info = export.metadata(label_map, None, args.format, model, draft)
+    info["precision"] = "int8" if args.int8 else "fp32"
     parity = export.check_parity(model, images, runner, args.score_threshold)
     info["parity"] = {
         **parity.__dict__,
@@ -102,13 +181,23 @@ def main(argv: list[str] | None = None) -> int:
         from detector.mask_export import mask_parity, mask_runner
 
         info["outputs"]["masks"] = "(n, 1, H, W) probabilities at the given image's size (object where > 0.5)"
-        mp = mask_parity(model, images, mask_runner(path, args.format), args.score_threshold)
+        if args.format == "openvino":
+            mrun = runtimes.as_mask_runner(runtimes.openvino_runner(path))
+        else:
+            mrun = mask_runner(path, args.format)
+        mp = mask_parity(model, images, mrun, args.score_threshold)
         info["parity"].update({**mp, "mask_iou_tolerance": args.mask_iou})
         print(f"mask parity on {mp['mask_pairs']} detection(s): min IoU {mp['min_mask_iou']:.4f}, "
               f"mean {mp['mean_mask_iou']:.4f}")  # fmt: skip
         masks_ok = mp["mask_pairs"] > 0 and mp["min_mask_iou"] >= args.mask_iou
-    meta_path = export.write_metadata(info, path)
-    print(f"wrote {path} and {meta_path}")
+    parity_ok = parity.detections > 0 and parity.ok(args.box_tolerance, args.score_tolerance) and masks_ok
+    int8_ok = True
+    if args.int8 and parity_ok:  # the int8 model of a graph that matches eager PyTorch
+        path, info["int8"], int8_ok = int8(args, model, label_map, meta.get("config", {}), fp32_onnx, path)
+        info["parity"]["of"] = "the fp32 graph the int8 model was quantized from"
+    if parity_ok or not args.int8:  # an int8 export writes nothing when its fp32 graph is wrong
+        meta_path = export.write_metadata(info, path)
+        print(f"wrote {path} and {meta_path}")
     print(
         f"parity on {parity.images} image(s) of {len({tuple(im.shape[1:]) for im in images})} size(s) "
         f"({', '.join(f'{im.shape[1]}x{im.shape[2]}' for im in images)}), "
@@ -129,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.score_tolerance} in score, mask IoU >= {args.mask_iou})",
             file=sys.stderr,
         )
+        return 1
+    if not int8_ok:
+        print(f"error: the int8 model loses more than --max-ap50-drop {args.max_ap50_drop} AP50", file=sys.stderr)
         return 1
     return 0
 

@@ -1,0 +1,170 @@
+"""CPU runtimes side by side: images/s of one checkpoint in every runtime and precision, one run.
+
+    python tools/bench/bench_runtimes.py --checkpoint runs/demo/best.pt --images data/demo/val \
+        [--n 48] [--threads 2] [--calibration data/demo/train] [--ap] [--output bench.json]
+
+Eager PyTorch, TorchScript, ONNX Runtime fp32 (its default session and the tuned one of
+detector.runtimes), ONNX Runtime int8, OpenVINO fp32 and int8 (and bf16, where the CPU has it),
+on the same --n images at their own sizes, one image per call, --threads threads each
+(torch.set_num_threads too). The rounds are interleaved (every runtime once per round) so that
+a change in machine load hits all of them alike; the best round of each counts. The int8 model
+is calibrated on --calibration-count images of --calibration (default: the run's training
+images). --ap scores every precision on the val set (the run's, or --val-annotations /
+--val-images) with COCOeval: box AP50 and mAP. Prints one JSON object (and writes --output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from detector import export, quantize, runtime, runtimes  # noqa: E402
+from detector.inference import Predictor, load_model  # noqa: E402
+from detector.models import model_input_size  # noqa: E402
+
+
+def split_of(cfg: dict, split: str) -> tuple[Path, Path] | None:
+    """(annotations, images) of the training run's split, when both are there."""
+    data = cfg.get("data", {})
+    part = data.get(split, {}) or {}
+    ann, img = part.get("annotations"), part.get("images")
+    if data.get("synthetic", {}).get("enabled"):
+        ann, img = Path(data["synthetic"]["root"]) / f"{split}.json", Path(data["synthetic"]["root"]) / split
+    return (Path(ann), Path(img)) if ann and img and Path(ann).is_file() and Path(img).is_dir() else None
+
+
+def eager_run(model: torch.nn.Module):
+    def run(img: torch.Tensor) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            return {k: v.numpy() for k, v in model([img])[0].items()}
+
+    return run
+
+
+def script_run(path: Path):
+    scripted = torch.jit.load(str(path))
+
+    def run(img: torch.Tensor) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            return {k: v.numpy() for k, v in scripted([img])[1][0].items()}
+
+    return run
+
+
+def bf16_supported() -> bool:
+    try:
+        import openvino as ov
+
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--images", required=True, help="a folder of images to time on")
+    ap.add_argument("--n", type=int, default=48, help="images timed per round")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--calibration", help="int8 calibration images (default: the run's training images)")
+    ap.add_argument("--calibration-count", type=int, default=100)
+    ap.add_argument("--ap", action="store_true", help="box AP50/mAP of every precision on the val set")
+    ap.add_argument("--val-annotations")
+    ap.add_argument("--val-images")
+    ap.add_argument("--no-bf16", action="store_true", help="leave out OpenVINO bf16")
+    ap.add_argument("--output", help="also write the JSON here")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    model, label_map, meta = load_model(args.checkpoint)
+    cfg = meta.get("config", {})
+    draft = bool(cfg.get("data", {}).get("draft_decode", True))
+    predictor = Predictor(model, label_map, "cpu", 1, draft)
+    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in quantize.IMAGE_SUFFIXES)[: args.n]
+    if not files:
+        print(f"error: no images in {args.images}", file=sys.stderr)
+        return 2
+    images = [predictor.prepare(f)[0] for f in files]
+    calib = args.calibration or (split_of(cfg, "train") or (None, None))[1]
+    if calib is None:
+        print("error: pass --calibration DIR (the run's training images are not there)", file=sys.stderr)
+        return 2
+    result: dict = {"checkpoint": str(args.checkpoint), "images": len(images), "threads": args.threads,
+                    "sizes_hw": sorted({tuple(im.shape[1:]) for im in images}), "img_s": {}}  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        print("exporting: TorchScript, ONNX, int8 (calibrating), OpenVINO IR", file=sys.stderr)
+        ts = export.export_torchscript(model, t / "m.pt")
+        fp32 = export.export_onnx(model, t / "m.onnx")
+        cal, problems = quantize.calibration_images(calib, args.calibration_count, predictor.prepare)
+        int8 = quantize.quantize_onnx(fp32, t / "m_int8.onnx", cal)
+        ov_fp32 = runtimes.export_openvino(fp32, t / "m.xml")
+        ov_int8 = runtimes.export_openvino(int8, t / "m_int8.xml")
+        result["calibration"] = {"folder": str(calib), "images": len(cal), "left_out": len(problems)}
+        n = args.threads
+        runners = {
+            "eager": eager_run(model),
+            "torchscript": script_run(ts),
+            "onnxruntime_default": runtimes.ort_runner(fp32, n, optimize=False),
+            "onnxruntime_tuned": runtimes.ort_runner(fp32, n, optimize=True),
+            "onnxruntime_int8": runtimes.ort_runner(int8, n, optimize=True),
+            "openvino_fp32": runtimes.openvino_runner(ov_fp32, n, "f32"),
+            "openvino_int8": runtimes.openvino_runner(ov_int8, n, "f32"),
+        }
+        if not args.no_bf16 and bf16_supported():
+            runners["openvino_bf16"] = runtimes.openvino_runner(ov_fp32, n, "bf16")
+        result["openvino_int8_layers"] = runtimes.runtime_layers(ov_int8)
+
+        for run in runners.values():  # warm-up (first calls allocate and pick kernels)
+            run(images[0])
+        best = dict.fromkeys(runners, 0.0)
+        bar = runtime.progress(True, total=args.rounds * len(runners), desc="timing")
+        for _ in range(args.rounds):
+            for name, run in runners.items():
+                start = time.perf_counter()
+                for img in images:
+                    run(img)
+                best[name] = max(best[name], len(images) / (time.perf_counter() - start))
+                bar.update(1)
+        bar.close()
+        result["img_s"] = {k: round(v, 2) for k, v in best.items()}
+        result["over_eager"] = {k: round(v / best["eager"], 2) for k, v in best.items()}
+        result["best"] = max((k for k in best if k != "eager"), key=best.get)
+
+        if args.ap:
+            val = (Path(args.val_annotations), Path(args.val_images)) if args.val_annotations else split_of(cfg, "val")
+            if val is None:
+                print("note: --ap: no val set (pass --val-annotations and --val-images)", file=sys.stderr)
+            else:
+                size = model_input_size(model) if draft else None
+                result["val"] = str(val[0])
+                result["ap"] = {}
+                for name in ("eager", "onnxruntime_tuned", "onnxruntime_int8", "openvino_fp32", "openvino_int8",
+                             "openvino_bf16"):  # fmt: skip
+                    if name in runners:
+                        stats = quantize.evaluate_runner(runners[name], *val, label_map, size, desc=f"AP {name}")
+                        result["ap"][name] = {"mAP50": round(stats["mAP50"], 4), "mAP": round(stats["mAP"], 4)}
+        runners.clear()
+        gc.collect()
+
+    text = json.dumps(result)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
