@@ -58,6 +58,8 @@ def calibration_images(
     """
     from detector.data.coco import DatasetError
 
+    if count < 1:
+        raise ValueError(f"calibration takes at least one image, not {count}")
     root = Path(folder)
     if not root.is_dir():
         raise DatasetError(f"calibration folder {root} does not exist")

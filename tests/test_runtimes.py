@@ -122,3 +122,25 @@ def test_int8_export_is_quantized_and_its_ap50_is_cocoeval_of_its_detections(tra
         ev.accumulate()
         ev.summarize()
     assert val["int8"]["mAP50"] == pytest.approx(ev.stats[1], abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--calibration-count", "0", "--calibration-count"),
+        ("--calibration-count", "-2", "--calibration-count"),
+        ("--calibration", "no_such_folder", "no_such_folder"),
+    ],  # fmt: skip
+)
+def test_int8_export_refuses_bad_calibration_options_before_exporting(
+    trained_run, tmp_path, capsys, option, value, message
+):
+    """A count below 1 gave a numpy traceback (negative) or "no image could be decoded" (0); a
+    missing folder was found only after the export and its parity check."""
+    out = tmp_path / "int8.onnx"
+    with pytest.raises(SystemExit) as exit_info:
+        run_tool_in_process("export.py", "--checkpoint", trained_run / "best.pt", "--format", "onnx", "--int8",
+                            option, tmp_path / value if option == "--calibration" else value, "--output", out)  # fmt: skip
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())

@@ -141,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--int8 is for --format onnx or openvino")
     if bool(args.val_annotations) != bool(args.val_images):
         ap.error("--val-annotations and --val-images go together")
+    if args.int8 and args.calibration_count < 1:
+        ap.error(f"--calibration-count takes a number of images >= 1, got {args.calibration_count}")
+    if args.int8 and args.calibration and not Path(args.calibration).is_dir():
+        ap.error(f"--calibration: the folder {args.calibration} does not exist")
 
     model, label_map, meta = load_model(args.checkpoint)
     draft = bool(meta.get("config", {}).get("data", {}).get("draft_decode", True))

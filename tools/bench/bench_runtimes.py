@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-bf16", action="store_true", help="leave out OpenVINO bf16")
     ap.add_argument("--output", help="also write the JSON here")
     args = ap.parse_args(argv)
+    if min(args.n, args.threads, args.rounds, args.calibration_count) < 1:
+        ap.error("--n, --threads, --rounds and --calibration-count take numbers >= 1")
 
     torch.set_num_threads(args.threads)
     model, label_map, meta = load_model(args.checkpoint)
