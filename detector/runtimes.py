@@ -98,12 +98,14 @@ def ort_runner(
     path: str | Path, threads: int | None = None, optimize: bool = True, optimized_path: str | Path | None = None
 ) -> Runner:
     """image -> outputs with ONNX Runtime (see :func:`ort_session` for the arguments)."""
+    from detector.deploy import onnx_run
+
     session = ort_session(path, threads, optimize, optimized_path)
-    name = session.get_inputs()[0].name
+    run_graph = onnx_run(session)
     names = [o.name for o in session.get_outputs()]
 
     def run(img: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
-        return _named(dict(zip(names, session.run(None, {name: _array(img)}))), names)
+        return _named(run_graph(_array(img)), names)
 
     return run
 

@@ -64,19 +64,6 @@ def sample_images(
     return images + [export.reshaped(source, s) for s in export.parity_shapes(predictor.model)]
 
 
-def run_split(cfg: dict, split: str) -> tuple[Path, Path] | None:
-    """(annotations, images) of a training run's split, when both are still there."""
-    data = cfg.get("data", {})
-    part = data.get(split, {}) or {}
-    ann, img = part.get("annotations"), part.get("images")
-    if data.get("synthetic", {}).get("enabled"):
-        root = Path(data["synthetic"]["root"])
-        ann, img = root / f"{split}.json", root / split
-    if ann and img and Path(ann).is_file() and Path(img).is_dir():
-        return Path(ann), Path(img)
-    return None
-
-
 def int8(args, model, label_map, cfg: dict, fp32_onnx: Path, fp32_path: Path) -> tuple[Path, dict, bool]:
     """Quantize the checked fp32 graph to args.output and measure its AP50 against the fp32
     model's on the val set. Returns (the int8 model's path, what to record, within --max-ap50-drop)."""
@@ -84,7 +71,7 @@ def int8(args, model, label_map, cfg: dict, fp32_onnx: Path, fp32_path: Path) ->
 
     draft = bool(cfg.get("data", {}).get("draft_decode", True))
     predictor = Predictor(model, label_map, "cpu", 1, draft)
-    train = run_split(cfg, "train")
+    train = quantize.run_split(cfg, "train")
     folder = args.calibration or (train[1] if train else None)
     if folder is None:
         raise DatasetError("--int8 needs --calibration DIR: the training run's images are not there")
@@ -94,7 +81,9 @@ def int8(args, model, label_map, cfg: dict, fp32_onnx: Path, fp32_path: Path) ->
     print(f"calibrating int8 on {len(images)} image(s) of {folder}")
     path = quantize.quantize_export(fp32_onnx, args.output, args.format, images)
     info: dict = {"calibration": {"folder": str(folder), "images": len(images), "left_out": len(problems)}}
-    val = (Path(args.val_annotations), Path(args.val_images)) if args.val_annotations else run_split(cfg, "val")
+    val = (
+        (Path(args.val_annotations), Path(args.val_images)) if args.val_annotations else quantize.run_split(cfg, "val")
+    )
     if val is None:
         print("note: no val set (the run's is not there; pass --val-annotations/--val-images): AP50 not measured")
         return path, info, True
