@@ -143,16 +143,22 @@ def main(argv: list[str] | None = None) -> int:
     except ImageDecodeError as exc:
         print(f"error: {exc}; pass --samples with readable images", file=sys.stderr)
         return 2
-    work = tempfile.TemporaryDirectory()  # the fp32 graph of an openvino or int8 export
+    with tempfile.TemporaryDirectory() as work:  # the fp32 graph of an openvino or int8 export
+        return export_and_check(args, model, label_map, meta, draft, images, Path(work))
+
+
+def export_and_check(args, model, label_map, meta: dict, draft: bool, images: list[torch.Tensor], work: Path) -> int:
+    """Export, check against eager PyTorch on ``images``, quantize (--int8), write the metadata;
+    the exit code. ``work``: a temporary folder for the fp32 graph of an openvino or int8 export."""
     if args.format in ("onnx", "openvino"):
         direct = args.format == "onnx" and not args.int8
-        fp32_onnx = export.export_onnx(model, args.output if direct else Path(work.name) / "fp32.onnx",
+        fp32_onnx = export.export_onnx(model, args.output if direct else work / "fp32.onnx",
                                        tuple(args.size) if args.size else None)  # fmt: skip
         path = fp32_onnx
         if args.format == "openvino":  # checked in OpenVINO, at f32
             from detector import runtimes
 
-            path = runtimes.export_openvino(fp32_onnx, Path(work.name) / "fp32.xml" if args.int8 else args.output)
+            path = runtimes.export_openvino(fp32_onnx, work / "fp32.xml" if args.int8 else args.output)
             runner = runtimes.as_triple(runtimes.openvino_runner(path))
         else:
             runner = export.onnx_runner(path)
