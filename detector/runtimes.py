@@ -134,10 +134,13 @@ def repair_empty_branches(model: Any) -> int:
     result is repaired only where it is a scalar constant 0 and the If's outputs are 1-D (a
     scalar there is never what the If returns)."""
     ov = require("openvino", "the OpenVINO export")
+    ops = getattr(ov, "op", None) or importlib.import_module("openvino.runtime").op  # moved in 2025
     repaired = 0
     for op in model.get_ordered_ops():
         ranks = [o.get_partial_shape().rank for o in op.outputs()]
         if op.get_type_name() != "If" or not all(r.is_static and r.get_length() == 1 for r in ranks):
+            continue
+        if not hasattr(op, "get_function"):  # an OpenVINO whose Python nodes do not expose If bodies
             continue
         for branch in (0, 1):
             body = op.get_function(branch)
@@ -146,7 +149,7 @@ def repair_empty_branches(model: Any) -> int:
                 node = source.get_node()
                 if (node.get_type_name() == "Constant" and source.get_partial_shape().rank.get_length() == 0
                         and np.asarray(node.get_data()).item() == 0):  # fmt: skip
-                    empty = ov.op.Constant(node.get_element_type(), ov.Shape([0]), [])
+                    empty = ops.Constant(node.get_element_type(), ov.Shape([0]), [])
                     result.input(0).replace_source_output(empty.output(0))
                     repaired += 1
             body.validate_nodes_and_infer_types()
