@@ -149,3 +149,12 @@ def test_int8_export_refuses_bad_calibration_options_before_exporting(
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_openvino_export_refuses_an_output_not_ending_in_xml(trained_run, tmp_path, capsys):
+    """It was a ValueError traceback after the ONNX export (after calibrating, with --int8)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_tool_in_process("export.py", "--checkpoint", trained_run / "best.pt", "--format", "openvino",
+                            "--output", tmp_path / "model.onnx")  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "model.onnx" in capsys.readouterr().err and not list(tmp_path.iterdir())

@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.size and min(args.size) < 1:
         ap.error(f"--size takes a positive height and width, got {args.size[0]} {args.size[1]}")
+    if args.format == "openvino" and Path(args.output).suffix != ".xml":
+        ap.error(f"--format openvino writes FILE.xml and FILE.bin: --output {args.output} does not end in .xml")
     if args.int8 and args.format == "torchscript":
         ap.error("--int8 is for --format onnx or openvino")
     if bool(args.val_annotations) != bool(args.val_images):
