@@ -41,6 +41,20 @@ def fit(img: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
     return torch.nn.functional.interpolate(img[None], size=size, mode="bilinear")[0]
 
 
+def run_split(cfg: dict, split: str) -> tuple[Path, Path] | None:
+    """(annotations, images) of a training run's split (its config; the synthetic set's files when
+    that is on), when both are still there."""
+    data = cfg.get("data", {})
+    part = data.get(split, {}) or {}
+    ann, img = part.get("annotations"), part.get("images")
+    if data.get("synthetic", {}).get("enabled"):
+        root = Path(data["synthetic"]["root"])
+        ann, img = root / f"{split}.json", root / split
+    if ann and img and Path(ann).is_file() and Path(img).is_dir():
+        return Path(ann), Path(img)
+    return None
+
+
 def calibration_images(
     folder: str | Path,
     count: int,
@@ -58,6 +72,8 @@ def calibration_images(
     """
     from detector.data.coco import DatasetError
 
+    if count < 1:
+        raise ValueError(f"calibration takes at least one image, not {count}")
     root = Path(folder)
     if not root.is_dir():
         raise DatasetError(f"calibration folder {root} does not exist")

@@ -98,12 +98,14 @@ def ort_runner(
     path: str | Path, threads: int | None = None, optimize: bool = True, optimized_path: str | Path | None = None
 ) -> Runner:
     """image -> outputs with ONNX Runtime (see :func:`ort_session` for the arguments)."""
+    from detector.deploy import onnx_run
+
     session = ort_session(path, threads, optimize, optimized_path)
-    name = session.get_inputs()[0].name
+    run_graph = onnx_run(session)
     names = [o.name for o in session.get_outputs()]
 
     def run(img: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
-        return _named(dict(zip(names, session.run(None, {name: _array(img)}))), names)
+        return _named(run_graph(_array(img)), names)
 
     return run
 
@@ -116,8 +118,44 @@ def export_openvino(onnx_path: str | Path, path: str | Path) -> Path:
     if path.suffix != ".xml":
         raise ValueError(f"an OpenVINO model is written as .xml + .bin: {path} does not end in .xml")
     model = ov.Core().read_model(str(onnx_path))  # ONNX frontend: seconds faster than ov.convert_model
+    repair_empty_branches(model)
     ov.save_model(model, str(path), compress_to_fp16=False)
     return path
+
+
+def repair_empty_branches(model: Any) -> int:
+    """Give back their empty shape to the empty constants of If branches, which OpenVINO's ONNX
+    reader (2026.4) turns into scalars; returns how many it repaired.
+
+    torchvision's batched_nms returns an empty index list when there are no boxes (an If in the
+    graph, an int64 constant of shape [0] in its "then" branch). Read as a scalar 0, it makes the
+    detections of an image where the model finds nothing one row gathered out of range from
+    empty tensors: stale memory (the previous image's score, label 0), not zero rows. A branch
+    result is repaired only where it is a scalar constant 0 and the If's outputs are 1-D (a
+    scalar there is never what the If returns)."""
+    ov = require("openvino", "the OpenVINO export")
+    ops = getattr(ov, "op", None) or importlib.import_module("openvino.runtime").op  # moved in 2025
+    repaired = 0
+    for op in model.get_ordered_ops():
+        ranks = [o.get_partial_shape().rank for o in op.outputs()]
+        if op.get_type_name() != "If" or not all(r.is_static and r.get_length() == 1 for r in ranks):
+            continue
+        if not hasattr(op, "get_function"):  # an OpenVINO whose Python nodes do not expose If bodies
+            continue
+        for branch in (0, 1):
+            body = op.get_function(branch)
+            for result in body.get_results():
+                source = result.input_value(0)
+                node = source.get_node()
+                if (node.get_type_name() == "Constant" and source.get_partial_shape().rank.get_length() == 0
+                        and np.asarray(node.get_data()).item() == 0):  # fmt: skip
+                    empty = ops.Constant(node.get_element_type(), ov.Shape([0]), [])
+                    result.input(0).replace_source_output(empty.output(0))
+                    repaired += 1
+            body.validate_nodes_and_infer_types()
+    if repaired:
+        model.validate_nodes_and_infer_types()
+    return repaired
 
 
 def openvino_runner(
@@ -136,7 +174,10 @@ def openvino_runner(
     config: dict[str, Any] = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    core = ov.Core()
+    model = core.read_model(str(path))
+    repair_empty_branches(model)  # an IR written before the repair, or an .onnx read here
+    compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
     outputs = list(compiled.outputs)
     # an output has several names (its ONNX name and the tensor's); the graph's own come first
@@ -145,21 +186,9 @@ def openvino_runner(
 
     def run(img: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
         result = request.infer({0: _array(img)})
-        return _drop_phantom(_named({n: np.array(result[o]) for n, o in zip(names, outputs)}, names))
+        return _named({n: np.array(result[o]) for n, o in zip(names, outputs)}, names)
 
     return run
-
-
-def _drop_phantom(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Where a graph finds nothing, OpenVINO (2026.4) returns outputs of one row of uninitialised
-    memory instead of zero rows (ONNX Runtime and eager PyTorch return none): seen as label 0,
-    a score like 2e-42 or 1e17, a box of ~0 px. Rows that cannot be detections (label < 1, the
-    background, or a score outside [0, 1]) are dropped."""
-    if "labels" not in out or "scores" not in out:
-        return out
-    scores = out["scores"]
-    keep = (out["labels"] >= 1) & np.isfinite(scores) & (scores >= 0) & (scores <= 1)
-    return out if keep.all() else {k: v[keep] for k, v in out.items()}
 
 
 def runtime_layers(path: str | Path) -> dict[str, int]:

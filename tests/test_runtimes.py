@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,12 @@ def test_missing_runtime_package_names_the_extra():
 @pytest.mark.slow
 def test_openvino_export_matches_eager_and_runs_like_the_predictor(trained_run, tiny_dataset, tmp_path):
     out = tmp_path / "model.xml"
-    assert run_tool_in_process("export.py", "--checkpoint", trained_run / "best.pt", "--format", "openvino",
-                               "--output", out, "--score-threshold", 0.05) == 0  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        assert run_tool_in_process("export.py", "--checkpoint", trained_run / "best.pt", "--format", "openvino",
+                                   "--output", out, "--score-threshold", 0.05) == 0  # fmt: skip
+    # the fp32 ONNX graph's temporary folder is removed by the tool, not left to the finalizer
+    assert not [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert out.with_suffix(".bin").is_file()
     meta = json.loads(Path(f"{out}.json").read_text())
     assert meta["format"] == "openvino" and meta["precision"] == "fp32"
@@ -57,8 +62,13 @@ def test_openvino_export_matches_eager_and_runs_like_the_predictor(trained_run, 
 
 
 @pytest.mark.slow
-def test_openvino_returns_no_rows_where_the_model_finds_nothing(trained_run, tmp_path):
-    """OpenVINO returns one row of uninitialised memory for an empty output; the runner drops it."""
+def test_openvino_ir_returns_no_rows_where_the_model_finds_nothing(trained_run, tmp_path):
+    """OpenVINO's ONNX reader turns the empty index list of torchvision's batched_nms (an If
+    branch for "no boxes") into a scalar: one row of stale memory (the previous image's score, a
+    label 0) instead of none. export_openvino writes the IR with the empty list, so that OpenVINO
+    itself (not only our runner) returns zero rows."""
+    import openvino as ov
+
     from detector.inference import load_model
 
     model, _, _ = load_model(trained_run / "best.pt", box_score_thresh=1.0)  # no score reaches 1.0
@@ -67,8 +77,14 @@ def test_openvino_returns_no_rows_where_the_model_finds_nothing(trained_run, tmp
     with torch.no_grad():
         assert len(model([image])[0]["scores"]) == 0
     assert len(runtimes.ort_runner(onnx_path, threads=1)(image)["scores"]) == 0
-    out = runtimes.openvino_runner(runtimes.export_openvino(onnx_path, tmp_path / "none.xml"), threads=1)(image)
+    xml = runtimes.export_openvino(onnx_path, tmp_path / "none.xml")
+    out = runtimes.openvino_runner(xml, threads=1)(image)
     assert {k: v.shape[0] for k, v in out.items()} == {"boxes": 0, "scores": 0, "labels": 0}
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_NUM_THREADS": 1})  # the IR as written
+    result = compiled.create_infer_request().infer({0: image.numpy()})
+    assert [result[o].shape[0] for o in compiled.outputs] == [0, 0, 0]
+    # the ONNX graph read directly by the runner gets the same repair
+    assert len(runtimes.openvino_runner(onnx_path, threads=1)(image)["scores"]) == 0
 
 
 @pytest.mark.slow
@@ -111,3 +127,34 @@ def test_int8_export_is_quantized_and_its_ap50_is_cocoeval_of_its_detections(tra
         ev.accumulate()
         ev.summarize()
     assert val["int8"]["mAP50"] == pytest.approx(ev.stats[1], abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--calibration-count", "0", "--calibration-count"),
+        ("--calibration-count", "-2", "--calibration-count"),
+        ("--calibration", "no_such_folder", "no_such_folder"),
+    ],  # fmt: skip
+)
+def test_int8_export_refuses_bad_calibration_options_before_exporting(
+    trained_run, tmp_path, capsys, option, value, message
+):
+    """A count below 1 gave a numpy traceback (negative) or "no image could be decoded" (0); a
+    missing folder was found only after the export and its parity check."""
+    out = tmp_path / "int8.onnx"
+    with pytest.raises(SystemExit) as exit_info:
+        run_tool_in_process("export.py", "--checkpoint", trained_run / "best.pt", "--format", "onnx", "--int8",
+                            option, tmp_path / value if option == "--calibration" else value, "--output", out)  # fmt: skip
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_openvino_export_refuses_an_output_not_ending_in_xml(trained_run, tmp_path, capsys):
+    """It was a ValueError traceback after the ONNX export (after calibrating, with --int8)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_tool_in_process("export.py", "--checkpoint", trained_run / "best.pt", "--format", "openvino",
+                            "--output", tmp_path / "model.onnx")  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "model.onnx" in capsys.readouterr().err and not list(tmp_path.iterdir())

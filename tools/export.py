@@ -64,19 +64,6 @@ def sample_images(
     return images + [export.reshaped(source, s) for s in export.parity_shapes(predictor.model)]
 
 
-def run_split(cfg: dict, split: str) -> tuple[Path, Path] | None:
-    """(annotations, images) of a training run's split, when both are still there."""
-    data = cfg.get("data", {})
-    part = data.get(split, {}) or {}
-    ann, img = part.get("annotations"), part.get("images")
-    if data.get("synthetic", {}).get("enabled"):
-        root = Path(data["synthetic"]["root"])
-        ann, img = root / f"{split}.json", root / split
-    if ann and img and Path(ann).is_file() and Path(img).is_dir():
-        return Path(ann), Path(img)
-    return None
-
-
 def int8(args, model, label_map, cfg: dict, fp32_onnx: Path, fp32_path: Path) -> tuple[Path, dict, bool]:
     """Quantize the checked fp32 graph to args.output and measure its AP50 against the fp32
     model's on the val set. Returns (the int8 model's path, what to record, within --max-ap50-drop)."""
@@ -84,7 +71,7 @@ def int8(args, model, label_map, cfg: dict, fp32_onnx: Path, fp32_path: Path) ->
 
     draft = bool(cfg.get("data", {}).get("draft_decode", True))
     predictor = Predictor(model, label_map, "cpu", 1, draft)
-    train = run_split(cfg, "train")
+    train = quantize.run_split(cfg, "train")
     folder = args.calibration or (train[1] if train else None)
     if folder is None:
         raise DatasetError("--int8 needs --calibration DIR: the training run's images are not there")
@@ -94,7 +81,9 @@ def int8(args, model, label_map, cfg: dict, fp32_onnx: Path, fp32_path: Path) ->
     print(f"calibrating int8 on {len(images)} image(s) of {folder}")
     path = quantize.quantize_export(fp32_onnx, args.output, args.format, images)
     info: dict = {"calibration": {"folder": str(folder), "images": len(images), "left_out": len(problems)}}
-    val = (Path(args.val_annotations), Path(args.val_images)) if args.val_annotations else run_split(cfg, "val")
+    val = (
+        (Path(args.val_annotations), Path(args.val_images)) if args.val_annotations else quantize.run_split(cfg, "val")
+    )
     if val is None:
         print("note: no val set (the run's is not there; pass --val-annotations/--val-images): AP50 not measured")
         return path, info, True
@@ -137,10 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.size and min(args.size) < 1:
         ap.error(f"--size takes a positive height and width, got {args.size[0]} {args.size[1]}")
+    if args.format == "openvino" and Path(args.output).suffix != ".xml":
+        ap.error(f"--format openvino writes FILE.xml and FILE.bin: --output {args.output} does not end in .xml")
     if args.int8 and args.format == "torchscript":
         ap.error("--int8 is for --format onnx or openvino")
     if bool(args.val_annotations) != bool(args.val_images):
         ap.error("--val-annotations and --val-images go together")
+    if args.int8 and args.calibration_count < 1:
+        ap.error(f"--calibration-count takes a number of images >= 1, got {args.calibration_count}")
+    if args.int8 and args.calibration and not Path(args.calibration).is_dir():
+        ap.error(f"--calibration: the folder {args.calibration} does not exist")
 
     model, label_map, meta = load_model(args.checkpoint)
     draft = bool(meta.get("config", {}).get("data", {}).get("draft_decode", True))
@@ -150,16 +145,22 @@ def main(argv: list[str] | None = None) -> int:
     except ImageDecodeError as exc:
         print(f"error: {exc}; pass --samples with readable images", file=sys.stderr)
         return 2
-    work = tempfile.TemporaryDirectory()  # the fp32 graph of an openvino or int8 export
+    with tempfile.TemporaryDirectory() as work:  # the fp32 graph of an openvino or int8 export
+        return export_and_check(args, model, label_map, meta, draft, images, Path(work))
+
+
+def export_and_check(args, model, label_map, meta: dict, draft: bool, images: list[torch.Tensor], work: Path) -> int:
+    """Export, check against eager PyTorch on ``images``, quantize (--int8), write the metadata;
+    the exit code. ``work``: a temporary folder for the fp32 graph of an openvino or int8 export."""
     if args.format in ("onnx", "openvino"):
         direct = args.format == "onnx" and not args.int8
-        fp32_onnx = export.export_onnx(model, args.output if direct else Path(work.name) / "fp32.onnx",
+        fp32_onnx = export.export_onnx(model, args.output if direct else work / "fp32.onnx",
                                        tuple(args.size) if args.size else None)  # fmt: skip
         path = fp32_onnx
         if args.format == "openvino":  # checked in OpenVINO, at f32
             from detector import runtimes
 
-            path = runtimes.export_openvino(fp32_onnx, Path(work.name) / "fp32.xml" if args.int8 else args.output)
+            path = runtimes.export_openvino(fp32_onnx, work / "fp32.xml" if args.int8 else args.output)
             runner = runtimes.as_triple(runtimes.openvino_runner(path))
         else:
             runner = export.onnx_runner(path)

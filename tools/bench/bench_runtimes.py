@@ -33,24 +33,6 @@ from detector.inference import Predictor, load_model  # noqa: E402
 from detector.models import model_input_size  # noqa: E402
 
 
-def split_of(cfg: dict, split: str) -> tuple[Path, Path] | None:
-    """(annotations, images) of the training run's split, when both are there."""
-    data = cfg.get("data", {})
-    part = data.get(split, {}) or {}
-    ann, img = part.get("annotations"), part.get("images")
-    if data.get("synthetic", {}).get("enabled"):
-        ann, img = Path(data["synthetic"]["root"]) / f"{split}.json", Path(data["synthetic"]["root"]) / split
-    return (Path(ann), Path(img)) if ann and img and Path(ann).is_file() and Path(img).is_dir() else None
-
-
-def eager_run(model: torch.nn.Module):
-    def run(img: torch.Tensor) -> dict[str, np.ndarray]:
-        with torch.no_grad():
-            return {k: v.numpy() for k, v in model([img])[0].items()}
-
-    return run
-
-
 def script_run(path: Path):
     scripted = torch.jit.load(str(path))
 
@@ -85,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-bf16", action="store_true", help="leave out OpenVINO bf16")
     ap.add_argument("--output", help="also write the JSON here")
     args = ap.parse_args(argv)
+    if min(args.n, args.threads, args.rounds, args.calibration_count) < 1:
+        ap.error("--n, --threads, --rounds and --calibration-count take numbers >= 1")
 
     torch.set_num_threads(args.threads)
     model, label_map, meta = load_model(args.checkpoint)
@@ -96,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no images in {args.images}", file=sys.stderr)
         return 2
     images = [predictor.prepare(f)[0] for f in files]
-    calib = args.calibration or (split_of(cfg, "train") or (None, None))[1]
+    calib = args.calibration or (quantize.run_split(cfg, "train") or (None, None))[1]
     if calib is None:
         print("error: pass --calibration DIR (the run's training images are not there)", file=sys.stderr)
         return 2
@@ -115,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         result["calibration"] = {"folder": str(calib), "images": len(cal), "left_out": len(problems)}
         n = args.threads
         runners = {
-            "eager": eager_run(model),
+            "eager": quantize.eager_runner(model),
             "torchscript": script_run(ts),
             "onnxruntime_default": runtimes.ort_runner(fp32, n, optimize=False),
             "onnxruntime_tuned": runtimes.ort_runner(fp32, n, optimize=True),
@@ -127,8 +111,14 @@ def main(argv: list[str] | None = None) -> int:
             runners["openvino_bf16"] = runtimes.openvino_runner(ov_fp32, n, "bf16")
         result["openvino_int8_layers"] = runtimes.runtime_layers(ov_int8)
 
-        for run in runners.values():  # warm-up (first calls allocate and pick kernels)
-            run(images[0])
+        # warm-up, not timed: OpenVINO and ONNX Runtime prepare kernels per input shape, and
+        # TorchScript's profiling executor optimises a graph after its first runs at a shape, so
+        # every runtime runs twice at every size of the timed images first (one image at one size
+        # left TorchScript's first round at a tenth of its speed)
+        warm = list({tuple(im.shape): im for im in images}.values())
+        for run in runners.values():
+            for img in warm + warm:
+                run(img)
         best = dict.fromkeys(runners, 0.0)
         bar = runtime.progress(True, total=args.rounds * len(runners), desc="timing")
         for _ in range(args.rounds):
@@ -144,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         result["best"] = max((k for k in best if k != "eager"), key=best.get)
 
         if args.ap:
-            val = (Path(args.val_annotations), Path(args.val_images)) if args.val_annotations else split_of(cfg, "val")
+            val = (
+                (Path(args.val_annotations), Path(args.val_images))
+                if args.val_annotations
+                else quantize.run_split(cfg, "val")
+            )
             if val is None:
                 print("note: --ap: no val set (pass --val-annotations and --val-images)", file=sys.stderr)
             else:
