@@ -258,6 +258,8 @@ def test_large_synthetic_dataset(tmp_path):
     assert {(i["width"], i["height"]) for i in coco["images"]} == {(1500, 1000)}
     sides = np.array([a["bbox"][2:] for a in coco["annotations"]])
     assert len(sides) > 30 and sides.min() >= 12 * 0.85 and sides.max() <= 20 * 1.16
+    val = json.loads(Path(paths["val"]).read_text())  # sparse: under COCOeval's 100 detections an image
+    assert 30 <= len(val["annotations"]) <= 60
 
 
 def test_infer_slices_folders_streamed_by_workers_at_full_resolution(trained_run, tiny_dataset, tmp_path):
