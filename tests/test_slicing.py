@@ -308,7 +308,7 @@ def test_tiles_and_full_pass_map_to_exact_full_image_pixels(w, h):
     assert out["boxes"][out["labels"] == 2].tolist() == [[0.0, 0.0, float(w), float(h)]]
 
 
-def test_merged_duplicates_keep_the_best_score():
+def test_merged_duplicates_score_by_area_weighted_mean():
     img = torch.zeros(3, 200, 300)
     img[:, 40:60, 150:170] = 1.0  # cut by the edge x=160 of the first tile: whole in the next
 
@@ -320,7 +320,8 @@ def test_merged_duplicates_keep_the_best_score():
         return dets
 
     out = detect_sliced(edge_weak, img, SliceSpec(160, 0.5, full_pass=False), batch_size=2)
-    assert len(out["boxes"]) == 1 and out["scores"].tolist() == pytest.approx([0.9])
+    assert len(out["boxes"]) == 1  # one object; its score is the area-weighted mean (supervision's NMM)
+    assert 0.2 < float(out["scores"][0]) < 0.9
 
 
 def test_data_tile_counts_each_dropped_box_once_per_tile(tmp_path):
