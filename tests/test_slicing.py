@@ -369,3 +369,25 @@ def test_data_tile_rasterises_only_the_masks_of_its_own_boxes(tmp_path, monkeypa
         for m, b in zip(t["masks"], t["boxes"].int().tolist()):
             ys, xs = np.nonzero(m.numpy())
             assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == pytest.approx(tuple(b), abs=1)
+
+
+def test_data_tile_cache_gives_the_same_items_and_stays_bounded(tmp_path):
+    from detector.data.coco import CocoIndex
+    from detector.data.tiles import TiledDataset
+
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (100, 150, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": 150, "height": 100})
+    anns = [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [60, 30, 30, 30], "area": 900, "iscrowd": 0}
+            for i in range(3)]  # fmt: skip
+    write_coco(tmp_path / "a.json", images, anns, [{"id": 1, "name": "x"}])
+    index = CocoIndex(tmp_path / "a.json", images_root=tmp_path)
+    cached = TiledDataset(index, tmp_path, None, size=64, overlap=0.2, cache_images=2)
+    plain = TiledDataset(index, tmp_path, None, size=64, overlap=0.2, cache_images=0)
+    for k in list(range(len(plain))) + [0, len(plain) - 1, 1]:  # revisits after eviction too
+        (a, ta), (b, tb) = cached[k], plain[k]
+        assert torch.equal(a, b) and torch.equal(ta["boxes"], tb["boxes"]) and ta["dropped"] == tb["dropped"]
+        assert len(cached._cache) <= 2
+    assert len(plain._cache) == 0
