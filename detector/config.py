@@ -63,6 +63,7 @@ class TileConfig:
     size: int | None = None
     overlap: float = 0.2  # a fraction of size
     min_visibility: float = 0.3  # a box cut by a tile's edge to less than this fraction of itself is dropped (counted)
+    cache_images: int = 2  # whole decoded images each data worker keeps (W x H x 3 bytes each): tiles reuse them
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,7 @@ def validate(cfg: Config) -> None:
         (cfg.data.tile.size is None or cfg.data.tile.size >= 16, "data.tile.size must be >= 16 px (or null: off)"),
         (0 <= cfg.data.tile.overlap < 1, "data.tile.overlap must be in [0, 1)"),
         (0 <= cfg.data.tile.min_visibility <= 1, "data.tile.min_visibility must be in [0, 1]"),
+        (cfg.data.tile.cache_images >= 0, "data.tile.cache_images must be >= 0"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),

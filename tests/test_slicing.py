@@ -258,6 +258,8 @@ def test_large_synthetic_dataset(tmp_path):
     assert {(i["width"], i["height"]) for i in coco["images"]} == {(1500, 1000)}
     sides = np.array([a["bbox"][2:] for a in coco["annotations"]])
     assert len(sides) > 30 and sides.min() >= 12 * 0.85 and sides.max() <= 20 * 1.16
+    val = json.loads(Path(paths["val"]).read_text())  # sparse: under COCOeval's 100 detections an image
+    assert 30 <= len(val["annotations"]) <= 60
 
 
 def test_infer_slices_folders_streamed_by_workers_at_full_resolution(trained_run, tiny_dataset, tmp_path):
@@ -280,3 +282,112 @@ def test_infer_slices_folders_streamed_by_workers_at_full_resolution(trained_run
     got = sorted((r["category_id"], round(r["score"], 4)) for r in rows)
     assert len(det) > 0 and got == sorted((int(c), round(float(s), 4)) for c, s in zip(det.category_ids, det.scores))
     assert p.decode_model_size is None
+
+
+# -- review: numbers at the edges ------------------------------------------------------------------
+
+
+def frame_detector(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Detects each input's whole frame: class 1 for a tile (a 64 px side), 2 for the full pass."""
+    out = []
+    for im in images:
+        h, w = im.shape[-2:]
+        b = torch.tensor([[0.0, 0.0, float(w), float(h)]])
+        label = 1 if 64 in (h, w) or (h, w) == (40, 50) else 2
+        out.append({"boxes": b, "labels": torch.tensor([label]), "scores": torch.tensor([0.5])})
+    return out
+
+
+@pytest.mark.parametrize("w,h", [(150, 349), (349, 150), (50, 40)])  # portrait, landscape, smaller than a tile
+def test_tiles_and_full_pass_map_to_exact_full_image_pixels(w, h):
+    out = detect_sliced(frame_detector, torch.zeros(3, h, w), SliceSpec(64, 0.2, iou=0.99), 3, (20, 20))
+    tiles = out["boxes"][out["labels"] == 1]
+    want = torch.from_numpy(tile_grid(w, h, 64, 0.2)).float()
+    assert sorted(map(tuple, tiles.tolist())) == sorted(map(tuple, want.tolist()))  # every tile at its offset
+    # the whole-image pass is given the image at the model's scale (rounded per side): back to W x H exactly
+    assert out["boxes"][out["labels"] == 2].tolist() == [[0.0, 0.0, float(w), float(h)]]
+
+
+def test_merged_duplicates_score_by_area_weighted_mean():
+    img = torch.zeros(3, 200, 300)
+    img[:, 40:60, 150:170] = 1.0  # cut by the edge x=160 of the first tile: whole in the next
+
+    def edge_weak(images):  # a piece cut by a tile's edge is found with a low score
+        dets = blob_detector(160)(images)
+        for d, im in zip(dets, images):
+            cut = (d["boxes"][:, 0] <= 0) | (d["boxes"][:, 2] >= im.shape[-1])
+            d["scores"] = torch.where(cut, 0.2, 0.9)
+        return dets
+
+    out = detect_sliced(edge_weak, img, SliceSpec(160, 0.5, full_pass=False), batch_size=2)
+    assert len(out["boxes"]) == 1  # one object; its score is the area-weighted mean (supervision's NMM)
+    assert 0.2 < float(out["scores"][0]) < 0.9
+
+
+def test_data_tile_counts_each_dropped_box_once_per_tile(tmp_path):
+    from detector.data.coco import CocoIndex
+    from detector.data.tiles import TiledDataset
+
+    Image.new("RGB", (320, 160)).save(tmp_path / "a.jpg")
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [20, 20, 0.5, 10], "area": 5, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [200, 20, 20, 20], "area": 400, "iscrowd": 0}]  # fmt: skip
+    write_coco(tmp_path / "a.json", [{"id": 1, "file_name": "a.jpg", "width": 320, "height": 160}], anns,
+               [{"id": 1, "name": "x"}])  # fmt: skip
+    ds = TiledDataset(CocoIndex(tmp_path / "a.json", images_root=tmp_path), tmp_path, None, size=160, overlap=0.0)
+    items = [ds[k][1] for k in range(len(ds))]
+    # the 0.5 px wide box lies in the first tile only: dropped there, not once per tile of its image
+    assert [t["dropped"] for t in items] == [1, 0] and [len(t["boxes"]) for t in items] == [0, 1]
+
+
+def test_data_tile_rasterises_only_the_masks_of_its_own_boxes(tmp_path, monkeypatch):
+    from detector.data import mask_index, masks
+    from detector.data.coco import CocoIndex
+    from detector.data.tiles import TiledDataset
+
+    Image.new("RGB", (480, 160)).save(tmp_path / "a.jpg")
+    anns = []
+    for i, x in enumerate([10, 40, 70, 170, 200, 330, 360, 400]):  # 3 + 2 + 3 squares in the 3 tiles
+        poly = [x, 20, x + 20, 20, x + 20, 40, x, 40]
+        anns.append({"id": i + 1, "image_id": 1, "category_id": 1, "bbox": [x, 20, 20, 20], "area": 400,
+                     "iscrowd": 0, "segmentation": [poly]})  # fmt: skip
+    write_coco(tmp_path / "a.json", [{"id": 1, "file_name": "a.jpg", "width": 480, "height": 160}], anns,
+               [{"id": 1, "name": "x"}])  # fmt: skip
+    index = CocoIndex(tmp_path / "a.json", images_root=tmp_path, masks=True)
+    drawn: list[int] = []
+    real = masks.rasterize
+
+    def spy(store, rows, *a, **k):
+        drawn.append(len(rows))
+        return real(store, rows, *a, **k)
+
+    monkeypatch.setattr(masks, "rasterize", spy)
+    monkeypatch.setattr(mask_index, "rasterize", spy)
+    ds = TiledDataset(index, tmp_path, None, size=160, overlap=0.0)
+    items = [ds[k][1] for k in range(len(ds))]
+    assert [len(t["masks"]) for t in items] == [3, 2, 3] and drawn == [3, 2, 3]  # not all 8 masks per tile
+    for t in items:  # each mask in its tile's pixels, matching its box
+        for m, b in zip(t["masks"], t["boxes"].int().tolist()):
+            ys, xs = np.nonzero(m.numpy())
+            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == pytest.approx(tuple(b), abs=1)
+
+
+def test_data_tile_cache_gives_the_same_items_and_stays_bounded(tmp_path):
+    from detector.data.coco import CocoIndex
+    from detector.data.tiles import TiledDataset
+
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (100, 150, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": 150, "height": 100})
+    anns = [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [60, 30, 30, 30], "area": 900, "iscrowd": 0}
+            for i in range(3)]  # fmt: skip
+    write_coco(tmp_path / "a.json", images, anns, [{"id": 1, "name": "x"}])
+    index = CocoIndex(tmp_path / "a.json", images_root=tmp_path)
+    cached = TiledDataset(index, tmp_path, None, size=64, overlap=0.2, cache_images=2)
+    plain = TiledDataset(index, tmp_path, None, size=64, overlap=0.2, cache_images=0)
+    for k in list(range(len(plain))) + [0, len(plain) - 1, 1]:  # revisits after eviction too
+        (a, ta), (b, tb) = cached[k], plain[k]
+        assert torch.equal(a, b) and torch.equal(ta["boxes"], tb["boxes"]) and ta["dropped"] == tb["dropped"]
+        assert len(cached._cache) <= 2
+    assert len(plain._cache) == 0

@@ -140,9 +140,8 @@ def build_datasets(
         from detector.data.tiles import TiledDataset
 
         t = cfg.tile
-        tiled = TiledDataset(
-            splits.train, splits.train_root, train_tf, t.size, t.overlap, t.min_visibility, cfg.on_corrupt_image
-        )
+        args = (t.size, t.overlap, t.min_visibility, cfg.on_corrupt_image, t.cache_images)
+        tiled = TiledDataset(splits.train, splits.train_root, train_tf, *args)
         return tiled, CocoDetection(splits.val, splits.val_root, val_tf, size, cfg.on_corrupt_image)  # type: ignore[return-value]
     return (
         CocoDetection(splits.train, splits.train_root, train_tf, size, cfg.on_corrupt_image),

@@ -188,6 +188,7 @@ def make_large_dataset(
     object_px: tuple[float, float] = (16, 32),
     objects: tuple[int, int] = (150, 301),
     masks: bool = True,
+    val_objects: tuple[int, int] | None = (30, 61),
 ) -> dict[str, Path]:
     """The demo shapes, small, on large images: what sliced inference is for.
 
@@ -198,8 +199,11 @@ def make_large_dataset(
         seed: the dataset is a pure function of its arguments.
         size: (width, height) of every image (its portrait twin every other image).
         object_px: the range of the objects' size (about their side) in pixels.
-        objects: objects per image, drawn from [low, high).
+        objects: objects per training image, drawn from [low, high).
         masks: write polygon segmentations (Mask R-CNN).
+        val_objects: objects per validation image (None: as ``objects``). The default keeps
+            them under COCOeval's 100 scored detections per image (maxDets), which would
+            otherwise cap recall, while training images stay dense.
 
     Returns:
         Paths of the annotation files, by split.
@@ -209,5 +213,5 @@ def make_large_dataset(
     opts = {"sizes": [(w, h), (h, w)], "object_px": object_px, "objects": objects}
     return {
         "train": _make_split(root, "train", num_train, seed, masks, **opts),  # type: ignore[arg-type]
-        "val": _make_split(root, "val", num_val, seed, masks, **opts),  # type: ignore[arg-type]
+        "val": _make_split(root, "val", num_val, seed, masks, **{**opts, "objects": val_objects or objects}),  # type: ignore[arg-type]
     }

@@ -12,6 +12,7 @@ as usual, and tools/evaluate.py --slice scores the same split by sliced inferenc
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,7 @@ class TiledDataset(torch.utils.data.Dataset):
         overlap: float = 0.2,
         min_visibility: float = 0.3,
         on_corrupt_image: str = "error",
+        cache_images: int = 2,
     ) -> None:
         """Args:
         index: the validated training annotations.
@@ -59,9 +61,16 @@ class TiledDataset(torch.utils.data.Dataset):
         overlap: overlap of neighbouring tiles, a fraction of size.
         min_visibility: boxes cut to less than this fraction of their area are dropped.
         on_corrupt_image: as CocoDetection's.
+        cache_images: decoded whole images each process keeps (uint8, W x H x 3 bytes each), so
+            the tiles of one image do not each decode it again; 0: none.
         """
-        # the whole image at full resolution, untransformed: tiles are cut from it
-        self.base = CocoDetection(index, images_root, None, None, on_corrupt_image)
+        # the whole image at full resolution, untransformed, without masks (a tile rasterises only
+        # the masks of its own boxes): tiles are cut from it
+        plain = copy.copy(index)
+        plain.masks = None
+        self.base = CocoDetection(plain, images_root, None, None, on_corrupt_image)
+        self.cache_images = int(cache_images)
+        self._cache: dict[int, Any] = {}
         self.index, self.root, self.transform = index, self.base.root, transform
         self.size, self.overlap, self.min_visibility = int(size), float(overlap), float(min_visibility)
         image_of, rects = [], []
@@ -94,28 +103,54 @@ class TiledDataset(torch.utils.data.Dataset):
             f"dropped (cut below min_visibility {self.min_visibility:g}): {self.boxes_dropped}"
         )
 
+    def _decoded(self, i: int) -> tuple[torch.Tensor, dict[str, Any]] | None:
+        """Image i decoded whole at full resolution (no masks), through a small per-process cache of
+        the last ``cache_images`` images: consecutive tiles of one image decode it once."""
+        if i in self._cache:
+            self._cache[i] = self._cache.pop(i)  # most recently used last
+            return self._cache[i]
+        item = self.base[i]
+        if self.cache_images > 0:
+            while len(self._cache) >= self.cache_images:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[i] = item
+        return item
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]] | None:
         k, seed = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), None)
-        item = self.base[int(self.tile_image[k])]
+        i = int(self.tile_image[k])
+        item = self._decoded(i)
         if item is None:  # undecodable, skipped (on_corrupt_image=skip): the collate counts it
             return None
         image, target = item
         x0, y0, x1, y1 = (int(v) for v in self.tile_xyxy[k])
-        arr = image.permute(1, 2, 0)[y0:y1, x0:x1].numpy()
-        boxes = target["boxes"].numpy().astype(np.float64)
+        arr = np.ascontiguousarray(image.permute(1, 2, 0)[y0:y1, x0:x1].numpy())  # a copy: the cache stays
+        # the index's boxes (as the start-up count): a box is counted once per tile it touches
+        boxes, labels, crowd = self.index.annotations(i)
+        rows = np.flatnonzero(~crowd)
+        boxes, labels = boxes[rows].astype(np.float64), labels[rows]
+        sx, sy = target["scale"]
+        if sx != 1.0 or sy != 1.0:  # a file whose decoded size differs from the json's
+            boxes = boxes * np.array([sx, sy, sx, sy])
         touches, vis = _visibility(boxes, np.array([[x0, y0, x1, y1]], np.float64))
         keep = touches[0] & (vis[0] >= self.min_visibility)
         cut = int((touches[0] & ~keep).sum())
         boxes = (np.clip(boxes[keep], [x0, y0, x0, y0], [x1, y1, x1, y1]) - [x0, y0, x0, y0]).astype(np.float32)
-        labels = target["labels"].numpy()[keep]
-        masks = target["masks"].numpy()[keep][:, y0:y1, x0:x1] if "masks" in target else None
-        arr = np.ascontiguousarray(arr)
+        labels = labels[keep]
+        masks = None
+        if self.index.masks is not None:  # only the kept boxes' masks, rasterised then cut to the tile
+            from detector.data.masks import rasterize
+
+            h0, w0 = image.shape[-2:]
+            full = rasterize(self.index.masks, self.index.ann_start[i] + rows[keep],
+                             int(self.index.heights[i]), int(self.index.widths[i]), (w0, h0), (sx, sy))  # fmt: skip
+            masks = np.ascontiguousarray(full[:, y0:y1, x0:x1])
+            del full
         if masks is None:
             arr, boxes, labels = apply(self.transform, arr, boxes, labels, seed)
         else:
             from detector.data.mask_index import apply_with_masks
 
-            masks = np.ascontiguousarray(masks)
             arr, boxes, labels, masks = apply_with_masks(self.transform, arr, boxes, labels, masks, seed)
         wh = boxes[:, 2:] - boxes[:, :2]
         ok = np.isfinite(boxes).all(1) & (wh >= 1.0).all(1)
@@ -132,7 +167,7 @@ class TiledDataset(torch.utils.data.Dataset):
             "tile": (x0, y0),
             "scale": (w1 / (x1 - x0), h1 / (y1 - y0)),
             "size": (x1 - x0, y1 - y0),
-            "dropped": int(target["dropped"]) + cut + int(keep.sum() - ok.sum()),
+            "dropped": cut + int(keep.sum() - ok.sum()),
         }
         if masks is not None:
             out["masks"] = torch.from_numpy(np.ascontiguousarray(masks[ok]))
