@@ -42,28 +42,40 @@ RunGraph = Callable[[np.ndarray], dict[str, np.ndarray]]  # float32 (3, H, W) in
 _OPTIMIZATION = ("disable", "basic", "extended", "all")
 
 
-def onnx_session(path: str | Path, threads: int | None = None, graph_optimization: str = "all"):
-    """An ONNX Runtime CPU session for an exported graph.
+def onnx_session(
+    path: str | Path,
+    threads: int | None = None,
+    graph_optimization: str | None = "all",
+    optimized_path: str | Path | None = None,
+):
+    """An ONNX Runtime CPU session for an exported graph (the one place sessions are made).
 
     Args:
         path: the .onnx file.
         threads: intra-op threads (None: ONNX Runtime's default, one per core).
         graph_optimization: ONNX Runtime's graph optimisation level, one of "disable", "basic",
-            "extended", "all".
+            "extended", "all" (set with one inter-op thread and sequential execution); None
+            leaves every session option at ONNX Runtime's default.
+        optimized_path: write the optimised graph there.
     """
     try:
         import onnxruntime as ort
     except ImportError:
         raise RuntimeError("running an ONNX model needs onnxruntime: pip install 'detector[export]'") from None
-    if graph_optimization not in _OPTIMIZATION:
+    if graph_optimization is not None and graph_optimization not in _OPTIMIZATION:
         raise ValueError(f"graph_optimization must be one of {', '.join(_OPTIMIZATION)}, got {graph_optimization!r}")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    options.graph_optimization_level = getattr(
-        ort.GraphOptimizationLevel, "ORT_DISABLE_ALL" if graph_optimization == "disable" else
-        f"ORT_ENABLE_{graph_optimization.upper()}",
-    )  # fmt: skip
+    if graph_optimization is not None:
+        options.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel, "ORT_DISABLE_ALL" if graph_optimization == "disable" else
+            f"ORT_ENABLE_{graph_optimization.upper()}",
+        )  # fmt: skip
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
+    if optimized_path:
+        options.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -72,7 +72,7 @@ def ort_session(
     optimize: bool = True,
     optimized_path: str | Path | None = None,
 ) -> Any:
-    """An ONNX Runtime CPU session.
+    """An ONNX Runtime CPU session (``deploy.onnx_session``).
 
     Args:
         path: the .onnx file.
@@ -81,17 +81,10 @@ def ort_session(
             one inter-op thread and sequential execution; False keeps ONNX Runtime's defaults.
         optimized_path: write the optimised graph there (only with optimize).
     """
-    ort = require("onnxruntime", "running an ONNX model")
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    if optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.inter_op_num_threads = 1
-        if optimized_path:
-            options.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from detector.deploy import onnx_session
+
+    require("onnxruntime", "running an ONNX model")
+    return onnx_session(path, threads, "all" if optimize else None, optimized_path if optimize else None)
 
 
 def ort_runner(
