@@ -33,14 +33,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 
 
-def fit(img: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    """An image at a fixed-size graph's (height, width) (bilinear, as tools/export.py's samples),
-    or unchanged for a graph of any size."""
-    if size is None or tuple(img.shape[-2:]) == tuple(size):
-        return img
-    return torch.nn.functional.interpolate(img[None], size=size, mode="bilinear")[0]
-
-
 def run_split(cfg: dict, split: str) -> tuple[Path, Path] | None:
     """(annotations, images) of a training run's split (its config; the synthetic set's files when
     that is on), when both are still there."""
@@ -59,7 +51,6 @@ def calibration_images(
     folder: str | Path,
     count: int,
     prepare: Callable[[str | Path], tuple[torch.Tensor, float, tuple[int, int]]],
-    size: tuple[int, int] | None = None,
 ) -> tuple[list[torch.Tensor], list[str]]:
     """Up to ``count`` images of a folder (searched recursively), spread evenly over its sorted
     file list, decoded by ``prepare`` (the Predictor's: the pixels the model will see).
@@ -85,7 +76,7 @@ def calibration_images(
     images, problems = [], []
     for f in files:
         try:
-            images.append(fit(prepare(f)[0], size))
+            images.append(prepare(f)[0])
         except Exception as exc:  # one bad file is reported, not fatal
             problems.append(f"{f}: {exc}")
     if not images:
@@ -137,14 +128,13 @@ def detections_of(
     images: str | Path,
     label_map: Any,
     model_size: tuple[int, int] | None = None,
-    size: tuple[int, int] | None = None,
     desc: str = "evaluate",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """A runner's COCO result rows on a val set, and the set's ground truth.
 
     The images are decoded as evaluation decodes them (CocoDetection: EXIF orientation, JPEGs
-    larger than the model's input at reduced scale when ``model_size`` is given), brought to a
-    fixed-size graph's ``size``, and the boxes mapped back to the json's pixels
+    larger than the model's input at reduced scale when ``model_size`` is given), run at their
+    decoded size (exported graphs take any size), and the boxes mapped back to the json's pixels
     (detector.evaluation.detections_to_coco). Boxes only: masks are not scored here.
     """
     from detector import runtime
@@ -157,14 +147,9 @@ def detections_of(
     bar = runtime.progress(True, total=len(data), desc=desc)
     for i in range(len(data)):
         image, target = data[i]
-        img = image.float().div_(255)
-        sx, sy = target["scale"]
-        h, w = img.shape[-2:]
-        img = fit(img, size)
-        sx, sy = sx * img.shape[-1] / w, sy * img.shape[-2] / h
-        out = run(img)
+        out = run(image.float().div_(255))
         det = {k: torch.from_numpy(np.asarray(out[k])) for k in ("boxes", "labels", "scores")}
-        rows += detections_to_coco([det], [{**target, "scale": (sx, sy)}], label_map)
+        rows += detections_to_coco([det], [target], label_map)
         bar.update(1)
     bar.close()
     return rows, index.to_coco_gt()
@@ -176,14 +161,13 @@ def evaluate_runner(
     images: str | Path,
     label_map: Any,
     model_size: tuple[int, int] | None = None,
-    size: tuple[int, int] | None = None,
     desc: str = "evaluate",
 ) -> dict[str, float]:
     """COCO box stats (mAP, mAP50, ...) and the number of detections of a runner on a val set,
     scored by detector.evaluation.evaluate_coco (pycocotools); see :func:`detections_of`."""
     from detector.evaluation import evaluate_coco
 
-    rows, gt = detections_of(run, annotations, images, label_map, model_size, size, desc)
+    rows, gt = detections_of(run, annotations, images, label_map, model_size, desc)
     result = evaluate_coco(gt, rows)
     return {**result.stats, "detections": len(rows)}
 
