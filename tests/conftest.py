@@ -255,3 +255,17 @@ def http_server(root: Path):
     finally:
         server.shutdown()
         thread.join()
+
+
+def vanishing_dataset(tiny_dataset: dict[str, Path], tmp_path: Path, split: str) -> tuple[dict, list[str], Path, dict]:
+    """A copy of the tiny dataset whose first two images of ``split`` tests/scripts/vanish.py moves
+    away after the first state: (dataset paths, those file names, where they go, the env that
+    tells vanish.py)."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset["root"], root)
+    ds = {"root": root, "train": root / "train.json", "val": root / "val.json"}
+    names = [im["file_name"] for im in json.loads(ds[split].read_text())["images"][:2]]
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    env = {"VANISH": os.pathsep.join(str(root / split / n) for n in names), "VANISH_TO": str(gone)}
+    return ds, names, gone, env

@@ -28,6 +28,7 @@ from .conftest import (
     launch,
     launch_cmd,
     tool_env,
+    vanishing_dataset,
     write_coco,
 )
 
@@ -303,16 +304,7 @@ def test_disk_full_while_saving_keeps_the_previous_files(tiny_dataset, tmp_path,
 @pytest.fixture
 def vanishing_copy(tiny_dataset, tmp_path):
     """A copy of the tiny dataset whose two first training images vanish after the first state."""
-    import shutil
-
-    root = tmp_path / "data"
-    shutil.copytree(tiny_dataset["root"], root)
-    ds = {"root": root, "train": root / "train.json", "val": root / "val.json"}
-    names = [im["file_name"] for im in json.loads(ds["train"].read_text())["images"][:2]]
-    gone = tmp_path / "gone"
-    gone.mkdir()
-    env = {"VANISH": os.pathsep.join(str(root / "train" / n) for n in names), "VANISH_TO": str(gone)}
-    return ds, names, gone, env
+    return vanishing_dataset(tiny_dataset, tmp_path, "train")
 
 
 @pytest.mark.slow

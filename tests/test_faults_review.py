@@ -249,22 +249,15 @@ def test_a_stale_lock_taken_over_by_another_run_first_is_not_taken_twice(tmp_pat
 def test_a_validation_image_vanishing_in_the_last_epoch_is_validated_on_resume(tiny_dataset, tmp_path):
     """The state saved when validation fails holds the epoch's training; the resume must still
     validate that epoch (and write last.pt, best.pt and its metrics), also when it is the last."""
-    import shutil
-
     from detector import tracking, weights
 
-    from .conftest import ROOT, TINY, data_overrides, tool_env
+    from .conftest import ROOT, TINY, data_overrides, tool_env, vanishing_dataset
 
-    root = tmp_path / "data"
-    shutil.copytree(tiny_dataset["root"], root)
-    ds = {"root": root, "train": root / "train.json", "val": root / "val.json"}
-    names = [im["file_name"] for im in json.loads(ds["val"].read_text())["images"][:2]]
-    gone = tmp_path / "gone"
-    gone.mkdir()
+    ds, names, gone, env = vanishing_dataset(tiny_dataset, tmp_path, "val")
+    root = ds["root"]
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "tests" / "scripts" / "vanish.py"), "--config", str(TINY), f"output_dir={run}",
            "logging.plots=false", "train.epochs=1", "train.checkpoint_every_steps=2", *data_overrides(ds)]  # fmt: skip
-    env = {"VANISH": os.pathsep.join(str(root / "val" / n) for n in names), "VANISH_TO": str(gone)}
     res = subprocess.run(cmd, env=tool_env(env), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "The state after epoch 1's training was saved" in res.stderr, res.stderr[-3000:]
     for n in names:
