@@ -255,15 +255,9 @@ def check_parity(
 def onnx_runner(path: str | Path, threads: int | None = None):
     """image tensor -> (boxes, labels, scores) with ONNX Runtime on the CPU (``threads``: intra-op
     threads, None for ONNX Runtime's default)."""
-    from detector.deploy import onnx_run, onnx_session
+    from detector.runtimes import as_triple, ort_runner
 
-    run_graph = onnx_run(onnx_session(path, threads))
-
-    def run(img: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        out = run_graph(img.numpy())
-        return out["boxes"], out["labels"].astype(np.int64), out["scores"]
-
-    return run
+    return as_triple(ort_runner(path, threads))
 
 
 def torchscript_runner(path: str | Path):

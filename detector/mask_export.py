@@ -22,15 +22,9 @@ MaskRunner = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray, np.ndarray, 
 def mask_runner(path: str | Path, fmt: str) -> MaskRunner:
     """image -> (boxes, labels, scores, masks (n, 1, H, W) probabilities) of an exported model."""
     if fmt == "onnx":
-        from detector.deploy import onnx_run, onnx_session
+        from detector.runtimes import as_mask_runner, ort_runner
 
-        run_graph = onnx_run(onnx_session(path))
-
-        def run_onnx(img: torch.Tensor):
-            out = run_graph(img.numpy())
-            return out["boxes"], out["labels"].astype(np.int64), out["scores"], out["masks"]
-
-        return run_onnx
+        return as_mask_runner(ort_runner(path))
     scripted = torch.jit.load(str(path))
 
     def run_script(img: torch.Tensor):
