@@ -27,9 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from detector.inference import Detections, ImageInput, decode, to_detections
+from detector.inference import Detections, ImageInput, decode, image_list, to_detections
 from detector.labels import LabelMap
 
 __all__ = ["METADATA_FORMAT", "ExportedPredictor", "RunGraph", "onnx_run", "onnx_session", "read_metadata"]
@@ -172,12 +171,8 @@ class ExportedPredictor:
         Boxes are in the pixels of the full image (after EXIF orientation for files); a Mask
         R-CNN's masks are binary arrays of that size.
         """
-        if isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor)) and not (
-            isinstance(images, torch.Tensor) and images.ndim == 4
-        ):
-            images = [images]
         out = []
-        for image in images:
+        for image in image_list(images):
             tensor, scale, size = self.prepare(image)
             o = self.run(tensor.numpy())
             boxes, labels, scores, masks = o["boxes"], o["labels"], o["scores"], o.get("masks")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,12 +143,8 @@ class Predictor:
         Boxes are in the pixels of the full image (after EXIF orientation for files); a Mask R-CNN's
         masks are binary arrays of that size (``Detections.rles()`` gives them as COCO RLE).
         """
-        if isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor)) and not (
-            isinstance(images, torch.Tensor) and images.ndim == 4
-        ):
-            images = [images]
         out: list[Detections] = []
-        for batch in _chunks(list(images), self.batch_size):
+        for batch in iter_batches(image_list(images), self.batch_size):
             out += self.predict_prepared([self.prepare(im) for im in batch])
         return out
 
@@ -232,6 +229,15 @@ def to_detections(
     )
 
 
+def image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    """One image or a sequence of them (a 4-D tensor is a batch) as a list of images."""
+    if isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor)) and not (
+        isinstance(images, torch.Tensor) and images.ndim == 4
+    ):
+        return [images]
+    return list(images)
+
+
 def _rgb(t: torch.Tensor) -> torch.Tensor:
     """(C, H, W) with C of 1 (grayscale), 3 (RGB) or 4 (RGBA) -> (3, H, W)."""
     if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
@@ -239,6 +245,14 @@ def _rgb(t: torch.Tensor) -> torch.Tensor:
     return t.expand(3, -1, -1) if t.shape[0] == 1 else t[:3]
 
 
-def _chunks(items: list, n: int) -> Iterable[list]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
+def iter_batches(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    """Consecutive lists of n items (the last may be shorter), from any iterable (a generator of
+    video frames too: items are taken as they come)."""
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

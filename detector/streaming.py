@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -211,15 +211,3 @@ def infer_images(
     write_json(out / "images.json", {"images": images, "categories": categories(predictor)})
     summary.images = len(images)
     return summary
-
-
-def iter_batches(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
-    """Consecutive lists of n items (the last may be shorter)."""
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

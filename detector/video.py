@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from detector import runtime
-from detector.inference import Predictor
-from detector.streaming import RowSpool, categories, detection_rows, draw, iter_batches, write_json
+from detector.inference import Predictor, iter_batches
+from detector.streaming import RowSpool, categories, detection_rows, draw, write_json
 
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 OUTPUT_FOURCC = "mp4v"
