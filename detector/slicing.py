@@ -252,32 +252,22 @@ def predict_sliced(predictor: Any, prepared: Sequence[tuple[torch.Tensor, float,
         Detections (detector.inference) per image; a Mask R-CNN's masks are bool (n, H, W).
     """
     from detector.families import family_of_model, loss_and_detections
-    from detector.inference import Detections
+    from detector.inference import to_detections
     from detector.models import model_input_size
 
     model, spec = predictor.model, predictor.slicing
     has_masks = family_of_model(model).masks
     size = model_input_size(model)
     out = []
-    for t, scale, _ in prepared:
+    for t, scale, full in prepared:
         if scale != 1.0:
             raise ValueError("sliced inference takes full-resolution images (decoded with model_size=None)")
         t = t.to(predictor.device)
         d = detect_sliced(lambda ims: loss_and_detections(model, ims, None)[1], t, spec, predictor.batch_size, size)
-        labels = d["labels"].numpy()
-        masks = None
-        if has_masks:
-            masks = d["masks"].dense() if "masks" in d else np.zeros((0, *t.shape[-2:]), bool)
-        out.append(
-            Detections(
-                boxes=d["boxes"].numpy(),
-                labels=labels,
-                names=[predictor.label_map.names[i - 1] for i in labels],
-                scores=d["scores"].numpy(),
-                category_ids=predictor.label_map.to_category_ids(labels),
-                masks=masks,
-            )
-        )
+        det = to_detections(d["boxes"], d["labels"], d["scores"], None, 1.0, full, predictor.label_map)
+        if has_masks:  # already binary at the full size
+            det.masks = d["masks"].dense() if "masks" in d else np.zeros((0, *t.shape[-2:]), bool)
+        out.append(det)
     return out
 
 
