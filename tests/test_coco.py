@@ -12,7 +12,7 @@ from PIL import Image
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError, LabelMap
 from detector.evaluation import evaluate_coco
 
-from .conftest import shared_data, write_coco
+from .conftest import run_tool_in_process, shared_data, write_coco
 
 CATS = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
 
@@ -65,6 +65,54 @@ def test_label_map_gaps_zero_and_placeholder(tmp_path):
     assert LabelMap.from_dict(lm.to_dict()) == lm
     with pytest.raises(ValueError):
         lm.to_category_ids(np.array([0]))
+
+
+def _same_name_twice() -> dict:
+    d = base()
+    d["images"][1]["file_name"] = "b.jpg"
+    d["categories"] = [{"id": 1, "name": "car"}, {"id": 2, "name": "car"}]
+    return d
+
+
+def test_two_categories_with_one_name_are_refused_naming_both_ids(tmp_path):
+    # class 1 found perfectly and class 2 missed would be reported as one 'car' result
+    with pytest.raises(DatasetError, match=r"ann\.json: categories share a name \('car' is category 1 and 2\)"):
+        load(tmp_path, _same_name_twice())
+    d = _same_name_twice()  # a second, unused 'car' would still be a second class of that name
+    d["annotations"][1]["category_id"] = 1
+    with pytest.raises(DatasetError, match="'car' is category 1 and 2"):
+        load(tmp_path, d, on_invalid="repair")
+
+
+def test_evaluate_and_check_dataset_refuse_two_categories_with_one_name(tmp_path, capsys):
+    d = _same_name_twice()
+    gt = tmp_path / "ann.json"
+    gt.write_text(json.dumps(d))
+    preds = tmp_path / "preds.json"
+    preds.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [10, 20, 30, 40], "score": 0.9}]))
+    for tool, args in (("evaluate.py", ["--predictions", preds, "--annotations", gt]),
+                       ("check_dataset.py", [gt, tmp_path])):  # fmt: skip
+        capsys.readouterr()
+        assert run_tool_in_process(tool, *args) == 2, tool
+        err = capsys.readouterr().err
+        assert "error:" in err and str(gt) in err and "'car' is category 1 and 2" in err, (tool, err)
+
+
+def test_roboflow_placeholder_named_as_its_only_class(tmp_path):
+    # a one-class Roboflow export: placeholder 0 'car' (unused) and class 1 'car' under it
+    d = base()
+    d["categories"] = [
+        {"id": 0, "name": "car", "supercategory": "none"},
+        {"id": 1, "name": "car", "supercategory": "car"},
+    ]
+    d["annotations"][1]["category_id"] = 1
+    idx = load(tmp_path, d)
+    assert idx.label_map.category_ids == (1,) and idx.label_map.names == ("car",)
+    assert idx.dropped_categories == [(0, "car")]
+    # COCO's own 'person' is its own supercategory: unused, it stays a class
+    d["categories"] = [{"id": 1, "name": "car", "supercategory": "vehicle"},
+                       {"id": 2, "name": "person", "supercategory": "person"}]  # fmt: skip
+    assert load(tmp_path, d).label_map.names == ("car", "person")
 
 
 def test_zero_based_category_used(tmp_path):

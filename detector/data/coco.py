@@ -221,6 +221,7 @@ class CocoIndex:
         )
         ann_img, ann_cat, ann_box, ann_raw, ann_crowd, ann_area = rows
         used = set(ann_cat.tolist())
+        _refuse_duplicate_names(cats, self._supercategories, used, str(self.path))
         self.category_remap: dict[int, int] = {}  # this file's category id -> the label map's, where they differ
         if label_map is None:
             label_map, self.dropped_categories = _derive_label_map(cats, self._supercategories, used)
@@ -767,14 +768,44 @@ def _derive_label_map(
     dataset-level placeholder, not a class: it is left out (and reported). Other unused
     categories stay, so that the label map matches what the user declared.
     """
-    parent_names = {s for c, s in supers.items() if s and s != cats[c]}
-    keep, dropped = [], []
-    for cid in sorted(cats):
-        if cid not in used and cats[cid] in parent_names:
-            dropped.append((cid, cats[cid]))
-        else:
-            keep.append(cid)
+    placeholders = _placeholders(cats, supers, used)
+    keep = [c for c in sorted(cats) if c not in placeholders]
+    dropped = [(c, cats[c]) for c in sorted(placeholders)]
     return LabelMap(tuple(keep), tuple(cats[c] for c in keep)), dropped
+
+
+def _placeholders(cats: dict[int, str], supers: dict[int, str], used: set[int]) -> set[int]:
+    """Roboflow's dataset-level placeholders: unused categories named as the supercategory of
+    another category. Its name may be a class's own (a one-class export of "car" has placeholder
+    0 'car' and class 1 'car' under supercategory 'car'); a category that is its own
+    supercategory (COCO's 'person') does not make itself a placeholder."""
+    parents: dict[str, set[int]] = {}
+    for c, s in supers.items():
+        if s:
+            parents.setdefault(s, set()).add(c)
+    return {c for c, n in cats.items() if c not in used and parents.get(n, set()) - {c}}
+
+
+def _refuse_duplicate_names(cats: dict[int, str], supers: dict[int, str], used: set[int], path: str) -> None:
+    """Two classes with one name would share one per-class result (AP, error analysis, the label
+    names of predictions): class 1 found perfectly and class 2 missed would read ``car: 0.0``.
+    Roboflow's placeholder (see ``_placeholders``) may share a class's name: it is not a class.
+
+    Raises:
+        DatasetError: naming the file, the name and every id that carries it.
+    """
+    placeholders = _placeholders(cats, supers, used)
+    ids_of: dict[str, list[int]] = {}
+    for c in sorted(cats):
+        if c not in placeholders:
+            ids_of.setdefault(cats[c], []).append(c)
+    dup = {n: ids for n, ids in ids_of.items() if len(ids) > 1}
+    if dup:
+        listed = "; ".join(f"'{n}' is category " + " and ".join(str(c) for c in ids) for n, ids in dup.items())
+        raise DatasetError(
+            f"{path}: categories share a name ({listed}): their per-class results would be merged under one "
+            "name. Give each category its own name, or relabel its annotations to one id"
+        )
 
 
 class CocoDetection(torch.utils.data.Dataset):
