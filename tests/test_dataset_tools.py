@@ -258,18 +258,91 @@ def test_split_keeps_images_once_groups_whole_and_class_shares(videos, tmp_path,
 
 def test_split_and_merge_refuse_bad_input_like_the_data_layer(videos, tmp_path, capsys):
     bad = json.loads(videos.read_text())
-    bad["annotations"][4]["bbox"] = [90, 90, 30, 30]  # leaves the 100x100 image
+    bad["annotations"][4]["bbox"] = [120, 120, 30, 30]  # outside the 100x100 image: nothing left to clip
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(bad))
     for tool, args in (("split_dataset.py", [path, "--output-dir", tmp_path / "o"]),
                        ("merge_datasets.py", [videos, path, "--output", tmp_path / "m.json"])):  # fmt: skip
-        with pytest.raises(DatasetError) as direct:  # the data layer's own message
-            CocoIndex(path, on_invalid="error")
+        with pytest.raises(DatasetError) as direct:  # the data layer's own message, as training loads it
+            CocoIndex(path)
         err = refused(capsys, tool, *args)
         assert f"{path}: 1 problem(s)" in err and "annotations[4] (id 5)" in err
         assert str(direct.value).splitlines()[:2] == err.removeprefix("error: ").splitlines()[:2]
+        assert "--on-invalid=repair" in err and "data.on_invalid" not in err  # the tool's own flag
+    assert not list(tmp_path.glob("o/*")) and not list(tmp_path.glob("m.json*"))
     err = refused(capsys, "split_dataset.py", videos, "--output-dir", tmp_path / "o", "--group-regex", "^frame")
     assert "does not match 120 file name" in err
+
+
+def _overhanging(videos: Path, tmp_path: Path) -> tuple[Path, dict]:
+    """The videos with one box 5.7 px past the right edge (as in a real CVAT export) and one
+    box that lies wholly outside (nothing a clip can keep)."""
+    data = json.loads(videos.read_text())
+    data["annotations"][4]["bbox"] = [90, 10, 15.7, 20]
+    path = tmp_path / "cvat.json"
+    path.write_text(json.dumps(data))
+    return path, data
+
+
+@pytest.mark.parametrize("tool", ["split_dataset.py", "merge_datasets.py"])
+def test_split_and_merge_take_on_invalid_as_training_does(videos, tmp_path, capsys, tool):
+    path, data = _overhanging(videos, tmp_path)
+    CocoIndex(path)  # training (data.on_invalid=clip, the default) accepts it
+    out = tmp_path / "out"
+
+    def run(*extra) -> tuple[int, list[dict], str]:
+        capsys.readouterr()
+        args = [path, "--output-dir", out] if tool == "split_dataset.py" else [path, "--output", out / "m.json"]
+        code = run_tool_in_process(tool, *args, *extra)
+        text = capsys.readouterr()
+        anns = [a for f in sorted(out.glob("*.json")) for a in json.loads(f.read_text())["annotations"]]
+        return code, anns, text.out + text.err
+
+    code, anns, text = run()
+    assert code == 0, text
+    assert len(anns) == len(data["annotations"]) and [90, 10, 15.7, 20] in [a["bbox"] for a in anns]  # as written
+    assert "boxes overhanging the image clipped for training" in text and ": 1" in text  # counted
+    code, _, text = run("--on-invalid", "error")
+    assert code == 2 and "annotations[4] (id 5)" in text and "--on-invalid=clip, the default" in text
+    data["annotations"][5]["bbox"] = [120, 120, 5, 5]
+    path.write_text(json.dumps(data))
+    for f in out.glob("*.json"):
+        f.unlink()
+    code, anns, text = run("--on-invalid", "repair")
+    assert code == 0, text
+    assert len(anns) == len(data["annotations"]) - 1 and [120, 120, 5, 5] not in [a["bbox"] for a in anns]
+    assert "boxes outside the image (nothing left after clipping) dropped: 1" in text
+
+
+def test_split_refuses_bad_group_regex_and_ratios_without_writing(videos, tmp_path, capsys):
+    out = tmp_path / "o"
+    for args, message in (
+        (["--group-regex", "^(vid0[0-4])?"], "its first group does not match 120 file name"),  # group took no part
+        (["--group-regex", "^(video"], "is not a regular expression: missing ), unterminated subpattern"),
+        (["--ratios", "0.8", "0.3"], "--ratios 0.8 + 0.3 = 1.1: the shares must sum to 1"),
+    ):
+        err = refused(capsys, "split_dataset.py", videos, "--output-dir", out, *args)
+        assert message in err and "Traceback" not in err, (args, err)
+    assert run_tool_in_process("split_dataset.py", videos, "--output-dir", out, "--ratios", 0.33, 0.33, 0.33) == 0
+
+
+def test_a_failed_split_leaves_no_output_behind(videos, tmp_path, capsys, monkeypatch):
+    """The second split failing its check must not leave the first one's train.json."""
+    import detector.data.coco as coco
+
+    real = coco.CocoIndex.__init__
+    calls = []
+
+    def fail_second_output(self, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 3:  # the input, train, then val
+            raise DatasetError(f"{path}: refused for the test")
+        real(self, path, *a, **kw)
+
+    monkeypatch.setattr(coco.CocoIndex, "__init__", fail_second_output)
+    err = refused(capsys, "split_dataset.py", videos, "--output-dir", tmp_path)
+    assert "refused for the test" in err and len(calls) == 3
+    assert not list(tmp_path.iterdir())
 
 
 def test_merge_matches_categories_by_name(tmp_path, capsys):

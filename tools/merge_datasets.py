@@ -1,11 +1,15 @@
 """Merge COCO files into one, matching categories by name.
 
     python tools/merge_datasets.py a.json b.json --output merged.json [--prefix dirA dirB] [--rename automobile=car]
+        [--on-invalid clip|error|repair]
 
 Category ids are renumbered 1..K in order of first appearance by name (the same name in two
 files is one class, whatever its id); image and annotation ids are renumbered. --prefix puts
 each file's images under a folder of one common image root. Every input is validated as
-training validates it (strict mode); the same file_name in two inputs is refused.
+training validates it, with --on-invalid as data.on_invalid (clip by default: boxes overhanging
+the image are kept as written and counted; repair also leaves out what it drops, counted). File
+names of two inputs that would be one file under one image root (the same name, up to './',
+'//' and letter case) are refused, named: give --prefix.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector import runtime  # noqa: E402
 from detector.data.coco import CocoIndex, DatasetError  # noqa: E402
-from detector.data.split import merge  # noqa: E402
+from detector.data.split import ON_INVALID, OPTION, merge  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", required=True)
     ap.add_argument("--prefix", nargs="+", help="one folder prefix per input for its file names")
     ap.add_argument("--rename", nargs="+", default=[], metavar="OLD=NEW", help="category names to rename first")
+    ap.add_argument(OPTION, choices=ON_INVALID, default="clip",
+                    help="as data.on_invalid: clip (default) keeps overhanging boxes, counted; repair drops what cannot be used")  # fmt: skip
     args = ap.parse_args(argv)
 
     renames = {}
@@ -36,11 +42,18 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not old or not new:
             raise DatasetError(f"--rename takes OLD=NEW, got {item!r}")
         renames[old] = new
-    merged, notes = merge(args.inputs, args.prefix, renames)
+    merged, notes = merge(args.inputs, args.prefix, renames, args.on_invalid)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(merged))
-    index = CocoIndex(out, on_invalid="error")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(merged))
+    try:
+        index = CocoIndex(tmp, on_invalid=args.on_invalid, option=OPTION)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(out)  # only a file that loads is written
+    index.path = out
     print("\n".join(notes))
     print(index.summary())
     return 0

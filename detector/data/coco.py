@@ -138,6 +138,7 @@ class CocoIndex:
         progress: Any = None,
         max_pixels: int | None = None,
         masks: bool = False,
+        option: str = "data.on_invalid",
     ) -> None:
         """Parse and validate a COCO detection json.
 
@@ -162,6 +163,7 @@ class CocoIndex:
             max_pixels: with images_root, images declaring more pixels are listed as too large.
             masks: also parse and validate the instance masks (``segmentation``) into flat
                 buffers (see data.masks); box-only families leave them unread.
+            option: how messages name the ``on_invalid`` setting (a tool's ``--on-invalid``).
 
         Raises:
             DatasetError: naming the file, the json location and the id of every problem.
@@ -196,6 +198,7 @@ class CocoIndex:
         if on_invalid not in ("error", "clip", "repair"):
             raise ValueError(f"on_invalid must be error, clip or repair, got {on_invalid!r}")
         self.on_invalid = on_invalid
+        self.option = option
         repair = on_invalid == "repair"
         cats = self._parse_categories(data["categories"])
         img_ids, widths, heights, names = self._parse_images(data["images"], allow_outside_root, repair)
@@ -213,13 +216,10 @@ class CocoIndex:
             from detector.data.mask_index import parse_masks
 
             rows, self.masks = parse_masks(self, data["annotations"], rows, widths, heights, names, repair)
-        rows = rows[:6]
         del data
         # Problems that cannot be repaired, or any problem in "error" mode, stop here.
-        self.report.raise_if_any(
-            "" if repair else "\n(set data.on_invalid=repair to drop what cannot be used, counted)"
-        )
-        ann_img, ann_cat, ann_box, ann_raw, ann_crowd, ann_area = rows
+        self.report.raise_if_any("" if repair else f"\n(set {option}=repair to drop what cannot be used, counted)")
+        ann_img, ann_cat, ann_box, ann_raw, ann_crowd, ann_area, ann_src = rows
         used = set(ann_cat.tolist())
         _refuse_duplicate_names(cats, self._supercategories, used, str(self.path))
         self.category_remap: dict[int, int] = {}  # this file's category id -> the label map's, where they differ
@@ -228,7 +228,7 @@ class CocoIndex:
         else:
             self.dropped_categories = []
             remap = match_categories(
-                cats, used, label_map, str(self.path), label_source or "the training split", repair
+                cats, used, label_map, str(self.path), label_source or "the training split", repair, option
             )
             for c in [c for c, t in remap.items() if t == UNMATCHED]:
                 n = int((ann_cat == c).sum())
@@ -240,8 +240,8 @@ class CocoIndex:
         self.label_map = label_map
         known = np.isin(ann_cat, np.asarray(label_map.category_ids, dtype=np.int64))
         if not known.all():  # categories dropped above
-            ann_img, ann_cat, ann_box, ann_raw, ann_crowd, ann_area = (
-                a[known] for a in (ann_img, ann_cat, ann_box, ann_raw, ann_crowd, ann_area)
+            ann_img, ann_cat, ann_box, ann_raw, ann_crowd, ann_area, ann_src = (
+                a[known] for a in (ann_img, ann_cat, ann_box, ann_raw, ann_crowd, ann_area, ann_src)
             )
         # Group annotations by image (stable: json order within an image).
         order = np.argsort(ann_img, kind="stable")
@@ -254,6 +254,7 @@ class CocoIndex:
         self.labels = label_map.to_labels(self.category_ids)
         self.iscrowd = ann_crowd[order]
         self.areas = ann_area[order].astype(np.float64)  # the json's area (w*h where it has none)
+        self.source_rows = ann_src[order].astype(np.int64)  # each annotation's position in the json's list
         if self.masks is not None:
             self.masks.select(np.flatnonzero(known)[order] if not known.all() else order)
         self._set_names(names)
@@ -583,7 +584,7 @@ class CocoIndex:
                     "bbox outside image",
                     where,
                     f"bbox {bbox} (xyxy {x1:g},{y1:g},{x2:g},{y2:g}) leaves the {int(W)}x{int(H)} image "
-                    "(data.on_invalid=clip, the default, clips it for training)" + swapped_hint(img),
+                    f"({self.option}=clip, the default, clips it for training)" + swapped_hint(img),
                 )
                 continue
             if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
@@ -614,7 +615,7 @@ class CocoIndex:
         ann_keep = np.repeat(keep, counts)
         names = [self.file_name(i) for i in np.flatnonzero(keep)]
         self.image_ids, self.widths, self.heights = self.image_ids[keep], self.widths[keep], self.heights[keep]
-        for attr in ("boxes", "gt_xywh", "category_ids", "labels", "iscrowd", "areas"):
+        for attr in ("boxes", "gt_xywh", "category_ids", "labels", "iscrowd", "areas", "source_rows"):
             setattr(self, attr, getattr(self, attr)[ann_keep])
         if self.masks is not None:
             self.masks.select(np.flatnonzero(ann_keep))
@@ -718,7 +719,13 @@ class CocoIndex:
 
 
 def match_categories(
-    cats: dict[int, str], used: set[int], label_map: LabelMap, path: str, label_source: str, repair: bool = False
+    cats: dict[int, str],
+    used: set[int],
+    label_map: LabelMap,
+    path: str,
+    label_source: str,
+    repair: bool = False,
+    option: str = "data.on_invalid",
 ) -> dict[int, int]:
     """Map a split's categories onto a label map (the training split's) by name.
 
@@ -754,7 +761,7 @@ def match_categories(
             f"{path}: categories do not match {label_source}: "
             + "; ".join(bad)
             + f". The model's classes are {classes}; categories are matched by name, so rename or relabel "
-            "the categories of one of the files (data.on_invalid=repair drops their annotations instead)."
+            f"the categories of one of the files ({option}=repair drops their annotations instead)."
         )
     return remap
 

@@ -12,6 +12,7 @@ moves and swaps then lower that sum further while they can.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections import Counter
 from pathlib import Path, PurePosixPath
@@ -21,14 +22,42 @@ import numpy as np
 
 from detector.data.coco import MAX_LISTED, CocoIndex, DatasetError, read_json
 
+RATIO_ROUNDING = 0.011  # |sum(ratios) - 1| accepted: shares rounded to two decimals (0.33 0.33 0.33)
 MAX_SWAPS = 16  # swap partners tried per group and split in the local search
 NEGATIVE = "(no objects)"  # images without annotations are stratified as one more class
 
 
-def load_strict(path: str | Path) -> tuple[CocoIndex, dict[str, Any]]:
-    """The validated index (CocoIndex in strict mode: the data layer's own errors) and the raw json."""
-    index = CocoIndex(path, on_invalid="error")
-    return index, read_json(index.path)
+ON_INVALID = ("error", "clip", "repair")  # the choices of data.on_invalid and of the tools' --on-invalid
+OPTION = "--on-invalid"
+
+
+def load(path: str | Path, on_invalid: str = "clip") -> tuple[CocoIndex, dict[str, Any]]:
+    """The validated index and the json as that index uses it.
+
+    Args:
+        path: the COCO file.
+        on_invalid: as data.on_invalid (the data layer's own errors and counts): "clip" keeps
+            boxes that overhang the image as written (training clips them, evaluation scores
+            them as written); "repair" also leaves out the images and annotations it drops.
+
+    Returns:
+        (index, json): the json's images and annotations are those the index kept, as written.
+    """
+    index = CocoIndex(path, on_invalid=on_invalid, option=OPTION)
+    data = read_json(index.path)
+    ids = set(index.image_ids.tolist())
+    images, seen = [], set()
+    for im in data["images"]:  # repair keeps the first of duplicate image entries
+        if isinstance(im, dict) and im.get("id") in ids and im["id"] not in seen:
+            seen.add(im["id"])
+            images.append(im)
+    annotations = [data["annotations"][j] for j in sorted(index.source_rows.tolist())]
+    return index, {**data, "images": images, "annotations": annotations}
+
+
+def repairs(index: CocoIndex) -> list[str]:
+    """What loading clipped, repaired or dropped, one line each (nothing is changed silently)."""
+    return [f"{index.path}: {what}: {n}" for what, n in sorted(index.repairs.items())]
 
 
 def group_keys(file_names: list[str], group: str = "none", regex: str | None = None) -> list[str]:
@@ -40,16 +69,23 @@ def group_keys(file_names: list[str], group: str = "none", regex: str | None = N
             is the key. Takes precedence over ``group``. A name it does not match is an error.
     """
     if regex:
-        pattern = re.compile(regex)
+        try:
+            pattern = re.compile(regex)
+        except re.error as exc:
+            raise DatasetError(f"--group-regex {regex!r} is not a regular expression: {exc}") from None
         keys, bad = [], []
         for n in file_names:
             m = pattern.search(n)
-            if m is None:
+            key = None if m is None else m.group(1) if pattern.groups else m.group(0)
+            if key is None:  # no match, or an optional group that took no part in it
                 bad.append(n)
                 continue
-            keys.append(m.group(1) if pattern.groups else m.group(0))
+            keys.append(key)
         if bad:
-            raise DatasetError(f"--group-regex {regex!r} does not match {len(bad)} file name(s), e.g. {bad[:5]}")
+            what = "its first group" if pattern.groups else "it"
+            raise DatasetError(
+                f"--group-regex {regex!r}: {what} does not match {len(bad)} file name(s), e.g. {bad[:5]}"
+            )
         return keys
     if group == "dir":
         return [str(PurePosixPath(n).parent) for n in file_names]
@@ -63,14 +99,17 @@ def assign(index: CocoIndex, ratios: list[float], keys: list[str], seed: int = 0
 
     Args:
         index: the validated dataset.
-        ratios: the share of each split; they are normalised to sum to 1.
+        ratios: the share of each split, positive and summing to 1 (within RATIO_ROUNDING).
         keys: the group key of each image (see ``group_keys``).
         seed: breaks ties; the same seed gives the same split.
     """
     r = np.asarray(ratios, dtype=np.float64)
-    if len(r) < 2 or (r <= 0).any():
-        raise DatasetError(f"ratios must be two or three positive numbers, got {ratios}")
-    r = r / r.sum()
+    if len(r) < 2 or not (r > 0).all():
+        raise DatasetError(f"--ratios must be two or three positive numbers, got {list(ratios)}")
+    if abs(r.sum() - 1) > RATIO_ROUNDING:  # 0.8 0.3 is a typo, not a 73/27 split
+        shown = " + ".join(f"{v:g}" for v in ratios)
+        raise DatasetError(f"--ratios {shown} = {r.sum():g}: the shares must sum to 1")
+    r = r / r.sum()  # 0.33 0.33 0.34 style rounding only
     names = [*index.label_map.names, NEGATIVE]
     k = len(names)
     per_image = np.zeros((len(index), k), dtype=np.float64)
@@ -189,16 +228,27 @@ def proportions(index: CocoIndex, split: np.ndarray, n_splits: int) -> dict[str,
 # -- merging ----------------------------------------------------------------------------------
 
 
+def file_name_key(name: str) -> str:
+    """What makes two file names one file under one root: './' and '//' folded, and letter case
+    (Windows and macOS file systems ignore it, so copying both inputs' images into one folder
+    would keep one)."""
+    return posixpath.normpath(name).casefold()
+
+
 def merge(
-    paths: list[str | Path], prefixes: list[str] | None = None, renames: dict[str, str] | None = None
+    paths: list[str | Path],
+    prefixes: list[str] | None = None,
+    renames: dict[str, str] | None = None,
+    on_invalid: str = "clip",
 ) -> tuple[dict[str, Any], list[str]]:
     """Merge COCO files into one, matching categories by name.
 
     Args:
-        paths: the COCO files (each validated in strict mode first).
+        paths: the COCO files (each validated first, as ``load`` does).
         prefixes: per file, a folder prefix for its file names (so they resolve under one
             common image root), or None.
         renames: category names to rename before matching (e.g. {"automobile": "car"}).
+        on_invalid: as data.on_invalid (see ``load``); what it clips or drops is in the notes.
 
     Returns:
         (merged json, a few lines on what was matched). Category ids are 1..K in order of first
@@ -206,7 +256,9 @@ def merge(
         image and annotation ids are renumbered from 1.
 
     Raises:
-        DatasetError: an input the data layer refuses, or the same image file in two inputs.
+        DatasetError: an input the data layer refuses, or file names of two inputs that name one
+            file under one image root (the same name, up to './', '//' and letter case: one file
+            on Windows and macOS).
     """
     if prefixes is not None and len(prefixes) != len(paths):
         raise DatasetError(f"{len(prefixes)} prefixes for {len(paths)} files: give one per file or none")
@@ -214,11 +266,11 @@ def merge(
     names: dict[str, int] = {}
     images: list[dict] = []
     annotations: list[dict] = []
-    where: dict[str, str] = {}
+    where: dict[str, tuple[str, str]] = {}  # file_name_key -> (file, file_name as written)
     notes = []
     clashes = []
     for f, path in enumerate(paths):
-        index, data = load_strict(path)
+        index, data = load(path, on_invalid)
         prefix = (prefixes[f].rstrip("/") + "/") if prefixes and prefixes[f] else ""
         cat_map = {}
         placeholders = {c for c, _ in index.dropped_categories}  # Roboflow's unused dataset-level category
@@ -233,13 +285,17 @@ def merge(
         notes.append(f"{path}: {len(index)} images, {index.num_annotations} annotations"
                      + (f"; category ids {moved} renumbered by name" if moved else "")
                      + "".join(f"; unused placeholder category {c} '{n}' left out" for c, n in index.dropped_categories))  # fmt: skip
+        notes += [f"  {line}" for line in repairs(index)]
         img_map = {}
         for im in data["images"]:
             name = prefix + im["file_name"].replace("\\", "/")
-            if name in where:
-                clashes.append(f"{path}: images (id {im['id']}) file_name '{name}' is also in {where[name]}")
+            key = file_name_key(name)
+            if key in where:
+                other, as_written = where[key]
+                also = f"'{as_written}' in {other}" if as_written != name else f"in {other}"
+                clashes.append(f"{path}: images (id {im['id']}) file_name '{name}' is also {also}")
                 continue
-            where[name] = str(path)
+            where[key] = (str(path), name)
             img_map[im["id"]] = len(images) + 1
             images.append({**im, "id": img_map[im["id"]], "file_name": name})
         counter = Counter()
@@ -252,8 +308,9 @@ def merge(
     if clashes:
         shown = "\n".join(f"  - {c}" for c in clashes[:MAX_LISTED])
         raise DatasetError(
-            f"{len(clashes)} image file(s) appear in more than one input (give --prefix per file if they are "
-            f"different images under different roots):\n{shown}"
+            f"{len(clashes)} image file name(s) of one input name a file of another under one image root "
+            "(the same name, up to './', '//' and letter case); give --prefix, one folder per input, if they are "
+            f"different images under different roots:\n{shown}"
         )
     categories = [{"id": i, "name": n} for n, i in names.items()]
     return {"images": images, "annotations": annotations, "categories": categories}, notes
