@@ -377,6 +377,18 @@ def test_merge_matches_categories_by_name(tmp_path, capsys):
     assert CocoIndex(out, on_invalid="error").label_map.names == ("cat", "dog", "car")
 
 
+def test_merge_refuses_file_names_that_are_one_file_under_one_root(tmp_path, capsys):
+    cats = [{"id": 1, "name": "cat"}]
+    ann = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}]
+    a = write_coco(tmp_path / "a.json", [{"id": 1, "file_name": "cam/x.jpg", "width": 50, "height": 50}], ann, cats)
+    for other in ("./cam/x.jpg", "cam//X.JPG"):  # one file on disk (and on Windows/macOS) as cam/x.jpg
+        b = write_coco(tmp_path / "b.json", [{"id": 1, "file_name": other, "width": 50, "height": 50}], ann, cats)
+        err = refused(capsys, "merge_datasets.py", a, b, "--output", tmp_path / "m.json")
+        assert f"{b}: images (id 1) file_name '{other}' is also 'cam/x.jpg' in {a}" in err and "--prefix" in err
+        assert not list(tmp_path.glob("m.json*"))
+    assert run_tool_in_process("merge_datasets.py", a, b, "--output", tmp_path / "m.json", "--prefix", "A", "B") == 0
+
+
 def test_group_keys():
     from detector.data.split import group_keys
 
