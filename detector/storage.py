@@ -24,6 +24,9 @@ MAX_REMOTE_THREADS = 8  # concurrent requests of the start-up header scan over a
 # Query parameter names (parts of) that carry credentials: S3/GCS signed URLs (X-Amz-Signature,
 # X-Amz-Credential, X-Amz-Security-Token, AWSAccessKeyId), Azure SAS (sig), and the generic ones.
 _SECRET_PARAMS = ("sig", "credential", "token", "key", "secret", "pass", "auth")
+# Azure's fsspec schemes (adlfs) write the container where a URL has its user:
+# abfs://container@account.dfs.core.windows.net/path. A user without a password is a name there.
+_CONTAINER_AT_HOST = ("abfs", "abfss", "az", "wasb", "wasbs")
 
 
 class StorageError(ValueError):
@@ -44,13 +47,29 @@ def local_or_url(path: str | os.PathLike) -> Path | str:
     return s if is_url(s) else Path(s)
 
 
+def _userinfo_secret(url: str) -> str:
+    """The part before '@' of a URL's netloc when it may be a credential, else "".
+
+    ``user:password@`` always is; a bare ``user@`` is one too (a token used as the user name),
+    except in Azure's schemes, where it is the container (``abfs://container@account...``).
+    """
+    netloc = urlsplit(url).netloc
+    if "@" not in netloc:
+        return ""
+    userinfo = netloc.rsplit("@", 1)[0]
+    if url.split("://", 1)[0].lower() in _CONTAINER_AT_HOST and ":" not in userinfo:
+        return ""
+    return userinfo
+
+
 def redact(url: str | os.PathLike) -> str:
-    """The URL without user:password@ and without a query string (signed URLs carry keys there)."""
+    """The URL without its credentials (user:password@, a token as user) and without a query
+    string (signed URLs carry keys there); an Azure container (``container@account``) stays."""
     s = str(url)
     if not is_url(s):
         return s
     parts = urlsplit(s)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
+    netloc = parts.netloc.rsplit("@", 1)[-1] if _userinfo_secret(s) else parts.netloc
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
@@ -64,7 +83,7 @@ def check_url(url: str | os.PathLike, what: str) -> None:
     if is_url(s):
         parts = urlsplit(s)
         names = [n.lower() for n, _ in parse_qsl(parts.query, keep_blank_values=True)]
-        if "@" in parts.netloc or any(k in n for n in names for k in _SECRET_PARAMS):
+        if _userinfo_secret(s) or any(k in n for n in names for k in _SECRET_PARAMS):
             raise StorageError(
                 f"{what}: {redact(s)}: credentials in the URL are not accepted (they would be saved in the "
                 "run's config and logs); give them through the storage client's own environment or config "
@@ -88,8 +107,7 @@ def _fs(url: str) -> tuple[Any, str]:
 def _clean(exc: BaseException, url: str) -> str:
     """An exception's message with the URL's secret parts removed, should a backend echo them."""
     text = str(exc) or type(exc).__name__
-    parts = urlsplit(url)
-    for secret in (parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else "", parts.query):
+    for secret in (_userinfo_secret(url), urlsplit(url).query):
         if secret:
             text = text.replace(secret, "***")
     return text

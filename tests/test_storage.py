@@ -15,7 +15,16 @@ import pytest
 from detector import storage
 from detector.data.coco import CocoIndex, DatasetError
 from detector.images import load_image
-from tests.conftest import epoch_records, http_server, run_tool_in_process, train, write_coco
+from tests.conftest import (
+    TINY,
+    data_overrides,
+    epoch_records,
+    http_server,
+    launch,
+    run_tool_in_process,
+    train,
+    write_coco,
+)
 
 pytestmark = [pytest.mark.xdist_group("storage")]  # its module fixtures are built once, on one xdist worker
 
@@ -139,8 +148,29 @@ def test_header_scan_over_s3_lists_once_and_reads_headers_with_bounded_concurren
     assert seen == [len(names)]  # the progress bar saw every header read
 
 
+def _assert_no_keys(where: str, *texts: str | bytes, folder: Path | None = None) -> int:
+    """Neither the secret nor the key id in any text, nor in any file under ``folder`` (read as
+    bytes: checkpoints, plots and logs alike, at any depth). Returns how many files were read."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder is not None else []
+    for name, blob in [*((f"{where} output {k}", t) for k, t in enumerate(texts)),
+                       *((str(p), p.read_bytes()) for p in files)]:  # fmt: skip
+        data = blob if isinstance(blob, bytes) else blob.encode("utf-8", "replace")
+        for key in (SECRET, "AKIDTESTONLY"):
+            assert key.encode() not in data, f"{key} in {name}"
+    return len(files)
+
+
+def test_the_secret_scan_finds_a_key_in_any_output(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.bin").write_bytes(b"\x00" + SECRET.encode())
+    with pytest.raises(AssertionError, match="x.bin"):
+        _assert_no_keys("t", "ok", folder=tmp_path)
+    with pytest.raises(AssertionError, match="t output 1"):
+        _assert_no_keys("t", "ok", "stderr: AKIDTESTONLY")
+
+
 @pytest.mark.slow
-def test_two_process_training_from_s3_matches_the_local_folder(s3, tiny_dataset, tmp_path):
+def test_two_process_training_from_s3_matches_the_local_folder(s3, tiny_dataset, tmp_path, capsys):
     """1 epoch, 2 processes: the same losses and COCO metrics from S3 as from the local folder
     (the losses are computed from the pixels read, so a wrong image or box would show)."""
     url = s3["url"]
@@ -148,15 +178,17 @@ def test_two_process_training_from_s3_matches_the_local_folder(s3, tiny_dataset,
     common = ("train.epochs=1", "logging.plots=false")
     # S3 read inside a DataLoader worker per process; the local run in the main process (the
     # items are a pure function of the index and seed, so this cannot change the metrics)
-    out_s3 = train(tmp_path / "s3", _Remote(remote), *common, "data.num_workers=1", nproc=2, env=s3["env"])
+    args = ["--config", str(TINY), f"output_dir={tmp_path / 's3'}", *data_overrides(_Remote(remote)), *common,
+            "data.num_workers=1"]  # fmt: skip
+    res = launch("train.py", args, nproc=2, env=s3["env"])  # stdout and stderr both scanned below
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out_local = train(tmp_path / "local", tiny_dataset, *common, "data.num_workers=0", nproc=2)
     got, want = epoch_records(tmp_path / "s3")[-1], epoch_records(tmp_path / "local")[-1]
     keys = [k for k in want if k.startswith(("train/loss", "val/")) and isinstance(want[k], float)]
     assert "val/mAP" in keys and "train/loss" in keys
     assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
     assert "s3://" in (tmp_path / "s3" / "config.yaml").read_text()  # the URL is recorded...
-    written = [out_s3, *(p.read_text(errors="replace") for p in (tmp_path / "s3").glob("*") if p.suffix in (".yaml", ".jsonl", ".csv", ".txt", ".log"))]  # fmt: skip
-    assert not any(SECRET in text or "AKIDTESTONLY" in text for text in written)  # ...the keys never
+    assert _assert_no_keys("train.py", res.stdout, res.stderr, folder=tmp_path / "s3") >= 3  # ...the keys never
     assert out_local
 
     # evaluate.py and infer.py read their inputs from the same URLs (in this process, where the
@@ -165,7 +197,9 @@ def test_two_process_training_from_s3_matches_the_local_folder(s3, tiny_dataset,
     out = tmp_path / "eval_s3.json"
     args = ["--checkpoint", tmp_path / "s3" / "last.pt", "--annotations", f"{url}/val.json", "--images", f"{url}/val",
             "--batch-size", "2", "--num-workers", "1", "--output", out]  # fmt: skip
+    capsys.readouterr()
     assert run_tool_in_process("evaluate.py", *args) == 0
+    _assert_no_keys("evaluate.py", *capsys.readouterr(), out.read_text())
     scored = json.loads(out.read_text())
     common = [k for k in scored if f"val/{k}" in want]
     assert "mAP" in common and "loss" in common
@@ -176,6 +210,7 @@ def test_two_process_training_from_s3_matches_the_local_folder(s3, tiny_dataset,
         args = ["--checkpoint", tmp_path / "s3" / "last.pt", "--score-threshold", "0.0", "--batch-size", "8",
                 "--no-draw", "--output", tmp_path / f"infer_{where}", inputs]  # fmt: skip
         assert run_tool_in_process("infer.py", *args) == 0
+        assert _assert_no_keys("infer.py", *capsys.readouterr(), folder=tmp_path / f"infer_{where}") >= 2
         images = json.loads((tmp_path / f"infer_{where}" / "images.json").read_text())["images"]
         results = json.loads((tmp_path / f"infer_{where}" / "results.json").read_text())
         found[where] = ([Path(str(im["file_name"])).name for im in images], results)
@@ -197,7 +232,6 @@ class _Url(str):
 
 def test_config_refuses_credentials_in_urls_before_anything_is_written():
     from detector import config
-    from tests.conftest import TINY
 
     urls = [f"data.train.annotations=s3://{BUCKET}/t.json", f"data.val.annotations=s3://{BUCKET}/v.json",
             f"data.train.images=s3://AKIDTESTONLY:{SECRET}@{BUCKET}/img", f"data.val.images=s3://{BUCKET}/img"]  # fmt: skip
@@ -236,6 +270,36 @@ def test_check_url_refuses_other_signed_urls(url):
         storage.check_url(url, "data.val.annotations")
     assert SECRET not in str(err.value)
     storage.check_url("https://h/val.json?versionId=3", "data.val.annotations")  # an ordinary query: accepted
+
+
+AZURE = "abfs://images@myaccount.dfs.core.windows.net/data/val.json"  # the standard adlfs form
+
+
+@pytest.mark.parametrize("scheme", ["abfs", "abfss", "az", "wasb", "wasbs"])
+def test_azure_container_at_account_is_a_name_not_a_credential(scheme, tmp_path):
+    url = AZURE.replace("abfs", scheme, 1)
+    storage.check_url(url, "data.val.annotations")  # accepted
+    assert storage.redact(url) == url  # the container is kept in messages
+    assert storage.redact(url + f"?sig={SECRET}") == url
+    with pytest.raises(DatasetError) as err:  # any failure names the URL with its container
+        CocoIndex(url)
+    assert f"{scheme}://images@myaccount.dfs.core.windows.net/data/val.json" in str(err.value)
+    secret = url.replace("images@", f"images:{SECRET}@")  # user:password@ stays refused, never shown
+    with pytest.raises(storage.StorageError, match="credentials in the URL are not accepted") as err:
+        storage.check_url(secret, "data.val.annotations")
+    assert SECRET not in str(err.value) and storage.redact(secret) == url.replace("images@", "")
+    assert SECRET not in storage._clean(OSError(f"cannot open {secret}"), secret)
+    for other in (f"s3://{SECRET}@bucket/x.json", f"https://{SECRET}@host/x.json"):  # a token as user name
+        with pytest.raises(storage.StorageError) as err:
+            storage.check_url(other, "data.val.annotations")
+        assert SECRET not in str(err.value)
+
+
+def test_config_accepts_an_azure_container_url():
+    from detector import config
+
+    cfg = config.load(TINY, [f"data.{s}.{k}={AZURE}" for s in ("train", "val") for k in ("annotations", "images")])
+    assert cfg.data.train.images == AZURE
 
 
 def test_check_dataset_decode_reads_a_url_root(tiny_dataset, capsys):
