@@ -146,6 +146,62 @@ def test_voc_round_trip(truth, tmp_path, capsys):
     assert "broken.xml: not a Pascal VOC annotation" in err
 
 
+def test_voc_origin_1_on_a_zero_based_export_warns(truth, tmp_path, capsys):
+    """A 0-based VOC export (CVAT, Label Studio) read as 1-based moves every box 1 px: a
+    coordinate of 0, which 1-based indices cannot have, says so."""
+    im = next(i for i in truth["data"]["images"] if "/" not in i["file_name"])
+    xmls = tmp_path / "Annotations"
+    xmls.mkdir()
+    obj = "<object><name>cat</name><bndbox><xmin>0</xmin><ymin>5</ymin><xmax>10</xmax><ymax>15</ymax></bndbox></object>"
+    xmls.joinpath("a.xml").write_text(_voc_xml(im["file_name"], im["width"], im["height"], []).replace(
+        "</annotation>", obj + "</annotation>"))  # fmt: skip
+    out = tmp_path / "voc.json"
+    args = ["voc", xmls, "--images", truth["images"], "--output", out]
+    capsys.readouterr()
+    assert run_tool_in_process("convert_dataset.py", *args) == 0
+    err = capsys.readouterr().err
+    assert f"warning: 1 VOC object(s) have a coordinate of 0 (e.g. {xmls / 'a.xml'} object 1)" in err
+    assert "--voc-origin 0" in err
+    assert json.loads(out.read_text())["annotations"][0]["bbox"] == [-1, 4, 11, 11]  # what the warning is about
+    assert run_tool_in_process("convert_dataset.py", *args, "--voc-origin", "0") == 0
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads(out.read_text())["annotations"][0]["bbox"] == [0, 5, 10, 10]
+
+
+def test_labelme_include_poly_and_classes_order(truth, tmp_path, capsys):
+    """--include-poly turns polygons into their boxes (left out, counted, without it); --classes
+    sets the category order (sorted by name otherwise) and refuses a label it does not list."""
+    root = tmp_path / "lm"
+    root.mkdir()
+    im = next(i for i in truth["data"]["images"] if "/" not in i["file_name"])
+    (root / "a.jpg").write_bytes((truth["images"] / im["file_name"]).read_bytes())
+    shapes = [{"label": "zebra", "points": [[1, 2], [11, 12]], "shape_type": "rectangle"},
+              {"label": "cat", "points": [[20, 5], [30, 9], [25, 30]], "shape_type": "polygon"}]  # fmt: skip
+    (root / "a.json").write_text(json.dumps({"imagePath": "a.jpg", "imageWidth": im["width"],
+                                             "imageHeight": im["height"], "imageData": None, "shapes": shapes}))  # fmt: skip
+    out = tmp_path / "o.json"
+    args = ["labelme", root, "--images", root, "--output", out]
+    capsys.readouterr()
+    assert run_tool_in_process("convert_dataset.py", *args) == 0
+    assert "labelme shapes other than rectangles ignored: 1" in capsys.readouterr().out
+    assert [a["bbox"] for a in json.loads(out.read_text())["annotations"]] == [[1, 2, 10, 10]]
+    assert run_tool_in_process("convert_dataset.py", *args, "--include-poly") == 0
+    data = json.loads(out.read_text())
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    assert list(names.values()) == ["cat", "zebra"]  # sorted by name without --classes
+    assert sorted((names[a["category_id"]], a["bbox"]) for a in data["annotations"]) == [
+        ("cat", [20, 5, 10, 25]), ("zebra", [1, 2, 10, 10])]  # fmt: skip
+    classes = tmp_path / "classes.txt"
+    classes.write_text("zebra\ndog\ncat\n")
+    assert run_tool_in_process("convert_dataset.py", *args, "--include-poly", "--classes", classes) == 0
+    data = json.loads(out.read_text())
+    assert [c["name"] for c in data["categories"]] == ["zebra", "dog", "cat"]  # the given order, unused kept
+    assert {a["category_id"] for a in data["annotations"]} == {1, 3}
+    classes.write_text("zebra\ndog\n")
+    err = refused(capsys, "convert_dataset.py", *args, "--include-poly", "--classes", classes)
+    assert "a.json shape 2: class 'cat' is not one of the given class names ['zebra', 'dog']" in err
+
+
 def test_cvat_and_labelme_round_trip(truth, tmp_path, capsys):
     sizes = {im["file_name"]: (im["width"], im["height"]) for im in truth["data"]["images"]}
     by_image = _by_image(truth["data"])

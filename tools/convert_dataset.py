@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     print(index.summary().replace(str(tmp), str(out)))
     for what, n in sorted(result.counts.items()):
         print(f"  {what}: {n}")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

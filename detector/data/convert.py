@@ -41,10 +41,12 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 @dataclass
 class Converted:
-    """The COCO dict and what conversion counted (negatives, ignored shapes...)."""
+    """The COCO dict, what conversion counted (negatives, ignored shapes...) and warnings about
+    what the data suggests was read under the wrong convention."""
 
     coco: dict[str, Any]
     counts: Counter = field(default_factory=Counter)
+    warnings: list[str] = field(default_factory=list)
 
 
 class _Problems:
@@ -168,9 +170,10 @@ def _check_yolo_lines(path: Path, lines: list[str], num_classes: int, problems: 
     return len(problems.items) == before
 
 
-def _from_voc(folder: Path, origin: int, problems: _Problems, counts: Counter):
+def _from_voc(folder: Path, origin: int, problems: _Problems, counts: Counter, warnings: list[str]):
     globox = _globox()
     out = []
+    zeros: list[str] = []  # objects with a coordinate of 0, which 1-based pixel indices cannot have
     for xml in sorted(folder.rglob("*.xml")):
         try:
             ann = globox.Annotation.from_xml(xml)
@@ -182,11 +185,19 @@ def _from_voc(folder: Path, origin: int, problems: _Problems, counts: Counter):
         if difficult:
             counts["VOC objects marked difficult (kept as ordinary annotations)"] += difficult
         shift = 1.0 if origin == 1 else 0.0  # 1-based inclusive pixel indices: see the module docstring
+        if origin == 1:
+            zeros += [f"{xml} object {k + 1}" for k, b in enumerate(ann.boxes) if min(b.xmin, b.ymin) == 0]
         boxes = [(b.label, b.xmin - shift, b.ymin - shift, b.xmax, b.ymax, f"{xml} object {k + 1}")
                  for k, b in enumerate(ann.boxes)]  # fmt: skip
         out.append((ann.image_id, ann.image_size, boxes))
     if not out:
         problems.add(str(folder), "no .xml files")
+    if zeros:
+        warnings.append(
+            f"{len(zeros)} VOC object(s) have a coordinate of 0 (e.g. {zeros[0]}), which the 1-based pixel "
+            "indices of --voc-origin 1 (the default) cannot have: this export looks 0-based (CVAT and Label "
+            "Studio write VOC that way), and its boxes were shifted 1 px left and up; convert it with --voc-origin 0"
+        )
     return out
 
 
@@ -267,7 +278,8 @@ def convert(
         images: the image root (file names are relative to it; YOLO reads image sizes here).
         classes: class names in order (YOLO: index order, required); others: the category
             order (None: CVAT's label list, else sorted by name). Names not listed are errors.
-        voc_origin: 1 for the VOC devkit's 1-based inclusive pixel indices, 0 for 0-based.
+        voc_origin: 1 for the VOC devkit's 1-based inclusive pixel indices, 0 for 0-based. With
+            1, a coordinate of 0 (which 1-based data cannot have) is a warning in the result.
         include_poly: labelme polygons as their bounding boxes (rectangles only otherwise).
 
     Raises:
@@ -282,6 +294,7 @@ def convert(
         raise DatasetError(f"image folder not found: {images}")
     problems = _Problems(str(source))
     counts: Counter = Counter()
+    warnings: list[str] = []
     if fmt == "yolo":
         if not classes:
             raise DatasetError(
@@ -289,7 +302,7 @@ def convert(
             )
         items = _from_yolo(source, images, classes, problems, counts)
     elif fmt == "voc":
-        items = _from_voc(source, voc_origin, problems, counts)
+        items = _from_voc(source, voc_origin, problems, counts, warnings)
     elif fmt == "cvat":
         items, cvat_labels = _from_cvat(source, problems, counts)
         classes = classes or cvat_labels or None
@@ -301,7 +314,7 @@ def convert(
         unlisted = sum(1 for f in _image_files(images) if f not in listed)
         if unlisted:
             counts["image files under the image root without annotations (left out)"] = unlisted
-    return Converted(_to_coco(items, classes, problems), counts)
+    return Converted(_to_coco(items, classes, problems), counts, warnings)
 
 
 def _to_coco(items, classes: list[str] | None, problems: _Problems) -> dict[str, Any]:
