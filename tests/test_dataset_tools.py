@@ -445,6 +445,22 @@ def test_merge_refuses_file_names_that_are_one_file_under_one_root(tmp_path, cap
     assert run_tool_in_process("merge_datasets.py", a, b, "--output", tmp_path / "m.json", "--prefix", "A", "B") == 0
 
 
+def test_check_dataset_warns_about_classes_without_annotations(videos, tmp_path, capsys):
+    data = json.loads(videos.read_text())
+    data["categories"] += [{"id": 4, "name": "tram"}, {"id": 5, "name": "ferry"}]
+    data["annotations"].append({**data["annotations"][0], "id": 10**6, "category_id": 5, "iscrowd": 1})
+    path = tmp_path / "all.json"
+    path.write_text(json.dumps(data))
+    for im in data["images"]:
+        Image.new("RGB", (im["width"], im["height"])).save(tmp_path / im["file_name"])
+    capsys.readouterr()
+    assert run_tool_in_process("check_dataset.py", path, tmp_path) == 0  # a warning, not a problem
+    out = capsys.readouterr().out
+    assert "warning: 2 class(es) without (non-crowd) annotations: tram, ferry" in out
+    assert run_tool_in_process("check_dataset.py", videos, tmp_path) == 0
+    assert "without (non-crowd) annotations" not in capsys.readouterr().out
+
+
 def test_group_keys():
     from detector.data.split import group_keys
 

@@ -199,6 +199,24 @@ def test_bad_mask_named_or_repaired(tmp_path, case):
     assert CocoIndex(path).num_annotations == 3  # a box model does not look at masks
 
 
+def test_check_dataset_masks_reports_what_it_checked(tmp_path, capsys):
+    from tests.conftest import run_tool_in_process
+
+    good = [[4, 4, 24, 4, 24, 20, 4, 20]]
+    rle = _rle_of(_block(30, 10, 60, 40), True)
+    path = _write(tmp_path, [good, rle, good, BAD["odd"][0], good])
+    capsys.readouterr()
+    assert run_tool_in_process("check_dataset.py", path, tmp_path, "--masks") == 1  # a problem was found
+    out = capsys.readouterr().out
+    assert "masks: 5 checked (3 polygon, 1 RLE usable; 1 unusable); 0 image(s) with an annotation without a mask" in out
+    assert "annotations[3] (id 4, image 'b.png'): " in out and "odd number" in out
+    path = _write(tmp_path, [good, good, good, []])  # b.png's second annotation has no mask
+    assert run_tool_in_process("check_dataset.py", path, tmp_path, "--masks") == 0
+    assert "masks: 2 checked (2 polygon, 0 RLE usable; 0 unusable); 1 image(s) with an annotation without a mask" in (
+        capsys.readouterr().out
+    )
+
+
 def test_json_without_masks_stops_clearly(tmp_path):
     path = _write(tmp_path, [[], None])
     with pytest.raises(DatasetError, match="no annotation has a 'segmentation'.*Mask R-CNN"):

@@ -2,8 +2,9 @@
 
     python tools/check_dataset.py ANNOTATIONS IMAGES [--decode] [--draw N --output DIR]
 
-Prints counts, the class histogram, the box size distribution, every problem in the json (with
-its location) and every missing, unreadable or mis-sized image. Only the image headers are read,
+Prints counts, the class histogram (classes without annotations as a warning), the box size
+distribution, every problem in the json (with its location) and every missing, unreadable or
+mis-sized image; with --masks, how many masks were checked and what was wrong with them. Only the image headers are read,
 which is fast; --decode also decodes every image in full, which finds truncated or corrupt files
 whose headers look fine (what training would stop on, or skip with data.on_corrupt_image=skip).
 --draw N writes N images with their boxes as PNG files into DIR. Exit code 1 when problems were
@@ -81,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     peak = max(counts.values(), default=1) or 1
     for name, n in counts.items():
         print(f"  {name:>20} {n:7d} {'#' * round(40 * n / peak)}")
+    empty = [name for name, n in counts.items() if n == 0]
+    if empty:  # a class the model gets an output for and never sees: a typo, or a class not exported
+        print(f"warning: {len(empty)} class(es) without (non-crowd) annotations: {', '.join(empty)}")
+    if args.masks:
+        print(mask_report(index))
     problems += [f"missing image file: {p}" for _, p in found["missing"]]
     problems += [m for kind in ("unreadable", "size_mismatch", "too_large") for _, m in found[kind]]
     if args.decode:
@@ -107,6 +113,19 @@ def main(argv: list[str] | None = None) -> int:
             drawn += 1
         print(f"drew {drawn} image(s) into {out}")
     return 1 if problems else 0
+
+
+def mask_report(index: CocoIndex) -> str:
+    """How many masks were checked (by form) and what was wrong with them (the problems are
+    listed below with the others)."""
+    from detector.data.masks import NO_MASKS_IMAGES, POLYGON, REPAIRED, RLE
+
+    kind = index.masks.kind
+    bad, maskless = index.repairs.get(REPAIRED, 0), index.repairs.get(NO_MASKS_IMAGES, 0)
+    return (
+        f"masks: {len(kind) + bad} checked ({int((kind == POLYGON).sum())} polygon, {int((kind == RLE).sum())} RLE "
+        f"usable; {bad} unusable); {maskless} image(s) with an annotation without a mask (left out by training)"
+    )
 
 
 def decode_all(index: CocoIndex, images: str, skip: set[int], workers: int) -> list[str]:
