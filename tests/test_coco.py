@@ -98,6 +98,13 @@ def test_evaluate_and_check_dataset_refuse_two_categories_with_one_name(tmp_path
         assert "error:" in err and str(gt) in err and "'car' is category 1 and 2" in err, (tool, err)
 
 
+def test_a_label_map_with_one_name_twice_is_refused(tmp_path):
+    # e.g. a checkpoint trained before such files were refused, evaluated on a fixed json
+    old = LabelMap((1, 2), ("cat", "cat"))
+    with pytest.raises(DatasetError, match=r"^best\.pt: categories share a name \('cat' is category 1 and 2\)"):
+        load(tmp_path, base(), label_map=old, label_source="best.pt")
+
+
 def test_roboflow_placeholder_named_as_its_only_class(tmp_path):
     # a one-class Roboflow export: placeholder 0 'car' (unused) and class 1 'car' under it
     d = base()

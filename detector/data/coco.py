@@ -738,7 +738,12 @@ def match_categories(
 
     Returns:
         {this file's category id: the label map's category id (UNMATCHED for dropped ones)}.
+
+    Raises:
+        DatasetError: a used category matching no training class, or a label map (a checkpoint
+            trained before such files were refused) with two classes of one name.
     """
+    _refuse_duplicate_names(dict(zip(label_map.category_ids, label_map.names)), {}, set(), label_source)
     by_name: dict[str, int] = {}
     for c, n in zip(label_map.category_ids, label_map.names):
         by_name.setdefault(n, c)
