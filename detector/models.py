@@ -8,6 +8,7 @@ for the dataset's K classes (+ background).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import urllib.error
 from collections.abc import Callable
@@ -112,6 +113,13 @@ def build_model(
             f"note: model.weights={weights} is a weights file: model.weights_backbone and "
             "model.trainable_backbone_layers are not used; layers are frozen as the file says (ours) or as built"
         )
+    # torchvision's builders (not our own) train every layer from scratch whatever the key says, and
+    # warn about it on every run: say it once, plainly, instead
+    tv_scratch = cfg.name not in fam.own_models and not pretrained and backbone is None and not from_file
+    if tv_scratch and cfg.trainable_backbone_layers is not None:
+        n = cfg.trainable_backbone_layers
+        log(f"note: model.trainable_backbone_layers={n} has no effect from scratch: every layer trains")
+        cfg = dataclasses.replace(cfg, trainable_backbone_layers=None)
     entry = None
     if pretrained:
         if weights_enum is None:

@@ -68,15 +68,46 @@ def test_one_pass_equals_the_models_own_training_and_eval_passes(name):
         assert torch.equal(d["labels"], r["labels"])
 
 
-def test_rcnn_one_pass_detections_equal_eval_forward():
+@pytest.mark.parametrize("name", ["fasterrcnn_resnet18_fpn", "maskrcnn_resnet18_fpn"])
+def test_rcnn_one_pass_equals_the_models_own_training_and_eval_passes(name):
+    """The R-CNN validation pass scores its losses on the test-time proposals: torchvision's training
+    forward gives the same loss values once its training proposal counts are the test ones, with the
+    same RNG state for the two samplers (RPN anchors, then RoI proposals) and BatchNorm in eval mode."""
     torch.manual_seed(0)
-    model = build_model(_tiny("fasterrcnn_resnet18_fpn", box_score_thresh=0.0), num_classes=2).eval()
-    images = [torch.rand(3, 100, 120)]
+    model = build_model(_tiny(name, box_score_thresh=0.0), num_classes=2)
+    images = [torch.rand(3, 100, 120), torch.rand(3, 90, 130)]
+    targets = _targets()
+    if name.startswith("maskrcnn"):
+        for t, (h, w) in zip(targets, [(100, 120), (90, 130)]):
+            masks = torch.zeros(len(t["boxes"]), h, w, dtype=torch.uint8)
+            for m, (x0, y0, x1, y1) in zip(masks, t["boxes"].int().tolist()):
+                m[y0 + 2 : y1 - 2, x0 + 3 : x1 - 3] = 1
+            t["masks"] = masks
+    rpn = model.rpn
+    rpn._pre_nms_top_n["training"] = rpn._pre_nms_top_n["testing"]
+    rpn._post_nms_top_n["training"] = rpn._post_nms_top_n["testing"]
+    model.eval()
     with torch.no_grad():
-        losses, dets = loss_and_detections(model, images, _targets()[:1])
-        ref = model(images)
-    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
-    torch.testing.assert_close(dets[0]["boxes"], ref[0]["boxes"])
+        torch.manual_seed(1)
+        losses, dets = loss_and_detections(model, images, targets)
+        ref_dets = model(images)
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        torch.manual_seed(1)
+        ref_losses = model(images, targets)
+    assert set(losses) == set(ref_losses)
+    for k, v in ref_losses.items():
+        assert v > 0, k  # a loss that is zero on both sides compares nothing
+        torch.testing.assert_close(losses[k], v, rtol=1e-5, atol=1e-6)
+    for d, r in zip(dets, ref_dets):
+        assert len(r["boxes"]) > 0
+        torch.testing.assert_close(d["boxes"], r["boxes"])
+        torch.testing.assert_close(d["scores"], r["scores"])
+        assert torch.equal(d["labels"], r["labels"])
+        if "masks" in r:
+            torch.testing.assert_close(d["masks"], r["masks"])
 
 
 def test_keys_that_do_not_apply_name_the_family():

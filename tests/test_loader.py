@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from detector.config import BboxConfig, ConfigError
 from detector.data.coco import CocoDetection, CocoIndex
-from detector.data.loader import EvalBatchSampler, TrainBatchSampler, collate
+from detector.data.loader import EvalBatchSampler, TrainBatchSampler, cap_workers, collate
 from detector.data.transforms import apply, build_transform
 
-from .conftest import one_image_coco
+from .conftest import ROOT, one_image_coco
 
 
 def _ratios(n=23):
@@ -103,3 +107,35 @@ def test_degenerate_boxes_after_augmentation_dropped(tmp_path):
     crop = build_transform([{"Crop": {"x_min": 50, "y_min": 50, "x_max": 100, "y_max": 100}}], BboxConfig())
     _, target = CocoDetection(CocoIndex(ann), tmp_path, crop)[(0, 1)]
     assert target["boxes"].shape == (1, 4) and target["dropped"] == 1
+
+
+def test_a_clean_error_with_live_workers_ends_without_a_worker_killed_traceback(tmp_path):
+    # A run that stops on one of our errors while its persistent workers live: the exit handler kills
+    # them, and the DataLoader's SIGCHLD handler used to report that as "worker ... killed by signal".
+    script = tmp_path / "stops.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import torch\n"
+        "from detector.data.loader import build_loader\n"
+        "class Items(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 8\n"
+        "    def __getitem__(self, i): return (torch.zeros(3), {}), None\n"
+        "loader = build_loader(Items(), [[0, 1], [2, 3], [4, 5]], num_workers=2)\n"
+        "next(iter(loader))\n"
+        "print('error: the clean one-line error', file=sys.stderr)\n"
+        "sys.exit(2)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: the clean one-line error", done.stderr
+
+
+def test_loader_workers_are_capped_to_the_usable_cpus_and_said_once(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    said: list[str] = []
+    assert cap_workers(4, said.append) == 2
+    assert said == ["data.num_workers=4 lowered to 2: this process may use 2 CPUs"]
+    said.clear()
+    assert cap_workers(2, said.append) == 2 and cap_workers(0, said.append) == 0
+    assert said == []

@@ -118,3 +118,24 @@ def test_bf16_boxes_are_float32_and_precise():
     assert far.numel() > 0
     # bf16 has 8 bits of mantissa: values in [512, 1024) would all be multiples of 4.
     assert (torch.remainder(far, 4) != 0).float().mean() > 0.5
+
+
+def test_trainable_backbone_layers_from_scratch_is_one_note_not_torchvisions_warning(recwarn):
+    # configs/frcnn.yaml sets trainable_backbone_layers: 3; trained with model.weights=null torchvision warns
+    # "Changing trainable_backbone_layers has no effect..." on every run
+    said: list[str] = []
+    cfg = ModelConfig(name="fasterrcnn_mobilenet_v3_large_fpn", weights=None, trainable_backbone_layers=3)
+    model = build_model(cfg, num_classes=2, log=said.append)
+    assert not [w for w in recwarn if "trainable_backbone_layers" in str(w.message)]
+    assert [s for s in said if "trainable_backbone_layers=3 has no effect" in s]
+    assert all(p.requires_grad for p in model.backbone.parameters())  # as torchvision builds it from scratch
+
+
+def test_trainable_backbone_layers_still_freezes_our_own_scratch_builders():
+    said: list[str] = []
+    cfg = ModelConfig(name="fasterrcnn_resnet18_fpn", weights=None, trainable_backbone_layers=2)
+    model = build_model(cfg, num_classes=2, log=said.append)
+    assert not [s for s in said if "no effect" in s]
+    body = model.backbone.body
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer4.parameters())

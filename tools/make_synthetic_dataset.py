@@ -15,12 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector.data.synthetic import make_dataset, make_large_dataset  # noqa: E402
+from detector import cli  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("output")
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.parser(__doc__)
+    ap.add_argument("output", metavar="OUTPUT_DIR", help="the folder to write the dataset to")
     ap.add_argument("--train", type=int, help="training images (default 384; --large: 2)")
     ap.add_argument("--val", type=int, help="validation images (default 96; --large: 4)")
     ap.add_argument("--seed", type=int, default=0)
@@ -28,7 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large", action="store_true",
                     help="3000x2000 images, shapes of 16-32 px: 150-300 per training image, 30-60 per validation image "
                          "(under COCOeval's 100 detections per image); for data.tile and sliced inference")  # fmt: skip
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from detector.data.synthetic import make_dataset, make_large_dataset  # after parsing: --help stays fast
+
     if args.large:
         n_train, n_val = args.train or 2, args.val or 4
         paths = make_large_dataset(args.output, n_train, n_val, args.seed, masks=not args.no_masks)

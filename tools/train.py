@@ -12,7 +12,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from detector import analysis, checkpoint, config, data, engine, lineage, optim, runtime  # noqa: E402
-from detector.data.loader import EvalBatchSampler, TrainBatchSampler, build_loader, steps_per_epoch  # noqa: E402
+from detector.data.loader import (  # noqa: E402
+    EvalBatchSampler,
+    TrainBatchSampler,
+    build_loader,
+    cap_workers,
+    steps_per_epoch,
+)
 from detector.models import build_model, model_input_size  # noqa: E402
 from detector.report import epoch_report  # noqa: E402
 from detector.tracking import RunLogger, summary_table  # noqa: E402
@@ -54,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         ratios, cfg.train.batch_size, cfg.train.seed, world, rank, cfg.data.aspect_ratio_grouping
     )
     val_sampler = EvalBatchSampler(splits.val.aspect_ratios(), cfg.eval.batch_size, world, rank)
-    train_loader = build_loader(train_ds, train_sampler, cfg.data.num_workers, cfg.train.seed)
-    val_loader = build_loader(val_ds, val_sampler, cfg.data.num_workers, cfg.train.seed)
+    workers = cap_workers(cfg.data.num_workers, log)
+    train_loader = build_loader(train_ds, train_sampler, workers, cfg.train.seed)
+    val_loader = build_loader(val_ds, val_sampler, workers, cfg.train.seed)
     global_batch = world * cfg.train.batch_size * cfg.train.grad_accum_steps
     lr = optim.scaled_lr(cfg.optim, global_batch)
     optimizer = optim.build_optimizer(model, cfg.optim, lr)

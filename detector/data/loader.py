@@ -10,8 +10,9 @@ from __future__ import annotations
 import atexit
 import math
 import multiprocessing
+import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -139,12 +140,37 @@ def _ignore_stop_signals(_: int) -> None:
 def _stop_workers_at_exit() -> None:
     # Workers ignore SIGTERM, which is how multiprocessing ends daemonic children at exit before
     # joining them: a run that stops on an error (its loader never shut down) would wait forever.
-    for p in multiprocessing.active_children():
-        if p.daemon:
-            p.kill()
+    # The DataLoader's SIGCHLD handler would report each killed worker as a failure ("DataLoader
+    # worker ... is killed by signal") after the run's own clean error: we end them on purpose.
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    if workers and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in workers:
+        p.kill()
 
 
 atexit.register(_stop_workers_at_exit)  # runs before multiprocessing's own exit handler (LIFO)
+
+
+def cap_workers(requested: int, log: Callable[[str], None] | None = None) -> int:
+    """``requested`` loader workers, at most the CPUs this process may use.
+
+    More workers than CPUs only adds processes that wait for each other, and the DataLoader warns
+    about it once per loader; the cap is said once here instead (``log``), naming the key.
+
+    Args:
+        requested: the configured number of workers (``data.num_workers``).
+        log: where to say that the number was lowered; None says nothing.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    if requested <= cpus:
+        return requested
+    if log is not None:
+        log(f"data.num_workers={requested} lowered to {cpus}: this process may use {cpus} CPUs")
+    return cpus
 
 
 def build_loader(

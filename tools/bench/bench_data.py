@@ -27,6 +27,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from detector import cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.parser(__doc__)
+    ap.add_argument("what", choices=["pipeline", "index"])
+    ap.add_argument("--n", type=int, default=200, help="images for the pipeline benchmark (640x360)")
+    ap.add_argument("--n-large", type=int, default=12, help="4000x3000 images for the pipeline benchmark")
+    ap.add_argument("--images", type=int, default=118287)
+    ap.add_argument("--annotations", type=int, default=860001)
+    return ap
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
+
+
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -214,13 +231,7 @@ def bench_index(n_images: int, n_anns: int) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["pipeline", "index"])
-    ap.add_argument("--n", type=int, default=200, help="images for the pipeline benchmark (640x360)")
-    ap.add_argument("--n-large", type=int, default=12, help="4000x3000 images for the pipeline benchmark")
-    ap.add_argument("--images", type=int, default=118287)
-    ap.add_argument("--annotations", type=int, default=860001)
-    args = ap.parse_args()
+    args = build_parser().parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.what == "pipeline":
         for size, n in (((640, 360), args.n), ((4000, 3000), args.n_large)):

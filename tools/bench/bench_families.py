@@ -19,6 +19,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from detector import cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.parser(__doc__)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n", type=int, default=8, help="timed images per measurement")
+    ap.add_argument("--train-steps", type=int, default=3)
+    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    return ap
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
+
+
 import torch  # noqa: E402
 
 from detector import config  # noqa: E402
@@ -71,12 +87,7 @@ def train_rate(model: torch.nn.Module, n_steps: int, size: tuple[int, int]) -> f
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--n", type=int, default=8, help="timed images per measurement")
-    ap.add_argument("--train-steps", type=int, default=3)
-    ap.add_argument("--models", nargs="*", default=list(MODELS))
-    args = ap.parse_args()
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     import onnxruntime as ort
 

@@ -19,6 +19,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from detector import cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.parser(__doc__)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--images", required=True, help="a folder of images")
+    ap.add_argument("--n", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=8, help="for the validation-cost comparison")
+    return ap
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
+
+
 import torch  # noqa: E402
 
 from detector.export import default_size, export_onnx, onnx_runner  # noqa: E402
@@ -38,12 +54,7 @@ def _rate(fn, items, repeats=3) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--images", required=True, help="a folder of images")
-    ap.add_argument("--n", type=int, default=48)
-    ap.add_argument("--batch-size", type=int, default=8, help="for the validation-cost comparison")
-    args = ap.parse_args()
+    args = build_parser().parse_args()
     model, label_map, meta = load_model(args.checkpoint)
     size = default_size(model)
     files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[: args.n]

@@ -23,6 +23,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from detector import cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.parser(__doc__)
+    ap.add_argument("--images", type=int, default=100_000)
+    ap.add_argument("--per-image", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--baseline", action="store_true", help="also measure the list-of-dicts baseline")
+    return ap
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
+
+
 import numpy as np  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 
@@ -93,12 +109,7 @@ class MaskListIndex:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=100_000)
-    ap.add_argument("--per-image", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--baseline", action="store_true", help="also measure the list-of-dicts baseline")
-    args = ap.parse_args()
+    args = build_parser().parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "masks.json"

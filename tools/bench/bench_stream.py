@@ -19,6 +19,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from detector import cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.parser(__doc__)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--folder", required=True)
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--every", type=int, default=1000)
+    return ap
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
+
+
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
@@ -44,14 +62,7 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--folder", required=True)
-    ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--every", type=int, default=1000)
-    args = ap.parse_args()
+    args = build_parser().parse_args()
 
     files = make_images(Path(args.folder), args.n)
     predictor = Predictor.from_checkpoint(args.checkpoint, "cpu", 0.5, args.batch_size)

@@ -23,6 +23,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from detector import cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.parser(__doc__)
+    ap.add_argument("what", choices=["overhead", "scaling"])
+    ap.add_argument("--repeats", type=int, default=2)
+    return ap
+
+
 DEMO = ROOT / "configs" / "demo.yaml"
 
 
@@ -86,10 +96,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_plain":
         print(plain_loop(sys.argv[2:]))
         return 0
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["overhead", "scaling"])
-    ap.add_argument("--repeats", type=int, default=2)
-    args = ap.parse_args()
+    args = build_parser().parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.what == "overhead":
             overrides = [*COMMON, "train.threads=2", "data.num_workers=1"]

@@ -1,0 +1,85 @@
+"""The command-line grammar every tool shares: argument parsers that import nothing heavy.
+
+A tool builds its parser from these helpers, parses, and only then imports torch and the rest of
+the package, so ``--help`` and a mistyped flag answer at once. The grammar:
+
+- a dataset is ``--annotations JSON --images DIR`` in every tool that reads one;
+- ``--workers N`` is the number of loader workers (processes or threads) everywhere;
+- ``--output FILE`` is a tool's one result file; ``--output-dir DIR`` is the folder of a tool
+  that writes several files (``--output`` is accepted there too, as earlier releases spelled it);
+- every option's default is shown in ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each option's default after its help (not for
+    switches, options without a default, or help that already states its default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parser(doc: str | None, **kw) -> argparse.ArgumentParser:
+    """A tool's argument parser: its docstring as the description, defaults shown.
+
+    Args:
+        doc: the tool's module docstring.
+        **kw: passed to ``argparse.ArgumentParser``.
+    """
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, **kw)
+
+
+def add_dataset(ap: argparse.ArgumentParser, images_required: bool = True, what: str = "") -> None:
+    """``--annotations JSON`` (required) and ``--images DIR``.
+
+    Args:
+        ap: the parser.
+        images_required: whether ``--images`` must be given.
+        what: a word on which dataset, for the help (e.g. "ground-truth").
+    """
+    ap.add_argument("--annotations", required=True, metavar="JSON", help=f"the {what} COCO json".replace("  ", " "))
+    ap.add_argument(
+        "--images",
+        required=images_required,
+        metavar="DIR",
+        help="the image root that the json's file_name entries are relative to",
+    )
+
+
+def add_workers(ap: argparse.ArgumentParser, default: int, what: str) -> None:
+    """``--workers N``: loader workers.
+
+    Args:
+        ap: the parser.
+        default: the tool's default.
+        what: what the workers do, for the help.
+    """
+    ap.add_argument("--workers", type=int, default=default, metavar="N", help=what)
+
+
+def add_output_dir(ap: argparse.ArgumentParser, default: str | None, what: str) -> None:
+    """``--output-dir DIR`` (also spelled ``--output``): the folder a tool writes its files to.
+
+    Args:
+        ap: the parser.
+        default: the folder when none is given (None: the tool decides, as its help says).
+        what: what goes there, for the help.
+    """
+    ap.add_argument("--output-dir", "--output", dest="output_dir", default=default, metavar="DIR", help=what)
+
+
+def score_threshold(text: str) -> float:
+    """An argparse type: a score threshold in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a score in [0, 1]")
+    return value
