@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 
+ON_INVALID = ("error", "clip", "repair")  # data.on_invalid's values (config.DataConfig), for --on-invalid
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written, and each option's default after its help (not for
     switches, options without a default, or help that already states its default)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -49,6 +51,49 @@ def add_dataset(ap: argparse.ArgumentParser, images_required: bool = True, what:
         required=images_required,
         metavar="DIR",
         help="the image root that the json's file_name entries are relative to",
+    )
+
+
+def add_dataset_positional(ap: argparse.ArgumentParser, images: bool = True) -> None:
+    """A dataset as ``--annotations JSON [--images DIR]`` or, as earlier releases took it, as
+    positional ``ANNOTATIONS [IMAGES]``; :func:`dataset_paths` reads either.
+
+    Args:
+        ap: the parser.
+        images: whether the tool takes an image root too.
+    """
+    ap.add_argument("annotations_arg", nargs="?", metavar="ANNOTATIONS", help="the same as --annotations")
+    if images:
+        ap.add_argument("images_arg", nargs="?", metavar="IMAGES", help="the same as --images")
+    ap.add_argument("--annotations", metavar="JSON", help="the COCO json")
+    if images:
+        ap.add_argument(
+            "--images", metavar="DIR", help="the image root that the json's file_name entries are relative to"
+        )
+
+
+def dataset_paths(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Sets ``args.annotations`` (and ``args.images``) from the flags or the positionals; exits
+    with a usage error when one is missing or given twice differently."""
+    for name in ("annotations", "images"):
+        if not hasattr(args, f"{name}_arg"):
+            continue
+        flag, positional = getattr(args, name), getattr(args, f"{name}_arg")
+        if flag is not None and positional is not None and flag != positional:
+            ap.error(f"the {name} are given twice: --{name} {flag} and {positional}")
+        if flag is None and positional is None:
+            ap.error(f"--{name} is required")
+        setattr(args, name, flag if flag is not None else positional)
+
+
+def add_on_invalid(ap: argparse.ArgumentParser) -> None:
+    """``--on-invalid``: what to do with boxes that are not valid, as the training key ``data.on_invalid``."""
+    ap.add_argument(
+        "--on-invalid",
+        choices=ON_INVALID,
+        default="clip",
+        help="as data.on_invalid: clip accepts boxes that overhang the image, counted (training clips them); "
+        "repair also drops what cannot be used, counted; error stops at the first",
     )
 
 

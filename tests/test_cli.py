@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -51,3 +52,20 @@ def test_the_same_thing_has_the_same_flag_in_every_tool():
         assert "--annotations" in helps[tool] and "--images" in helps[tool], tool
     for tool in ("infer.py", "check_dataset.py", "plot_runs.py", "split_dataset.py"):
         assert "--output-dir DIR" in helps[tool], f"{tool}: a folder of outputs is --output-dir"
+
+
+def test_the_parsers_choices_are_the_packages():
+    """The tools' parsers name choices without importing the package's heavy modules: they must
+    stay the choices the package takes."""
+    import typing
+
+    from detector import cli
+    from detector.config import DataConfig
+    from detector.data.convert import FORMATS
+
+    assert typing.get_args(typing.get_type_hints(DataConfig)["on_invalid"]) == cli.ON_INVALID
+    spec = importlib.util.spec_from_file_location("convert_tool", ROOT / "tools" / "convert_dataset.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    formats = next(a.choices for a in tool.build_parser()._actions if a.dest == "format")
+    assert tuple(formats) == FORMATS

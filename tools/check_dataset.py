@@ -1,6 +1,7 @@
 """Report on a COCO detection dataset before training on it.
 
-    python tools/check_dataset.py ANNOTATIONS IMAGES [--decode] [--draw N --output DIR]
+    python tools/check_dataset.py --annotations JSON --images DIR [--decode] [--draw N --output-dir DIR]
+    python tools/check_dataset.py JSON DIR ...     (the same, positional)
 
 Prints counts, the class histogram (classes without annotations as a warning), the box size
 distribution, every problem in the json (with its location) and every missing, unreadable or
@@ -18,6 +19,30 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detector import cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.parser(__doc__)
+    cli.add_dataset_positional(ap)
+    ap.add_argument("--draw", type=int, default=0, metavar="N", help="draw N images with their boxes")
+    cli.add_output_dir(ap, "dataset_check", "folder for the drawings")
+    ap.add_argument("--decode", action="store_true", help="decode every image in full (finds truncated files)")
+    cli.add_workers(ap, 0, "decoding threads (0: the usable CPUs)")
+    ap.add_argument("--masks", action="store_true", help="also check the instance masks (as Mask R-CNN reads them)")
+    return ap
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    cli.dataset_paths(ap, args)
+    return args
+
+
+if __name__ == "__main__":
+    parse()  # --help and a mistyped flag answer before torch is imported
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -48,15 +73,7 @@ def box_stats(index: CocoIndex) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("annotations")
-    ap.add_argument("images")
-    ap.add_argument("--draw", type=int, default=0, help="draw N images with their boxes")
-    ap.add_argument("--output", default="dataset_check", help="folder for the drawings")
-    ap.add_argument("--decode", action="store_true", help="decode every image in full (finds truncated files)")
-    ap.add_argument("--workers", type=int, default=0, help="decoding threads (0: the usable CPUs)")
-    ap.add_argument("--masks", action="store_true", help="also check the instance masks (as Mask R-CNN reads them)")
-    args = ap.parse_args(argv)
+    args = parse(argv)
 
     problems: list[str] = []
     try:  # what training with the default data.on_invalid=clip would stop on
@@ -96,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in problems:
         print(f"  - {p}")
     if args.draw:
-        out = Path(args.output)
+        out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         ds = CocoDetection(index, args.images)
         missing = {i for kind in ("missing", "unreadable", "too_large") for i, _ in found[kind]}

@@ -20,23 +20,40 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detector import cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.parser(__doc__)
+    ap.add_argument("format", choices=("yolo", "voc", "cvat", "labelme"))  # detector.data.convert.FORMATS
+    ap.add_argument("source", help="yolo: labels folder; voc/labelme: folder of .xml/.json; cvat: annotations.xml")
+    ap.add_argument(
+        "--images", required=True, metavar="DIR", help="image root; file_name in the output is relative to it"
+    )
+    ap.add_argument("--output", required=True, metavar="FILE", help="the COCO json to write")
+    ap.add_argument("--classes", help="class names: data.yaml (names:) or a text file, one name a line")
+    ap.add_argument(
+        "--voc-origin",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="VOC pixel indices: 1 = VOC devkit (1-based inclusive), 0 = 0-based",
+    )
+    ap.add_argument("--include-poly", action="store_true", help="labelme polygons as their bounding boxes")
+    return ap
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
+
 from detector import runtime  # noqa: E402
 from detector.data import header_progress  # noqa: E402
 from detector.data.coco import DatasetError  # noqa: E402
-from detector.data.convert import FORMATS, convert, read_class_names, validate  # noqa: E402
+from detector.data.convert import convert, read_class_names, validate  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("format", choices=FORMATS)
-    ap.add_argument("source", help="yolo: labels folder; voc/labelme: folder of .xml/.json; cvat: annotations.xml")
-    ap.add_argument("--images", required=True, help="image root; file_name in the output is relative to it")
-    ap.add_argument("--output", required=True, help="the COCO json to write")
-    ap.add_argument("--classes", help="class names: data.yaml (names:) or a text file, one name a line")
-    ap.add_argument("--voc-origin", type=int, choices=(0, 1), default=1,
-                    help="VOC pixel indices: 1 = VOC devkit (1-based inclusive, default), 0 = 0-based")  # fmt: skip
-    ap.add_argument("--include-poly", action="store_true", help="labelme polygons as their bounding boxes")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     classes = read_class_names(args.classes) if args.classes else None
     if classes is None and args.format == "yolo":

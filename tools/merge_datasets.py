@@ -21,20 +21,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detector import cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.parser(__doc__)
+    ap.add_argument("inputs", nargs="+", help="COCO json files")
+    ap.add_argument("--output", required=True, metavar="FILE", help="the merged COCO json")
+    ap.add_argument("--prefix", nargs="+", help="one folder prefix per input for its file names")
+    ap.add_argument("--rename", nargs="+", default=[], metavar="OLD=NEW", help="category names to rename first")
+    cli.add_on_invalid(ap)
+    return ap
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
+
 from detector import runtime  # noqa: E402
 from detector.data.coco import CocoIndex, DatasetError  # noqa: E402
-from detector.data.split import ON_INVALID, OPTION, merge  # noqa: E402
+from detector.data.split import OPTION, merge  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("inputs", nargs="+", help="COCO json files")
-    ap.add_argument("--output", required=True)
-    ap.add_argument("--prefix", nargs="+", help="one folder prefix per input for its file names")
-    ap.add_argument("--rename", nargs="+", default=[], metavar="OLD=NEW", help="category names to rename first")
-    ap.add_argument(OPTION, choices=ON_INVALID, default="clip",
-                    help="as data.on_invalid: clip (default) keeps overhanging boxes, counted; repair drops what cannot be used")  # fmt: skip
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     renames = {}
     for item in args.rename:

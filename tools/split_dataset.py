@@ -21,25 +21,36 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-
-from detector import runtime  # noqa: E402
-from detector.data.coco import CocoIndex, DatasetError  # noqa: E402
-from detector.data.split import ON_INVALID, OPTION, assign, group_keys, load, proportions, repairs, subset  # noqa: E402
+from detector import cli  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("annotations", help="the COCO json to split")
-    ap.add_argument("--output-dir", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.parser(__doc__)
+    cli.add_dataset_positional(ap, images=False)
+    ap.add_argument("--output-dir", required=True, metavar="DIR", help="the folder for the split jsons")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.2], help="2 or 3 shares (train val [test])")
     ap.add_argument("--names", nargs="+", help="output names (default train val [test])")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--group", choices=("none", "dir"), default="none", help="dir: images of one folder stay together")
     ap.add_argument("--group-regex", help="the group key is this regex's first group (or match) in file_name")
-    ap.add_argument(OPTION, choices=ON_INVALID, default="clip",
-                    help="as data.on_invalid: clip (default) keeps overhanging boxes, counted; repair drops what cannot be used")  # fmt: skip
+    cli.add_on_invalid(ap)
+    return ap
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
+
+import numpy as np  # noqa: E402
+
+from detector import runtime  # noqa: E402
+from detector.data.coco import CocoIndex, DatasetError  # noqa: E402
+from detector.data.split import OPTION, assign, group_keys, load, proportions, repairs, subset  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
+    cli.dataset_paths(ap, args)
 
     if len(args.ratios) not in (2, 3):
         raise DatasetError(f"--ratios takes 2 or 3 numbers, got {args.ratios}")

@@ -27,7 +27,6 @@ MAX_SWAPS = 16  # swap partners tried per group and split in the local search
 NEGATIVE = "(no objects)"  # images without annotations are stratified as one more class
 
 
-ON_INVALID = ("error", "clip", "repair")  # the choices of data.on_invalid and of the tools' --on-invalid
 OPTION = "--on-invalid"
 
 
