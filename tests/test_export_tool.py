@@ -24,7 +24,7 @@ TINY_MASK = TINY.with_name("tiny_mask.yaml")
     [
         (["--format", "onnx"], "onnx", "export"),
         (["--format", "onnx"], "onnxruntime", "export"),
-        (["--format", "onnx", "--int8"], "onnxruntime", "export"),
+        (["--format", "onnx", "--int8"], "onnxruntime", "deploy"),
         (["--format", "openvino"], "openvino", "deploy"),
         (["--format", "openvino", "--int8"], "onnxruntime", "deploy"),
     ],

@@ -15,10 +15,16 @@ includes the mask head: its masks must overlap eager PyTorch's by at least --mas
 
 OpenVINO (FILE.xml + FILE.bin) is the ONNX graph converted to OpenVINO IR, checked in OpenVINO.
 --int8 quantizes the graph (detector/quantize.py) on --calibration-count images of --calibration
-(default: the training run's training images); the parity check is then that of the fp32 graph
-it was made from, and the accuracy cost is measured instead: box AP50 of the fp32 and the int8
-model on the val set (the training run's, or --val-annotations/--val-images), written to FILE.json;
---max-ap50-drop fails the export (exit 1) when int8 loses more than that.
+DIR (default: the images the training run's training json lists, not every file of its folder);
+calibration images that are val images are counted and warned about (the cost measured on them
+is optimistic). The parity check is then that of the fp32 graph it was made from, and the
+accuracy cost is measured instead: box AP50 of the fp32 and the int8 model on the val set (the
+training run's, or --val-annotations/--val-images), written to FILE.json; --max-ap50-drop fails
+the export (exit 1) when int8 loses more than that (and needs a val set).
+
+Before any work: --format onnx needs onnx and onnxruntime (pip install 'detector[export]'),
+--format openvino and --int8 the deploy extra (pip install 'detector[deploy]', with openvino);
+a missing package is one line naming the extra, exit 2. Missing folders of --output are created.
 """
 
 from __future__ import annotations
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.format != "torchscript":  # one line naming the extra now, not a library's traceback mid-run
         needs = ["onnx", "onnxruntime"] if args.format == "onnx" else ["onnx", "openvino"]
         needs += ["onnxruntime"] if args.int8 and "onnxruntime" not in needs else []  # its static quantizer
-        extra = runtimes.EXPORT_EXTRA if args.format == "onnx" else runtimes.DEPLOY_EXTRA
+        extra = runtimes.EXPORT_EXTRA if args.format == "onnx" and not args.int8 else runtimes.DEPLOY_EXTRA  # pyproject
         runtimes.require_installed(needs, f"--format {args.format}{' --int8' * args.int8}", extra)
 
     model, label_map, meta = load_model(args.checkpoint)
