@@ -47,32 +47,71 @@ def run_split(cfg: dict, split: str) -> tuple[Path, Path] | None:
     return None
 
 
-def calibration_images(
-    folder: str | Path,
-    count: int,
-    prepare: Callable[[str | Path], tuple[torch.Tensor, float, tuple[int, int]]],
-) -> tuple[list[torch.Tensor], list[str]]:
-    """Up to ``count`` images of a folder (searched recursively), spread evenly over its sorted
-    file list, decoded by ``prepare`` (the Predictor's: the pixels the model will see).
-
-    Returns:
-        (images, problems): files that could not be decoded are left out and named in problems.
+def folder_images(folder: str | Path) -> list[Path]:
+    """The image files of a folder, searched recursively, sorted (``--calibration DIR``).
 
     Raises:
-        DatasetError: no folder, or no decodable image in it.
+        DatasetError: no folder, or no image in it.
     """
     from detector.data.coco import DatasetError
 
-    if count < 1:
-        raise ValueError(f"calibration takes at least one image, not {count}")
     root = Path(folder)
     if not root.is_dir():
         raise DatasetError(f"calibration folder {root} does not exist")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DatasetError(f"calibration folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    if count < len(files):
-        files = [files[i] for i in np.linspace(0, len(files) - 1, count).round().astype(int)]
+    return files
+
+
+def annotated_images(annotations: str | Path, images: str | Path) -> list[Path]:
+    """The image files a COCO json lists, under its image folder, in the json's order: a
+    training json's images, not every file of the folder it shares with its val json
+    (tools/split_dataset.py writes train and val over one image root).
+
+    Raises:
+        DatasetError: the json cannot be read, or lists no image.
+    """
+    from detector.data.coco import CocoIndex, DatasetError
+
+    # only the file names are used: boxes that training clipped or dropped do not matter here
+    index = CocoIndex(annotations, on_invalid="repair")
+    if not len(index):
+        raise DatasetError(f"{annotations} lists no image to calibrate on")
+    return [Path(images) / index.file_name(i) for i in range(len(index))]
+
+
+def val_overlap(files: Sequence[str | Path], annotations: str | Path, images: str | Path) -> list[Path]:
+    """The files that are also images of a val set (same file, by resolved path): calibrating on
+    them makes the AP50 cost measured on that val set optimistic."""
+    val = {p.resolve() for p in annotated_images(annotations, images)}
+    return [Path(f) for f in files if Path(f).resolve() in val]
+
+
+def spread(files: Sequence[Path], count: int) -> list[Path]:
+    """Up to ``count`` of ``files``, spread evenly over the list (all of them when there are fewer)."""
+    if count < 1:
+        raise ValueError(f"calibration takes at least one image, not {count}")
+    if count >= len(files):
+        return list(files)
+    return [files[i] for i in np.linspace(0, len(files) - 1, count).round().astype(int)]
+
+
+def calibration_images(
+    files: Sequence[Path],
+    prepare: Callable[[str | Path], tuple[torch.Tensor, float, tuple[int, int]]],
+) -> tuple[list[torch.Tensor], list[str]]:
+    """Calibration images decoded by ``prepare`` (the Predictor's: the pixels the model will see);
+    ``files`` from :func:`annotated_images` or :func:`folder_images` through :func:`spread`.
+
+    Returns:
+        (images, problems): files that could not be decoded are left out and named in problems.
+
+    Raises:
+        DatasetError: no file could be decoded.
+    """
+    from detector.data.coco import DatasetError
+
     images, problems = [], []
     for f in files:
         try:
@@ -80,7 +119,7 @@ def calibration_images(
         except Exception as exc:  # one bad file is reported, not fatal
             problems.append(f"{f}: {exc}")
     if not images:
-        raise DatasetError(f"no image of {root} could be decoded: " + "; ".join(problems[:3]))
+        raise DatasetError("no calibration image could be decoded: " + "; ".join(problems[:3]))
     return images, problems
 
 

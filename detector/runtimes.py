@@ -24,6 +24,7 @@ QuantizeLinear/DequantizeLinear pairs) runs as int8 in both runtimes.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ from detector.config import ConfigError
 
 Runner = Callable[[np.ndarray | torch.Tensor], dict[str, np.ndarray]]
 
-DEPLOY_EXTRA = "pip install 'detector[deploy]'"
+EXPORT_EXTRA = "pip install 'detector[export]'"  # onnx, onnxruntime: the ONNX export and its check
+DEPLOY_EXTRA = "pip install 'detector[deploy]'"  # and openvino: the OpenVINO export, int8
 _PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "onnx": "onnx"}
 
 
@@ -44,13 +46,44 @@ class MissingPackageError(ConfigError):
     as one line and exit 2)."""
 
 
-def require(module: str, what: str) -> Any:
-    """Import an optional runtime package, or fail with what to install."""
+def require(module: str, what: str, extra: str = DEPLOY_EXTRA) -> Any:
+    """Import an optional runtime package, or fail with what to install.
+
+    Args:
+        module: the module to import ("onnxruntime.quantization").
+        what: what needs it, for the message ("int8 quantization").
+        extra: the install command of the extra that has it.
+    """
     try:
         return importlib.import_module(module)
     except ImportError:
         package = _PACKAGES.get(module.split(".")[0], module)
-        raise MissingPackageError(f"{what} needs the {package} package: {DEPLOY_EXTRA}") from None
+        raise MissingPackageError(f"{what} needs the {package} package: {extra}") from None
+
+
+def require_installed(modules: Sequence[str], what: str, extra: str) -> None:
+    """Fail before any work when an optional package is missing, naming the extra to install;
+    the packages are looked up, not imported (importing openvino takes seconds).
+
+    Args:
+        modules: top-level packages ("onnx", "onnxruntime", "openvino").
+        what: what needs them, for the message ("--format onnx").
+        extra: the install command of the extra that has them.
+
+    Raises:
+        MissingPackageError: naming every missing package and the extra.
+    """
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None  # None too where sys.modules[name] is None
+        except (ImportError, ValueError):  # a finder that refuses it, a module without a spec
+            found = False
+        if not found:
+            missing.append(_PACKAGES.get(name, name))
+    if missing:
+        packages = " and ".join(missing) + (" packages" if len(missing) > 1 else " package")
+        raise MissingPackageError(f"{what} needs the {packages}: {extra}")
 
 
 def _array(img: np.ndarray | torch.Tensor) -> np.ndarray:

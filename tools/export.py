@@ -15,15 +15,22 @@ includes the mask head: its masks must overlap eager PyTorch's by at least --mas
 
 OpenVINO (FILE.xml + FILE.bin) is the ONNX graph converted to OpenVINO IR, checked in OpenVINO.
 --int8 quantizes the graph (detector/quantize.py) on --calibration-count images of --calibration
-(default: the training run's training images); the parity check is then that of the fp32 graph
-it was made from, and the accuracy cost is measured instead: box AP50 of the fp32 and the int8
-model on the val set (the training run's, or --val-annotations/--val-images), written to FILE.json;
---max-ap50-drop fails the export (exit 1) when int8 loses more than that.
+DIR (default: the images the training run's training json lists, not every file of its folder);
+calibration images that are val images are counted and warned about (the cost measured on them
+is optimistic). The parity check is then that of the fp32 graph it was made from, and the
+accuracy cost is measured instead: box AP50 of the fp32 and the int8 model on the val set (the
+training run's, or --val-annotations/--val-images), written to FILE.json; --max-ap50-drop fails
+the export (exit 1) when int8 loses more than that (and needs a val set).
+
+Before any work: --format onnx needs onnx and onnxruntime (pip install 'detector[export]'),
+--format openvino and --int8 the deploy extra (pip install 'detector[deploy]', with openvino);
+a missing package is one line naming the extra, exit 2. Missing folders of --output are created.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from detector import export, runtime  # noqa: E402
+from detector import export, quantize, runtime, runtimes  # noqa: E402
 from detector.data.coco import DatasetError  # noqa: E402
 from detector.families import family_of_model  # noqa: E402
 from detector.images import ImageDecodeError  # noqa: E402
@@ -64,26 +71,59 @@ def sample_images(
     return images + [export.reshaped(source, s) for s in export.parity_shapes(predictor.model)]
 
 
-def int8(args, model, label_map, cfg: dict, fp32_onnx: Path, fp32_path: Path) -> tuple[Path, dict, bool]:
-    """Quantize the checked fp32 graph to args.output and measure its AP50 against the fp32
-    model's on the val set. Returns (the int8 model's path, what to record, within --max-ap50-drop)."""
-    from detector import quantize, runtimes
+def val_set(args, cfg: dict) -> tuple[Path, Path] | None:
+    """(annotations, images) of the val set the int8 model is scored on: --val-annotations and
+    --val-images, else the training run's (None when it is not there)."""
+    if args.val_annotations:
+        return Path(args.val_annotations), Path(args.val_images)
+    return quantize.run_split(cfg, "val")
 
-    draft = bool(cfg.get("data", {}).get("draft_decode", True))
-    predictor = Predictor(model, label_map, "cpu", 1, draft)
-    train = quantize.run_split(cfg, "train")
-    folder = args.calibration or (train[1] if train else None)
-    if folder is None:
-        raise DatasetError("--int8 needs --calibration DIR: the training run's images are not there")
-    images, problems = quantize.calibration_images(folder, args.calibration_count, predictor.prepare)
+
+def calibration_set(args, cfg: dict, predictor: Predictor) -> tuple[list[torch.Tensor], dict]:
+    """The int8 calibration images, decoded before anything is exported (a missing or empty source
+    is refused before the work), and what to record of them: the image files of --calibration DIR,
+    else the images the training run's training json lists (not every file of its folder, which
+    tools/split_dataset.py shares with the val json). Warns when some of them are val images: the
+    AP50 cost measured on those would be optimistic."""
+    if args.calibration:
+        files, info = quantize.folder_images(args.calibration), {"folder": str(args.calibration)}
+    else:
+        train = quantize.run_split(cfg, "train")
+        if train is None:
+            raise DatasetError("--int8 needs --calibration DIR: the training run's training json or images are gone")
+        files, info = quantize.annotated_images(*train), {"annotations": str(train[0]), "folder": str(train[1])}
+    files = quantize.spread(files, args.calibration_count)
+    images, problems = quantize.calibration_images(files, predictor.prepare)
     for p in problems:
         print(f"warning: calibration image left out: {p}", file=sys.stderr)
-    print(f"calibrating int8 on {len(images)} image(s) of {folder}")
+    info.update({"images": len(images), "left_out": len(problems)})
+    val = val_set(args, cfg)
+    if val is None and args.max_ap50_drop is not None:
+        raise DatasetError("--max-ap50-drop needs a val set: the training run's is gone; pass --val-annotations "
+                           "and --val-images")  # fmt: skip
+    if val is not None:
+        overlap = quantize.val_overlap(files, *val)
+        info["val_images"] = len(overlap)
+        if overlap:
+            print(f"warning: {len(overlap)} of the {len(files)} calibration images are images of the val set {val[0]} "
+                  f"(e.g. {overlap[0]}): the int8 AP50 cost measured on it is optimistic; calibrate on images it does "
+                  "not hold (by default, the training json's)", file=sys.stderr)  # fmt: skip
+    return images, info
+
+
+def int8(
+    args, model, label_map, cfg: dict, fp32_onnx: Path, fp32_path: Path, calibration: tuple[list[torch.Tensor], dict]
+) -> tuple[Path, dict, bool]:
+    """Quantize the checked fp32 graph to args.output on the ``calibration`` images and measure
+    its AP50 against the fp32 model's on the val set. Returns (the int8 model's path, what to
+    record, within --max-ap50-drop)."""
+    draft = bool(cfg.get("data", {}).get("draft_decode", True))
+    images, calibrated = calibration
+    source = calibrated.get("annotations") or calibrated["folder"]
+    print(f"calibrating int8 on {len(images)} image(s) of {source}")
     path = quantize.quantize_export(fp32_onnx, args.output, args.format, images)
-    info: dict = {"calibration": {"folder": str(folder), "images": len(images), "left_out": len(problems)}}
-    val = (
-        (Path(args.val_annotations), Path(args.val_images)) if args.val_annotations else quantize.run_split(cfg, "val")
-    )
+    info: dict = {"calibration": calibrated}
+    val = val_set(args, cfg)
     if val is None:
         print("note: no val set (the run's is not there; pass --val-annotations/--val-images): AP50 not measured")
         return path, info, True
@@ -98,6 +138,21 @@ def int8(args, model, label_map, cfg: dict, fp32_onnx: Path, fp32_path: Path) ->
     print(f"box AP50 on {val[0]}: fp32 {stats['fp32']['mAP50']:.4f}, int8 {stats['int8']['mAP50']:.4f} "
           f"(drop {drop:+.4f}); mAP fp32 {stats['fp32']['mAP']:.4f}, int8 {stats['int8']['mAP']:.4f}")  # fmt: skip
     return path, info, args.max_ap50_drop is None or drop <= args.max_ap50_drop
+
+
+def output_problem(output: str) -> str | None:
+    """Why --output cannot be written, or None: a folder it names that does not exist yet is
+    created (after the checks, before the export), so only a path under a file or an unwritable
+    folder, or an existing folder as the file, is refused."""
+    path = Path(output)
+    if path.is_dir():
+        return f"--output {output} is a folder: give the file to write"
+    folder = next(p for p in path.absolute().parents if p.exists())  # the root exists
+    if not folder.is_dir():
+        return f"--output {output}: {folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"--output {output}: cannot write in {folder}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--calibration-count takes a number of images >= 1, got {args.calibration_count}")
     if args.int8 and args.calibration and not Path(args.calibration).is_dir():
         ap.error(f"--calibration: the folder {args.calibration} does not exist")
+    if problem := output_problem(args.output):
+        ap.error(problem)
+    if args.format != "torchscript":  # one line naming the extra now, not a library's traceback mid-run
+        needs = ["onnx", "onnxruntime"] if args.format == "onnx" else ["onnx", "openvino"]
+        needs += ["onnxruntime"] if args.int8 and "onnxruntime" not in needs else []  # its static quantizer
+        extra = runtimes.EXPORT_EXTRA if args.format == "onnx" and not args.int8 else runtimes.DEPLOY_EXTRA  # pyproject
+        runtimes.require_installed(needs, f"--format {args.format}{' --int8' * args.int8}", extra)
 
     model, label_map, meta = load_model(args.checkpoint)
     draft = bool(meta.get("config", {}).get("data", {}).get("draft_decode", True))
@@ -145,21 +207,23 @@ def main(argv: list[str] | None = None) -> int:
     except ImageDecodeError as exc:
         print(f"error: {exc}; pass --samples with readable images", file=sys.stderr)
         return 2
+    calibration = calibration_set(args, meta.get("config", {}), predictor) if args.int8 else None
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # checked by output_problem
     with tempfile.TemporaryDirectory() as work:  # the fp32 graph of an openvino or int8 export
-        return export_and_check(args, model, label_map, meta, draft, images, Path(work))
+        return export_and_check(args, model, label_map, meta, draft, images, Path(work), calibration)
 
 
-def export_and_check(args, model, label_map, meta: dict, draft: bool, images: list[torch.Tensor], work: Path) -> int:
-    """Export, check against eager PyTorch on ``images``, quantize (--int8), write the metadata;
-    the exit code. ``work``: a temporary folder for the fp32 graph of an openvino or int8 export."""
+def export_and_check(args, model, label_map, meta: dict, draft: bool, images: list[torch.Tensor], work: Path,
+                     calibration: tuple[list[torch.Tensor], dict] | None = None) -> int:  # fmt: skip
+    """Export, check against eager PyTorch on ``images``, quantize (--int8, on ``calibration``:
+    see calibration_set), write the metadata; the exit code. ``work``: a temporary folder for the
+    fp32 graph of an openvino or int8 export."""
     if args.format in ("onnx", "openvino"):
         direct = args.format == "onnx" and not args.int8
         fp32_onnx = export.export_onnx(model, args.output if direct else work / "fp32.onnx",
                                        tuple(args.size) if args.size else None)  # fmt: skip
         path = fp32_onnx
         if args.format == "openvino":  # checked in OpenVINO, at f32
-            from detector import runtimes
-
             path = runtimes.export_openvino(fp32_onnx, work / "fp32.xml" if args.int8 else args.output)
             runner = runtimes.as_triple(runtimes.openvino_runner(path))
         else:
@@ -194,7 +258,8 @@ def export_and_check(args, model, label_map, meta: dict, draft: bool, images: li
     parity_ok = parity.detections > 0 and parity.ok(args.box_tolerance, args.score_tolerance) and masks_ok
     int8_ok = True
     if args.int8 and parity_ok:  # the int8 model of a graph that matches eager PyTorch
-        path, info["int8"], int8_ok = int8(args, model, label_map, meta.get("config", {}), fp32_onnx, path)
+        cfg = meta.get("config", {})
+        path, info["int8"], int8_ok = int8(args, model, label_map, cfg, fp32_onnx, path, calibration)
         info["parity"]["of"] = "the fp32 graph the int8 model was quantized from"
     if parity_ok or not args.int8:  # an int8 export writes nothing when its fp32 graph is wrong
         meta_path = export.write_metadata(info, path)
@@ -221,7 +286,9 @@ def export_and_check(args, model, label_map, meta: dict, draft: bool, images: li
         )
         return 1
     if not int8_ok:
-        print(f"error: the int8 model loses more than --max-ap50-drop {args.max_ap50_drop} AP50", file=sys.stderr)
+        val = info["int8"]["val"]
+        print(f"error: the int8 model loses {val['ap50_drop']:.4f} box AP50 on {val['annotations']}, more than "
+              f"--max-ap50-drop {args.max_ap50_drop}", file=sys.stderr)  # fmt: skip
         return 1
     return 0
 

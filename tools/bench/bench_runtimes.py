@@ -8,8 +8,8 @@ detector.runtimes), ONNX Runtime int8, OpenVINO fp32 and int8 (and bf16, where t
 on the same --n images at their own sizes, one image per call, --threads threads each
 (torch.set_num_threads too). The rounds are interleaved (every runtime once per round) so that
 a change in machine load hits all of them alike; the best round of each counts. The int8 model
-is calibrated on --calibration-count images of --calibration (default: the run's training
-images). --ap scores every precision on the val set (the run's, or --val-annotations /
+is calibrated on --calibration-count images of --calibration (default: the images the
+run's training json lists). --ap scores every precision on the val set (the run's, or --val-annotations /
 --val-images) with COCOeval: box AP50 and mAP. Prints one JSON object (and writes --output).
 """
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=48, help="images timed per round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--calibration", help="int8 calibration images (default: the run's training images)")
+    ap.add_argument("--calibration", help="a folder of int8 calibration images (default: the run's training json's)")
     ap.add_argument("--calibration-count", type=int, default=100)
     ap.add_argument("--ap", action="store_true", help="box AP50/mAP of every precision on the val set")
     ap.add_argument("--val-annotations")
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if min(args.n, args.threads, args.rounds, args.calibration_count) < 1:
         ap.error("--n, --threads, --rounds and --calibration-count take numbers >= 1")
+    runtimes.require_installed(["onnx", "onnxruntime", "openvino"], "bench_runtimes.py", runtimes.DEPLOY_EXTRA)
 
     torch.set_num_threads(args.threads)
     model, label_map, meta = load_model(args.checkpoint)
@@ -80,10 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no images in {args.images}", file=sys.stderr)
         return 2
     images = [predictor.prepare(f)[0] for f in files]
-    calib = args.calibration or (quantize.run_split(cfg, "train") or (None, None))[1]
-    if calib is None:
-        print("error: pass --calibration DIR (the run's training images are not there)", file=sys.stderr)
+    train = quantize.run_split(cfg, "train")
+    if not args.calibration and train is None:
+        print("error: pass --calibration DIR (the run's training json or images are not there)", file=sys.stderr)
         return 2
+    calib = args.calibration or str(train[0])
+    # the training json's images by default, not every file of a folder it may share with the val json
+    calib_files = quantize.folder_images(args.calibration) if args.calibration else quantize.annotated_images(*train)
     result: dict = {"checkpoint": str(args.checkpoint), "images": len(images), "threads": args.threads,
                     "sizes_hw": sorted({tuple(im.shape[1:]) for im in images}), "img_s": {}}  # fmt: skip
 
@@ -92,11 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         print("exporting: TorchScript, ONNX, int8 (calibrating), OpenVINO IR", file=sys.stderr)
         ts = export.export_torchscript(model, t / "m.pt")
         fp32 = export.export_onnx(model, t / "m.onnx")
-        cal, problems = quantize.calibration_images(calib, args.calibration_count, predictor.prepare)
+        cal, problems = quantize.calibration_images(
+            quantize.spread(calib_files, args.calibration_count), predictor.prepare
+        )
         int8 = quantize.quantize_onnx(fp32, t / "m_int8.onnx", cal)
         ov_fp32 = runtimes.export_openvino(fp32, t / "m.xml")
         ov_int8 = runtimes.export_openvino(int8, t / "m_int8.xml")
-        result["calibration"] = {"folder": str(calib), "images": len(cal), "left_out": len(problems)}
+        result["calibration"] = {"source": str(calib), "images": len(cal), "left_out": len(problems)}
         n = args.threads
         runners = {
             "eager": quantize.eager_runner(model),
@@ -161,4 +167,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runtime.run_main(main))
