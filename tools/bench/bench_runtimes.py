@@ -25,6 +25,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from detector import cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.parser(__doc__)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--images", required=True, help="a folder of images to time on")
+    ap.add_argument("--n", type=int, default=48, help="images timed per round")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--calibration", help="a folder of int8 calibration images (default: the run's training json's)")
+    ap.add_argument("--calibration-count", type=int, default=100)
+    ap.add_argument("--ap", action="store_true", help="box AP50/mAP of every precision on the val set")
+    ap.add_argument("--val-annotations")
+    ap.add_argument("--val-images")
+    ap.add_argument("--no-bf16", action="store_true", help="leave out OpenVINO bf16")
+    ap.add_argument("--output", help="also write the JSON here")
+    return ap
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
+
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -53,19 +77,7 @@ def bf16_supported() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--images", required=True, help="a folder of images to time on")
-    ap.add_argument("--n", type=int, default=48, help="images timed per round")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--calibration", help="a folder of int8 calibration images (default: the run's training json's)")
-    ap.add_argument("--calibration-count", type=int, default=100)
-    ap.add_argument("--ap", action="store_true", help="box AP50/mAP of every precision on the val set")
-    ap.add_argument("--val-annotations")
-    ap.add_argument("--val-images")
-    ap.add_argument("--no-bf16", action="store_true", help="leave out OpenVINO bf16")
-    ap.add_argument("--output", help="also write the JSON here")
+    ap = build_parser()
     args = ap.parse_args(argv)
     if min(args.n, args.threads, args.rounds, args.calibration_count) < 1:
         ap.error("--n, --threads, --rounds and --calibration-count take numbers >= 1")
