@@ -131,6 +131,7 @@ def test_int8_export_is_quantized_and_its_ap50_is_cocoeval_of_its_detections(tra
     assert val["int8"]["mAP50"] == pytest.approx(ev.stats[1], abs=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
@@ -153,6 +154,7 @@ def test_int8_export_refuses_bad_calibration_options_before_exporting(
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_openvino_export_refuses_an_output_not_ending_in_xml(trained_run, tmp_path, capsys):
     """It was a ValueError traceback after the ONNX export (after calibrating, with --int8)."""
     with pytest.raises(SystemExit) as exit_info:
