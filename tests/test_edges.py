@@ -425,26 +425,34 @@ def test_summary_does_not_promise_a_best_pt_that_was_never_written(tmp_path):
 
 @pytest.mark.slow
 def test_all_undecodable_batch_on_one_process_does_not_break_the_step(tiny_dataset, tmp_path):
+    """2 processes, batch 1: three training images and one validation image fail to decode in the
+    workers and two boxes are too small to survive augmentation; the epoch's counts are the run's
+    totals (each process counts its own batches), not the main process's."""
     import shutil
 
-    root = tmp_path / "train"
-    shutil.copytree(tiny_dataset["root"] / "train", root)
-    data = json.loads(Path(tiny_dataset["train"]).read_text())
-    for im in data["images"][:3]:  # readable headers, truncated data: they fail in the workers
-        raw = (root / im["file_name"]).read_bytes()
-        (root / im["file_name"]).write_bytes(raw[: len(raw) * 6 // 10])
-    overrides = [
-        f"data.train.annotations={tiny_dataset['train']}",
-        f"data.train.images={root}",
-        f"data.val.annotations={tiny_dataset['val']}",
-        f"data.val.images={tiny_dataset['root'] / 'val'}",
-    ]
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset["root"], root)
+    data = json.loads((root / "train.json").read_text())
+    broken = [(root / "train" / im["file_name"]) for im in data["images"][:3]]
+    broken.append(root / "val" / json.loads((root / "val.json").read_text())["images"][0]["file_name"])
+    for path in broken:  # readable headers, truncated data: they fail in the workers
+        raw = path.read_bytes()
+        path.write_bytes(raw[: len(raw) * 6 // 10])
+    next_id = max(a["id"] for a in data["annotations"]) + 1
+    for k, im in enumerate(data["images"][5:7]):  # 0.4 px boxes: dropped after decoding (counted)
+        data["annotations"].append({"id": next_id + k, "image_id": im["id"], "category_id": data["categories"][0]["id"],
+                                    "bbox": [3, 3, 0.4, 0.4], "area": 0.16, "iscrowd": 0})  # fmt: skip
+    (root / "train.json").write_text(json.dumps(data))
+    ds = {"root": root, "train": root / "train.json", "val": root / "val.json"}
     res = launch("train.py", ["--config", TINY, f"output_dir={tmp_path / 'run'}", "train.epochs=1",
                               "train.batch_size=1", "data.on_corrupt_image=skip", "logging.plots=false",
-                              *overrides], nproc=2, timeout=180)  # fmt: skip
+                              *data_overrides(ds)], nproc=2, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     epoch = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "epoch"][-1]
-    assert epoch["train/skipped_images"] >= 1  # counted on this process at least
+    # 16 images in 16 batches of 1, 8 per process (no padding): every image once
+    assert epoch["train/skipped_images"] == 3 and epoch["train/images"] == 16 - 3, epoch
+    assert epoch["train/dropped_boxes"] == 2, epoch
+    assert epoch["val/skipped_images"] == 1 and epoch["val/images"] == 7 - 1, epoch
     assert np.isfinite(epoch["train/loss"])
 
 
