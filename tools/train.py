@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         stats.update(pos.pop("trained", None) or {})  # resumed after its validation failed: its training's numbers
         pos["epoch"], pos["batch"] = epoch + 1, 0
         metrics = {"epoch": epoch + 1, **stats}
-        stop_early = False
+        stop_early, coco = False, None
         if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
             bar = runtime.progress(
                 main_proc and cfg.logging.progress, total=len(val_sampler), desc="evaluate", leave=False,
@@ -179,13 +179,13 @@ def main(argv: list[str] | None = None) -> int:
                 analysis.epoch_analysis(run_dir, gt, rows, val_ds.root, cfg.eval, logger, pos["step"],
                                         best=pos["best_epoch"] == epoch + 1, last=epoch + 1 == cfg.train.epochs or stop_early,
                                         plots=cfg.logging.plots, warn=log)  # fmt: skip
-            if main_proc and cfg.logging.plots:
-                epoch_report(run_dir, accelerator.unwrap_model(scored), val_ds, coco, logger, pos["step"],
-                             cfg.logging.num_plot_images, cfg.logging.wandb.num_images, accelerator.device)  # fmt: skip
         save_weights("last.pt", metrics, epoch + 1)
         if (epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or epoch + 1 == cfg.train.epochs or stop_early:
             save_state()
         logger.log(metrics, "epoch", pos["step"])
+        if main_proc and cfg.logging.plots and coco is not None:  # after the log, so the curves end at this epoch
+            epoch_report(run_dir, accelerator.unwrap_model(scored), val_ds, coco, logger, pos["step"],
+                         cfg.logging.num_plot_images, cfg.logging.wandb.num_images, accelerator.device)  # fmt: skip
         log(runtime.epoch_line(metrics))
         if stop_early:
             log(f"early stop after epoch {epoch + 1}: {cfg.eval.best_metric} has not improved in "
