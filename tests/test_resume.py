@@ -164,3 +164,140 @@ def test_nonfinite_steps_skipped_then_stop(cpu_accelerator):
     with pytest.raises(NonFiniteLossError, match="non-finite losses in a row"):
         train_one_epoch(model, opt, sched, dummy_batches(10), acc, max_nonfinite_steps=5, nonfinite_in_row=2, **kw)
     assert model.w.item() == pytest.approx(0.6)
+
+
+# -- a run directory reused with another dataset or model ---------------------------------------------
+
+SHAPES = {
+    "model": "fasterrcnn_resnet18_fpn",
+    "class_names": ["circle", "square", "triangle"],
+    "category_ids": [3, 7, 12],
+}
+
+
+def _objects(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def _saved_run(run: Path, accelerator, trained_on: dict | None) -> Path:
+    model, opt, sched = _objects(0)
+    pos = {"epoch": 1, "batch": 0, "step": 8, "best": 0.06, "wandb_id": None, "nonfinite_in_row": 0}
+    return checkpoint.save_state(run, accelerator, model, opt, sched, pos, keep=5, trained_on=trained_on)
+
+
+@pytest.mark.parametrize(
+    ("this_run", "said"),
+    [
+        (
+            {**SHAPES, "class_names": ["date", "fig", "hazelnut"]},
+            "3 classes circle, square, triangle (this run: 3, date, fig, hazelnut)",
+        ),
+        (
+            {**SHAPES, "class_names": ["circle", "square"], "category_ids": [3, 7]},
+            "3 classes circle, square, triangle (this run: 2, circle, square)",
+        ),
+        ({**SHAPES, "class_names": ["square", "circle", "triangle"]}, "(this run: 3, square, circle, triangle)"),
+        (
+            {**SHAPES, "model": "retinanet_resnet18_fpn"},
+            "model fasterrcnn_resnet18_fpn (this run: retinanet_resnet18_fpn)",
+        ),
+    ],  # fmt: skip
+)
+def test_a_state_of_other_classes_or_another_model_is_refused_before_loading(tmp_path, cpu_accelerator, this_run,
+                                                                             said):  # fmt: skip
+    """The demo's run folder resumed with a 3-class fruit dataset used to continue the shapes model
+    without a word (and keep its best.pt and best score); with another class count it ended in a
+    state_dict size mismatch. Now nothing is loaded and the message says what differs and what to do."""
+    state_dir = _saved_run(tmp_path, cpu_accelerator, SHAPES)
+    model, opt, sched = _objects(1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.resume("auto", tmp_path, cpu_accelerator, model, opt, sched, lambda m: None, trained_on=this_run)
+    text = str(err.value)
+    assert said in text and str(state_dir) in text, text
+    assert "another output_dir" in text and "train.resume=null" in text, text
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "weights were loaded"
+
+
+def test_the_same_classes_under_other_category_ids_resume_with_a_warning(tmp_path, cpu_accelerator):
+    _saved_run(tmp_path, cpu_accelerator, SHAPES)
+    said: list[str] = []
+    model, opt, sched = _objects(1)
+    pos = checkpoint.resume("auto", tmp_path, cpu_accelerator, model, opt, sched, said.append,
+                            trained_on={**SHAPES, "category_ids": [1, 2, 3]})  # fmt: skip
+    assert pos["step"] == 8
+    assert any(m.startswith("warning: the classes' category ids changed") and "[3, 7, 12] -> [1, 2, 3]" in m
+               for m in said), said  # fmt: skip
+    said.clear()
+    checkpoint.resume("auto", tmp_path, cpu_accelerator, model, opt, sched, said.append, trained_on=SHAPES)
+    assert not any("warning" in m for m in said), said
+
+
+def test_a_state_that_records_nothing_is_checked_against_the_run_lineage_and_its_weights(tmp_path, cpu_accelerator):
+    """A state written before states recorded their classes: the run directory's lineage.json
+    says them; weights that do not fit the model are a CheckpointError, not a RuntimeError."""
+    _saved_run(tmp_path, cpu_accelerator, None)
+    fp = {"dataset": {"train": {"class_names": SHAPES["class_names"], "category_ids": SHAPES["category_ids"]}}}
+    (tmp_path / "lineage.json").write_text(json.dumps(fp))
+    model, opt, sched = _objects(1)
+    with pytest.raises(checkpoint.CheckpointError, match="circle, square, triangle .this run: 3, date, fig"):
+        checkpoint.resume("auto", tmp_path, cpu_accelerator, model, opt, sched, lambda m: None,
+                          trained_on={**SHAPES, "class_names": ["date", "fig", "hazelnut"]})  # fmt: skip
+    (tmp_path / "lineage.json").unlink()
+    wider = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(wider.parameters(), lr=0.1)
+    with pytest.raises(checkpoint.CheckpointError, match="do not fit this run's model .*size mismatch") as err:
+        checkpoint.resume("auto", tmp_path, cpu_accelerator, wider, opt, sched, lambda m: None, trained_on=SHAPES)
+    assert "another output_dir" in str(err.value) and "train.resume=null" in str(err.value)
+
+
+def test_starting_over_moves_the_earlier_run_aside(tmp_path, cpu_accelerator):
+    """train.resume=null in a used run directory: the earlier run's states would sort after this
+    run's (a resume would take them, and keep_checkpoints would delete this run's), and its
+    epochs would stay in metrics.jsonl."""
+    _saved_run(tmp_path, cpu_accelerator, SHAPES)
+    for name in ("metrics.jsonl", "best.pt", "last.pt", "lineage.json"):
+        (tmp_path / name).write_text("earlier run\n")
+    (tmp_path / "config.yaml").write_text("this run's\n")
+    said: list[str] = []
+    dest = checkpoint.set_aside_previous_run(tmp_path, said.append)
+    assert dest is not None and dest.parent == tmp_path / checkpoint.PREVIOUS_DIR
+    assert checkpoint.list_states(tmp_path) == [] and checkpoint.list_states(dest) != []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", checkpoint.PREVIOUS_DIR]
+    assert (dest / "best.pt").read_text() == "earlier run\n" and str(dest) in said[0]
+    assert checkpoint.set_aside_previous_run(tmp_path, said.append) is None  # nothing more to move
+
+
+def test_a_resumed_run_whose_json_changed_warns_and_records_the_new_dataset(tmp_path):
+    """The same classes, files changed (images added, boxes fixed): legitimate, said once."""
+    from detector import lineage
+
+    def fp(train_sha: str) -> dict:
+        split = {"sha256": "", "class_names": SHAPES["class_names"]}
+        return {"dataset": {"train": {**split, "sha256": train_sha}, "val": {**split, "sha256": "v"}}}
+
+    said: list[str] = []
+    lineage.record(tmp_path, fp("a"), None, None, said.append)
+    assert said == []
+    lineage.record(tmp_path, fp("a"), None, None, said.append)
+    assert said == []  # unchanged: nothing to say
+    lineage.record(tmp_path, fp("b"), None, None, said.append)
+    assert len(said) == 1 and said[0].startswith("warning: the train json changed since this run directory"), said
+    assert lineage.dataset_id(fp("a")) in said[0] and lineage.dataset_id(fp("b")) in said[0]
+    assert json.loads((tmp_path / "lineage.json").read_text())["dataset"]["train"]["sha256"] == "b"
+
+
+def test_a_coco_stat_of_minus_one_never_chooses_best_pt():
+    """COCOeval's -1 (no ground truth for the stat) is no score: it must not become best.pt, nor
+    be beaten only by scores above -1 when best_mode=min; a loss is a score whatever its sign."""
+    assert checkpoint.best_score({"val/mAP": -1.0}, "val/mAP") is None
+    assert checkpoint.best_score({"val/AP/circle": -1.0}, "val/AP/circle") is None
+    assert checkpoint.best_score({"val/mAP": 0.0}, "val/mAP") == 0.0
+    assert checkpoint.best_score({"val/loss": -0.5}, "val/loss") == -0.5
+    for mode in ("max", "min"):
+        assert not checkpoint.is_better(checkpoint.best_score({"val/mAP": -1.0}, "val/mAP"), None, mode)
+        assert not checkpoint.is_better(checkpoint.best_score({"val/mAP": -1.0}, "val/mAP"), 0.2, mode)
+    assert checkpoint.is_better(0.3, 0.2, "max") and not checkpoint.is_better(float("nan"), None, "max")

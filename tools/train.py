@@ -74,9 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     layout = {"world_size": world, "batch_size": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps}
     pos = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_epoch": 0, "evals_since_best": 0,
            "wandb_id": None, "nonfinite_in_row": 0, **layout}  # fmt: skip
-    if cfg.train.resume:
-        pos.update(checkpoint.resume(cfg.train.resume, run_dir, accelerator, model, optimizer, scheduler, log, ema))
-        pos = checkpoint.adapt_position(pos, layout, spe, lr, optimizer, scheduler, log)
+    trained_on = lineage.trained_on(cfg, label_map)  # a state of another model or other classes cannot resume
+    resumed = checkpoint.resume(cfg.train.resume, run_dir, accelerator, model, optimizer, scheduler, log, ema,
+                                trained_on) if cfg.train.resume else {}  # fmt: skip
+    if resumed:
+        pos = checkpoint.adapt_position({**pos, **resumed}, layout, spe, lr, optimizer, scheduler, log)
+        early_stopped = 0 < cfg.eval.early_stop_patience <= pos["evals_since_best"]  # a state an early stop saved
+        if pos["epoch"] >= cfg.train.epochs or early_stopped:
+            log(runtime.finished_message(pos, cfg, run_dir, early_stopped))
+            return 0
+    elif main_proc:  # a fresh start: the files of an earlier run in this directory must not mix with this one's
+        checkpoint.set_aside_previous_run(run_dir, log)
     logger = RunLogger(run_dir, enabled=main_proc)
     pos["wandb_id"] = logger.start_wandb(cfg.logging.wandb, config.to_dict(cfg), pos["wandb_id"], log, pos["step"])
     if main_proc:  # lineage.json, the W&B dataset artifact and the fingerprint in the W&B config
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save_state(rng: dict | None = None) -> None:
         checkpoint.save_state(run_dir, accelerator, model, optimizer, scheduler, pos, cfg.train.keep_checkpoints, ema,
-                              rng)  # fmt: skip
+                              rng, trained_on)  # fmt: skip
 
     def save_weights(name: str, metrics: dict, epoch: int) -> None:
         checkpoint.save_weights(run_dir / name, accelerator, scored, cfg, label_map, metrics, epoch, pos["step"],
@@ -106,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- loop ----------------------------------------------------------------------------------------
     metrics: dict = {}
-    start = pos["epoch"]
-    if 0 < cfg.eval.early_stop_patience <= pos["evals_since_best"]:  # the state is one an early stop saved
-        log(f"the run stopped early at epoch {start} (eval.early_stop_patience); nothing left to train")
-        start = cfg.train.epochs
-    for epoch in range(start, cfg.train.epochs):
+    for epoch in range(pos["epoch"], cfg.train.epochs):
         train_sampler.set_epoch(epoch, pos["batch"])
         bar = runtime.progress(
             main_proc and cfg.logging.progress, total=len(train_sampler), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
@@ -166,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.eval.best_metric not in val:  # a loss part this model does not have
                 parts = sorted(k for k in val if k.startswith("val/loss"))
                 raise config.ConfigError(f"eval.best_metric={cfg.eval.best_metric}: validation reports {parts}")
-            score = val[cfg.eval.best_metric]
-            if not cfg.eval.best_metric.startswith("val/loss") and score < 0:  # COCOeval: -1, no ground truth
-                score = None
+            score = checkpoint.best_score(val, cfg.eval.best_metric)  # None: COCOeval's -1, nothing to score
             if checkpoint.is_better(score, pos["best"], best_mode):
                 pos["best"], pos["best_epoch"], pos["evals_since_best"] = score, epoch + 1, 0
                 save_weights("best.pt", metrics, epoch + 1)
