@@ -5,6 +5,7 @@ One test (or a few) per case; each failed before its fix. The slow ones launch t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -241,24 +242,31 @@ def test_two_processes_killed_mid_epoch_resume_on_one(tiny_dataset, tmp_path):
     args = ["--config", str(TINY), f"output_dir={run}", *common]
     proc = subprocess.Popen(launch_cmd("train.py", args, nproc=2), env=tool_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    # 16 images, batch 2 per process, 2 processes: 4 steps per epoch; kill at a mid-epoch state
-    while time.time() < deadline and not any(s.name in ("step_00000002", "step_00000003")
-                                             for s in checkpoint.list_states(run)):  # fmt: skip
+    deadline = time.time() + 600
+    # 16 images, batch 2 per process, 2 processes: 4 steps per epoch; kill once the mid-epoch state
+    # of step 3 is written, and resume from it by its path (train.keep_checkpoints=20 keeps it),
+    # so the kill need not land within the two steps before the end of the epoch
+    state = run / checkpoint.STATE_DIR / "step_00000003"
+    while time.time() < deadline and proc.poll() is None and not (state / checkpoint.COMPLETE).is_file():
         time.sleep(0.02)
     # torchrun starts the workers in sessions of their own: kill the launcher and each of them
     import psutil
 
-    family = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+    family = (
+        [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))] if proc.poll() is None else []
+    )
     for pid in family:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     psutil.wait_procs([p for p in map(_proc_or_none, family) if p], timeout=30)
     logged_before = len(read_jsonl(run / "metrics.jsonl"))
+    assert state in checkpoint.list_states(run), "no state at step 3"
 
-    res = launch("train.py", [*args, "train.resume=auto"], nproc=1)
+    res = launch("train.py", [*args, f"train.resume={state}"], nproc=1)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     used = Path(re.search(r"resumed from (\S+):", res.stdout).group(1))
+    assert used == state, res.stdout[-2000:]
     meta = json.loads((used / checkpoint.COMPLETE).read_text())
     assert meta["epoch"] == 0 and 0 < meta["batch"] < 4 and meta["world_size"] == 2, meta
     consumed = meta["batch"] * 2  # global batches of epoch 1 already trained

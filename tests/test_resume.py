@@ -17,7 +17,16 @@ import torch
 from detector import checkpoint
 from detector.models import WeightsError, read_checkpoint
 
-from .conftest import TINY, assert_same_weights, data_overrides, dummy_batches, launch_cmd, tool_env
+from .conftest import (
+    ROOT,
+    TINY,
+    TWO_PROCESS_RESUME,
+    assert_same_weights,
+    data_overrides,
+    dummy_batches,
+    launch_cmd,
+    tool_env,
+)
 
 
 def _cmd(nproc: int, args: list[str]) -> list[str]:
@@ -42,9 +51,10 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tiny_dataset, tmp_path):
     run = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(1, [f"output_dir={run}", *common]), env=ENV, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    # 8 steps per epoch: wait for a mid-epoch state of epoch 2 (step 9 or 12), then kill hard.
-    while time.time() < deadline and not any(s.name in ("step_00000009", "step_00000012") for s in _states(run)):
+    deadline = time.time() + 600
+    # 8 steps per epoch, a state every 3: kill hard at the first state of epoch 2 (step 9); the
+    # states up to step 15 are all mid-epoch, seven steps to be killed in
+    while time.time() < deadline and proc.poll() is None and not any(s.name >= "step_00000009" for s in _states(run)):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -61,35 +71,36 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_two_processes_saves_and_resumes(tiny_dataset, tmp_path):
+@pytest.mark.xdist_group("two_process_reference")
+def test_sigterm_two_processes_saves_and_resumes_exactly(tiny_dataset, tmp_path, two_process_reference):
     run = tmp_path / "run"
-    args = [f"output_dir={run}", "train.epochs=50", "logging.plots=false", "data.num_workers=2",
-            *data_overrides(tiny_dataset)]  # fmt: skip
+    args = [f"output_dir={run}", *TWO_PROCESS_RESUME, "data.num_workers=2", *data_overrides(tiny_dataset)]
     proc = subprocess.Popen(_cmd(2, args), env=ENV, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.time() + 300
-    while time.time() < deadline and not _states(run):
-        time.sleep(0.1)
+    deadline = time.time() + 600
+    while time.time() < deadline and not _states(run) and proc.poll() is None:
+        time.sleep(0.05)
     assert _states(run), "no state was saved"
     # SLURM signals every process of the job step: the launcher, both training processes and
-    # their DataLoader workers (torchrun gives the training processes sessions of their own)
+    # their DataLoader workers (torchrun gives the training processes sessions of their own).
+    # The first state is at step 2 of 8: six steps and a validation to receive it in.
     import psutil
 
     for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=600)
     assert (run / "PREEMPTED").is_file(), err[-3000:]
     last = _states(run)[-1]
     meta = json.loads((last / checkpoint.COMPLETE).read_text())
-    assert meta["num_processes"] == 2
+    assert meta["num_processes"] == 2 and meta["step"] < 8, meta
     assert {"rng_0.pt", "rng_1.pt", "state.pt"} <= set(meta["files"])
     assert "stopped by signal SIGTERM" in out
-    res = subprocess.run(_cmd(2, [*args[:1], "train.epochs=" + str(meta["epoch"] + 1), "train.resume=auto", *args[2:]]),
-                         env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+    res = subprocess.run(_cmd(2, [*args, "train.resume=auto"]), env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resumed from" in res.stdout
+    assert f"resumed from {last}" in res.stdout
     assert not (run / "PREEMPTED").exists()
+    assert_same_weights(two_process_reference / "last.pt", run / "last.pt")
 
 
 def _fake_state(run: Path, step: int, accelerator) -> Path:
@@ -301,3 +312,41 @@ def test_a_coco_stat_of_minus_one_never_chooses_best_pt():
         assert not checkpoint.is_better(checkpoint.best_score({"val/mAP": -1.0}, "val/mAP"), None, mode)
         assert not checkpoint.is_better(checkpoint.best_score({"val/mAP": -1.0}, "val/mAP"), 0.2, mode)
     assert checkpoint.is_better(0.3, 0.2, "max") and not checkpoint.is_better(float("nan"), None, "max")
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_or_its_folder_with_other_classes(trained_run, tiny_dataset, tmp_path):
+    """configs/frcnn.yaml resumes (train.resume=auto) into a fixed output_dir, so both are routine:
+    a finished run used to print 'epochs 0' and nothing else; another dataset with as many classes
+    continued the other model silently (with its best.pt and best score)."""
+    import shutil
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("RUNNING.lock", "DONE"))
+    logged = (run / "metrics.jsonl").read_text()
+    best = (run / "best.pt").read_bytes()
+
+    def train(ds: dict) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--config", str(TINY), f"output_dir={run}",
+                               "train.epochs=6", "train.resume=auto", *data_overrides(ds)], env=ENV, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    res = train(tiny_dataset)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"the run in {run} is finished: 6 epoch(s) trained" in res.stdout, res.stdout[-2000:]
+    assert f"its best weights are {run / 'best.pt'} (val/mAP " in res.stdout and "epochs 0" not in res.stdout
+    fruit = {"root": tiny_dataset["root"]}
+    for split in ("train", "val"):  # the same images and boxes, three other class names
+        data = json.loads(Path(tiny_dataset[split]).read_text())
+        for cat, name in zip(sorted(data["categories"], key=lambda c: c["id"]), ("date", "fig", "hazelnut")):
+            cat["name"] = name
+        fruit[split] = tmp_path / f"{split}.json"
+        fruit[split].write_text(json.dumps(data))
+    res = train(fruit)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "3 classes circle, square, triangle (this run: 3, date, fig, hazelnut)" in errors[0], errors
+    assert "another output_dir" in errors[0] and "train.resume=null" in errors[0], errors
+    assert (run / "metrics.jsonl").read_text() == logged and (run / "best.pt").read_bytes() == best
