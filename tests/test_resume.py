@@ -347,6 +347,6 @@ def test_rerunning_a_finished_run_or_its_folder_with_other_classes(trained_run, 
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
-    assert "3 classes circle, square, triangle (this run: 3, date, fig, hazelnut)" in errors[0], errors
+    assert "circle, square, triangle" in errors[0] and "date, fig, hazelnut" in errors[0], errors[0][:3000]
     assert "another output_dir" in errors[0] and "train.resume=null" in errors[0], errors
     assert (run / "metrics.jsonl").read_text() == logged and (run / "best.pt").read_bytes() == best
