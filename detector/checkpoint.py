@@ -97,6 +97,7 @@ def save_state(
     keep: int,
     ema: torch.nn.Module | None = None,
     rng: dict[str, Any] | None = None,
+    trained_on: dict[str, Any] | None = None,
 ) -> Path | None:
     """Save a resumable state; every process must call it (each writes its own RNG state).
 
@@ -108,6 +109,8 @@ def save_state(
         keep: how many states to keep (older ones are deleted).
         ema: the weight average (train.ema), saved beside the model.
         rng: this process's RNG states to save (engine.DataFailure.rng); None: the current ones.
+        trained_on: the model and classes of the run (lineage.trained_on), which a resume
+            compares with its own (check_trained_on).
 
     Returns:
         The state directory (on the main process).
@@ -136,6 +139,7 @@ def save_state(
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "ema": ema.state_dict() if ema is not None else None,
                     "position": position,
+                    "trained_on": trained_on,
                 },
                 tmp / "state.pt",
             )
@@ -256,8 +260,17 @@ def find_resumable(run_dir: str | Path, process_index: int, log=print) -> tuple[
 
 def restore(state: dict[str, Any], rng: dict[str, Any], accelerator: Any, model, optimizer, scheduler,
             ema=None) -> dict:  # fmt: skip
-    """Load a state into the training objects; returns the training position."""
-    accelerator.unwrap_model(model).load_state_dict(state["model"])
+    """Load a state into the training objects; returns the training position.
+
+    Raises:
+        CheckpointError: the state's weights do not fit the model (another model or number of
+            classes, in a state that does not record them).
+    """
+    try:
+        accelerator.unwrap_model(model).load_state_dict(state["model"])
+    except RuntimeError as exc:  # size mismatch, missing or unexpected keys
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise CheckpointError(f"its weights do not fit this run's model ({' '.join(lines[:2])[:300]})") from None
     if ema is not None:
         if state.get("ema") is None:
             raise CheckpointError("the state has no weight average (it was saved with train.ema=false)")
@@ -273,6 +286,23 @@ def restore(state: dict[str, Any], rng: dict[str, Any], accelerator: Any, model,
 
 
 # -- helpers the training script calls -----------------------------------------------------------
+
+
+def best_score(val: dict[str, Any], metric: str) -> float | None:
+    """The score an evaluation offers for best.pt: ``val[metric]``, or None when it is no score.
+
+    COCOeval reports -1 for a stat without ground truth to score (no object of the class, or
+    of the size, in the validation set): that evaluation must not choose best.pt. (A loss may be
+    any number.) NaN is left to is_better, which never takes it.
+
+    Args:
+        val: the evaluation's metrics (engine.evaluate).
+        metric: eval.best_metric, a key of val.
+    """
+    score = val[metric]
+    if not metric.startswith("val/loss") and score < 0:
+        return None
+    return score
 
 
 def is_better(value: float | None, best: float | None, mode: str) -> bool:
@@ -375,13 +405,92 @@ def adapt_position(
     return {**position, **layout, "batch": batch}
 
 
+def check_trained_on(saved: dict[str, Any] | None, current: dict[str, Any], log=print) -> None:
+    """Can a state trained on ``saved`` continue a run on ``current`` (both lineage.trained_on)?
+
+    Another model, or other classes (names, their number or their order: label k would mean
+    another class), cannot: its weights, best score and best.pt belong to another run. The same
+    classes under other category ids can (label k is still the same class; the weights files
+    record the new ids): a warning. A dataset whose files changed with the same classes (images
+    added, boxes fixed) is legitimate and only warned about (lineage.record). Keys missing from
+    ``saved`` (a state written before they were recorded) are not compared.
+
+    Raises:
+        CheckpointError: naming what differs.
+    """
+    if not saved:
+        return
+    differs = []
+    if saved.get("model") is not None and saved["model"] != current["model"]:
+        differs.append(f"model {saved['model']} (this run: {current['model']})")
+    old, new = saved.get("class_names"), current["class_names"]
+    if old is not None and list(old) != list(new):
+        differs.append(f"{len(old)} classes {', '.join(old)} (this run: {len(new)}, {', '.join(new)})")
+    if differs:
+        raise CheckpointError(f"it was trained with another model or other classes: {'; '.join(differs)}")
+    ids_then, ids_now = saved.get("category_ids"), current.get("category_ids")
+    if ids_then is not None and ids_now is not None and list(ids_then) != list(ids_now):
+        log(f"warning: the classes' category ids changed since the state was saved ({list(ids_then)} -> "
+            f"{list(ids_now)}); the classes are the same, so training continues, and the weights files record "
+            "the new ids")  # fmt: skip
+
+
+def _trained_on_from_lineage(run_dir: Path) -> dict[str, Any] | None:
+    """What a state written before states recorded it was trained on: the run directory's
+    lineage.json (its training classes; the model when recorded)."""
+    from detector import lineage
+
+    fp = lineage.read(run_dir)
+    train = ((fp or {}).get("dataset") or {}).get("train") or {}
+    if "class_names" not in train:
+        return None
+    return {"model": fp.get("model"), "class_names": train["class_names"], "category_ids": train.get("category_ids")}
+
+
+PREVIOUS_DIR = "previous"
+RUN_FILES = (STATE_DIR, "metrics.jsonl", "results.csv", "best.pt", "last.pt", "lineage.json", "analysis.json",
+             "analysis_best.json", "plots")  # fmt: skip
+
+
+def set_aside_previous_run(run_dir: str | Path, log=print) -> Path | None:
+    """A run that starts over in a run directory moves the files of the run before it (states,
+    metrics, weights, plots) to ``previous/<time>/`` rather than mixing with them: its states
+    would sort after this run's (a resume would take them, and keeping the newest would delete
+    this run's), and its epochs would stay in metrics.jsonl. Main process only.
+
+    Returns:
+        Where they went, or None when there was nothing.
+    """
+    import time
+
+    run_dir = Path(run_dir)
+    found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    if not found:
+        return None
+    dest = run_dir / PREVIOUS_DIR / time.strftime("%Y%m%d-%H%M%S")
+    while dest.exists():
+        dest = dest.with_name(dest.name + "-1")
+    try:
+        dest.mkdir(parents=True)
+        for path in found:
+            os.replace(path, dest / path.name)
+    except OSError as exc:
+        raise weights.write_error(dest, exc) from None
+    log(f"starting over in {run_dir}: the files of the run before ({', '.join(p.name for p in found)}) moved to {dest}")
+    return dest
+
+
 def resume(spec: str, run_dir: Path, accelerator: Any, model, optimizer, scheduler, log=print,
-           ema=None) -> dict[str, Any]:  # fmt: skip
+           ema=None, trained_on: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Restore training from ``train.resume``: "auto" (newest valid state in the run directory,
     or a fresh start when there is none) or the path of a state directory.
 
+    Before anything is loaded, what the state was trained on is compared with ``trained_on``
+    (this run's lineage.trained_on; see check_trained_on).
+
     Raises:
-        CheckpointError: an explicit path that cannot be used.
+        CheckpointError: an explicit path that cannot be used, or a state of another model or
+            other classes (the message names what differs and the two ways forward).
     """
     if spec == "auto":
         found = find_resumable(run_dir, accelerator.process_index, log)
@@ -394,6 +503,16 @@ def resume(spec: str, run_dir: Path, accelerator: Any, model, optimizer, schedul
         if not (state_dir / COMPLETE).is_file():
             raise CheckpointError(f"train.resume={spec}: not a complete state directory (no {COMPLETE})")
         state, rng = load_state_files(state_dir, accelerator.process_index)
-    position = restore(state, rng, accelerator, model, optimizer, scheduler, ema)
+    saved = state.get("trained_on") or _trained_on_from_lineage(state_dir.parent.parent)
+    try:
+        if trained_on is not None:
+            check_trained_on(saved, trained_on, log)
+        position = restore(state, rng, accelerator, model, optimizer, scheduler, ema)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"train.resume={spec}: {state_dir} cannot continue this run: {exc}. Give this run another output_dir, "
+            f"or start it over with train.resume=null (the files of the run in {run_dir} are then moved to "
+            f"{Path(run_dir) / PREVIOUS_DIR}/)"
+        ) from None
     log(f"resumed from {state_dir}: epoch {position['epoch'] + 1}, batch {position['batch']}, step {position['step']}")
     return position

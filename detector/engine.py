@@ -198,8 +198,10 @@ def train_one_epoch(
         progress: an optional tqdm bar to advance.
 
     Returns:
-        Mean losses over the epoch, lr, images/s, counters, and ``batch`` (where it stopped)
-        and ``stopped`` (True when should_stop ended it early).
+        Mean losses over the epoch, lr, the images trained on and the run's images/s, the
+        skipped images and dropped boxes (all summed over the processes), the non-finite
+        steps, and ``batch`` (where it stopped) and ``stopped`` (True when should_stop ended
+        it early).
     """
     model.train()
     net = accelerator.unwrap_model(model)
@@ -305,12 +307,14 @@ def train_one_epoch(
             progress.update(1)
         if stopped:
             break
-    elapsed = time.perf_counter() - t0
+    skipped_images, dropped_boxes, elapsed = _run_totals(accelerator, skipped_images, dropped_boxes,
+                                                         time.perf_counter() - t0)  # fmt: skip
     out: dict[str, Any] = {f"train/{k}": v / max(counted, 1) for k, v in sums.items()}
     out["train/loss"] = sum(sums.values()) / max(counted, 1)
     out.update(
         {
             "lr": optimizer.param_groups[0]["lr"],
+            "train/images": images_seen,
             "train/images_per_s": images_seen / max(elapsed, 1e-9),
             "train/skipped_images": skipped_images,
             "train/dropped_boxes": dropped_boxes,
@@ -321,6 +325,21 @@ def train_one_epoch(
         }
     )
     return out
+
+
+def _run_totals(accelerator: Accelerator, skipped: int, dropped: int, elapsed: float) -> tuple[int, int, float]:
+    """The epoch's skipped images and dropped boxes summed over the processes, and the slowest
+    process's time (every process must call it).
+
+    The loop counts them per process (its own batches) and leaves them out of the per-step
+    all-reduce; one gather of three numbers at the end of the epoch gives the run's totals.
+    (The images trained on are already the run's: the per-step all-reduce carries them.)
+    """
+    if accelerator.num_processes == 1:
+        return skipped, dropped, elapsed
+    mine = torch.tensor([[skipped, dropped, elapsed]], dtype=torch.float64, device=accelerator.device)
+    every = accelerator.gather(mine)  # (processes, 3)
+    return int(every[:, 0].sum()), int(every[:, 1].sum()), float(every[:, 2].max())
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ directory and in the W&B run config alike:
   annotations kept after repairs (``crowd``: how many of them are crowd), the class names and
   category ids; with ``logging.wandb.dataset_artifact`` also the W&B dataset artifact (name,
   type, digest);
+- ``model``: the model's name (config ``model.name``);
 - ``code``: the git commit and dirty flag of the checkout ``detector`` runs from (null for both
   when it is not a git checkout, e.g. a pip install);
 - ``config_sha256``: a hash of the resolved config (the config itself is ``config.yaml``);
@@ -133,9 +134,25 @@ def fingerprint(cfg: Config, splits: Any) -> dict[str, Any]:
             "train": split_fingerprint(splits.train, splits.train_root),
             "val": split_fingerprint(splits.val, splits.val_root),
         },
+        "model": cfg.model.name,
         "code": git_info(),
         "config_sha256": config_sha256(cfg),
         "versions": package_versions(),
+    }
+
+
+def trained_on(cfg: Config, label_map: Any) -> dict[str, Any]:
+    """What a resumable state must have been trained on to continue this run: the model and its
+    classes in label order (every process computes it; checkpoint.check_trained_on compares).
+
+    Args:
+        cfg: the run's config (its model.name).
+        label_map: the training split's LabelMap.
+    """
+    return {
+        "model": cfg.model.name,
+        "class_names": [str(n) for n in label_map.names],
+        "category_ids": [int(c) for c in label_map.category_ids],
     }
 
 

@@ -206,6 +206,22 @@ def trained_run(tiny_dataset, tmp_path_factory) -> Path:
     return out
 
 
+# The configuration whose 2-process runs are interrupted (SIGTERM, SLURM's SIGUSR1) and resumed
+# by the tests that share ``two_process_reference``: 16 images, batch 2 per process, 4 steps per
+# epoch, a state every 2 steps.
+TWO_PROCESS_RESUME = ["train.epochs=2", "train.checkpoint_every_steps=2", "logging.plots=false"]
+
+
+@pytest.fixture(scope="session")
+def two_process_reference(tiny_dataset, tmp_path_factory) -> Path:
+    """An uninterrupted 2-process run of TWO_PROCESS_RESUME: the weights an interrupted and
+    resumed run of it must end with, bitwise. (The tests that use it are in the xdist group
+    "two_process_reference", so that it is trained once.)"""
+    out = tmp_path_factory.mktemp("two_process_reference")
+    train(out, tiny_dataset, *TWO_PROCESS_RESUME, nproc=2)
+    return out
+
+
 # -- the training loop without a detector -------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ One test (or a few) per case; each failed before its fix. The slow ones launch t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -241,24 +242,31 @@ def test_two_processes_killed_mid_epoch_resume_on_one(tiny_dataset, tmp_path):
     args = ["--config", str(TINY), f"output_dir={run}", *common]
     proc = subprocess.Popen(launch_cmd("train.py", args, nproc=2), env=tool_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    # 16 images, batch 2 per process, 2 processes: 4 steps per epoch; kill at a mid-epoch state
-    while time.time() < deadline and not any(s.name in ("step_00000002", "step_00000003")
-                                             for s in checkpoint.list_states(run)):  # fmt: skip
+    deadline = time.time() + 600
+    # 16 images, batch 2 per process, 2 processes: 4 steps per epoch; kill once the mid-epoch state
+    # of step 3 is written, and resume from it by its path (train.keep_checkpoints=20 keeps it),
+    # so the kill need not land within the two steps before the end of the epoch
+    state = run / checkpoint.STATE_DIR / "step_00000003"
+    while time.time() < deadline and proc.poll() is None and not (state / checkpoint.COMPLETE).is_file():
         time.sleep(0.02)
     # torchrun starts the workers in sessions of their own: kill the launcher and each of them
     import psutil
 
-    family = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+    family = (
+        [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))] if proc.poll() is None else []
+    )
     for pid in family:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     psutil.wait_procs([p for p in map(_proc_or_none, family) if p], timeout=30)
     logged_before = len(read_jsonl(run / "metrics.jsonl"))
+    assert state in checkpoint.list_states(run), "no state at step 3"
 
-    res = launch("train.py", [*args, "train.resume=auto"], nproc=1)
+    res = launch("train.py", [*args, f"train.resume={state}"], nproc=1)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     used = Path(re.search(r"resumed from (\S+):", res.stdout).group(1))
+    assert used == state, res.stdout[-2000:]
     meta = json.loads((used / checkpoint.COMPLETE).read_text())
     assert meta["epoch"] == 0 and 0 < meta["batch"] < 4 and meta["world_size"] == 2, meta
     consumed = meta["batch"] * 2  # global batches of epoch 1 already trained
@@ -425,26 +433,34 @@ def test_summary_does_not_promise_a_best_pt_that_was_never_written(tmp_path):
 
 @pytest.mark.slow
 def test_all_undecodable_batch_on_one_process_does_not_break_the_step(tiny_dataset, tmp_path):
+    """2 processes, batch 1: three training images and one validation image fail to decode in the
+    workers and two boxes are too small to survive augmentation; the epoch's counts are the run's
+    totals (each process counts its own batches), not the main process's."""
     import shutil
 
-    root = tmp_path / "train"
-    shutil.copytree(tiny_dataset["root"] / "train", root)
-    data = json.loads(Path(tiny_dataset["train"]).read_text())
-    for im in data["images"][:3]:  # readable headers, truncated data: they fail in the workers
-        raw = (root / im["file_name"]).read_bytes()
-        (root / im["file_name"]).write_bytes(raw[: len(raw) * 6 // 10])
-    overrides = [
-        f"data.train.annotations={tiny_dataset['train']}",
-        f"data.train.images={root}",
-        f"data.val.annotations={tiny_dataset['val']}",
-        f"data.val.images={tiny_dataset['root'] / 'val'}",
-    ]
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset["root"], root)
+    data = json.loads((root / "train.json").read_text())
+    broken = [(root / "train" / im["file_name"]) for im in data["images"][:3]]
+    broken.append(root / "val" / json.loads((root / "val.json").read_text())["images"][0]["file_name"])
+    for path in broken:  # readable headers, truncated data: they fail in the workers
+        raw = path.read_bytes()
+        path.write_bytes(raw[: len(raw) * 6 // 10])
+    next_id = max(a["id"] for a in data["annotations"]) + 1
+    for k, im in enumerate(data["images"][5:7]):  # 0.4 px boxes: dropped after decoding (counted)
+        data["annotations"].append({"id": next_id + k, "image_id": im["id"], "category_id": data["categories"][0]["id"],
+                                    "bbox": [3, 3, 0.4, 0.4], "area": 0.16, "iscrowd": 0})  # fmt: skip
+    (root / "train.json").write_text(json.dumps(data))
+    ds = {"root": root, "train": root / "train.json", "val": root / "val.json"}
     res = launch("train.py", ["--config", TINY, f"output_dir={tmp_path / 'run'}", "train.epochs=1",
                               "train.batch_size=1", "data.on_corrupt_image=skip", "logging.plots=false",
-                              *overrides], nproc=2, timeout=180)  # fmt: skip
+                              *data_overrides(ds)], nproc=2, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     epoch = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "epoch"][-1]
-    assert epoch["train/skipped_images"] >= 1  # counted on this process at least
+    # 16 images in 16 batches of 1, 8 per process (no padding): every image once
+    assert epoch["train/skipped_images"] == 3 and epoch["train/images"] == 16 - 3, epoch
+    assert epoch["train/dropped_boxes"] == 2, epoch
+    assert epoch["val/skipped_images"] == 1 and epoch["val/images"] == 7 - 1, epoch
     assert np.isfinite(epoch["train/loss"])
 
 

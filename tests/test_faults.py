@@ -22,6 +22,7 @@ from detector.data.coco import CocoIndex, DatasetError
 from .conftest import (
     ROOT,
     TINY,
+    TWO_PROCESS_RESUME,
     assert_same_weights,
     data_overrides,
     epoch_records,
@@ -38,7 +39,7 @@ def _train_cmd(run: Path, ds, *extra: str) -> list[str]:
             "logging.plots=false", *data_overrides(ds), *extra]  # fmt: skip
 
 
-def _wait_for_state(run: Path, timeout: float = 300) -> None:
+def _wait_for_state(run: Path, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and not checkpoint.list_states(run):
         time.sleep(0.05)
@@ -59,7 +60,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tin
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
     _wait_for_state(run)
     os.killpg(proc.pid, signal.SIGTERM)  # the process and its workers, as a scheduler does
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == runtime.EXIT_PREEMPTED, err[-3000:]
     assert (run / "PREEMPTED").is_file() and "killed by signal" not in err
     res = subprocess.run(_train_cmd(run, tiny_dataset, *common, "train.resume=auto"), env=tool_env(),
@@ -80,7 +81,7 @@ def test_a_killed_worker_stops_the_run_with_its_own_message_and_code(tiny_datase
     workers = psutil.Process(proc.pid).children()
     assert workers, "no DataLoader workers found"
     os.kill(workers[0].pid, signal.SIGKILL)  # as the out-of-memory killer does
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == runtime.EXIT_WORKER_DIED, err[-3000:]
     assert "out-of-memory" in err and "data.num_workers" in err and "Traceback" not in err
     res = subprocess.run(_train_cmd(run, tiny_dataset, "train.epochs=2", "train.resume=auto"), env=tool_env(),
@@ -203,7 +204,7 @@ def test_image_bombs_stop_at_start_up_from_the_header(tmp_path, side):
 # -- one of several training processes dies or hangs ------------------------------------------------
 
 
-def _training_processes(launcher: subprocess.Popen, n: int, timeout: float = 120) -> dict[int, Any]:
+def _training_processes(launcher: subprocess.Popen, n: int, timeout: float = 600) -> dict[int, Any]:
     """The launcher's training processes by rank (psutil; torchrun gives them their own sessions)."""
     import psutil
 
@@ -240,23 +241,21 @@ def test_one_of_two_training_processes_dies_or_hangs(tiny_dataset, tmp_path, fau
     try:
         ranks = _training_processes(proc, 2)
         _wait_for_state(run)
-        t0 = time.time()
         if fault == "killed":
             ranks[1].send_signal(signal.SIGKILL)
         else:
             ranks[1].suspend()  # SIGSTOP: alive, holding its sockets open, never answering
-            ranks[0].wait(timeout=90)  # the survivor gives up after train.dist_timeout_minutes (6 s)
-            assert time.time() - t0 < 60, "the survivor waited far beyond train.dist_timeout_minutes"
+            # the survivor gives up after train.dist_timeout_minutes (6 s), not torch's 30 minutes
+            # (a bound far from both, so a slow machine's start-up and teardown do not count)
+            ranks[0].wait(timeout=600)
             ranks[1].resume()  # the hung node comes back (else torchrun waits 30 s before SIGKILL)
-        out, err = proc.communicate(timeout=150)
-        elapsed = time.time() - t0
+        out, err = proc.communicate(timeout=600)  # the launcher exits once a process is gone
     finally:
         with contextlib.suppress(Exception):
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(Exception):
             ranks[1].kill()
     assert proc.returncode != 0, err[-3000:]
-    assert elapsed < 120, f"the launcher took {elapsed:.0f} s to give up"
     if fault == "hung":  # the survivor's own words: what happened and the key that bounds it
         assert "error: a collective operation with the other processes failed" in err, err[-3000:]
         assert "train.dist_timeout_minutes" in err and "[rank0]: Traceback" not in err, err[-3000:]
@@ -365,10 +364,12 @@ if [ "$1" = show ]; then echo 127.0.0.1; else echo "$*" >> "{log}"; fi
 
 
 @pytest.mark.slow
-def test_slurm_script_requeues_a_preempted_job_which_then_resumes(tiny_dataset, tmp_path):
+@pytest.mark.xdist_group("two_process_reference")
+def test_slurm_script_requeues_a_preempted_job_which_then_resumes(tiny_dataset, tmp_path, two_process_reference):
     """launch/slurm.sh with fake srun and scontrol on PATH, 2 processes: SIGUSR1 to the batch
     script (SLURM's early warning) saves a state, the script requeues the job and exits 0; the
-    requeued job resumes and finishes without asking for another requeue."""
+    requeued job resumes and finishes without asking for another requeue, with the weights of
+    a run that was never stopped."""
     from .conftest import _free_port
 
     bin_dir, log, run = tmp_path / "bin", tmp_path / "scontrol.log", tmp_path / "run"
@@ -382,14 +383,13 @@ def test_slurm_script_requeues_a_preempted_job_which_then_resumes(tiny_dataset, 
         "SLURM_JOB_NAME": "detector", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1]", "SLURM_NNODES": "1",
         "SLURM_GPUS_ON_NODE": "2", "RUN_DIR": str(run), "LAUNCH_CONFIG": "launch/cpu2.yaml",
     })  # fmt: skip
-    cmd = ["bash", "launch/slurm.sh", str(TINY), "logging.plots=false", "train.epochs=2",
-           "train.checkpoint_every_steps=2", *data_overrides(tiny_dataset)]  # fmt: skip
+    cmd = ["bash", "launch/slurm.sh", str(TINY), *TWO_PROCESS_RESUME, *data_overrides(tiny_dataset)]
     job = subprocess.Popen(cmd, env={**env, "MAIN_PORT": str(_free_port())}, cwd=ROOT, start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        _wait_for_state(run)
+        _wait_for_state(run)  # at step 2 of 8: six steps and a validation to receive the signal in
         job.send_signal(signal.SIGUSR1)  # to the batch script, as `--signal=B:USR1@120` or scancel -s USR1 -b do
-        out, err = job.communicate(timeout=180)
+        out, err = job.communicate(timeout=600)
     finally:
         with contextlib.suppress(Exception):
             os.killpg(job.pid, signal.SIGKILL)
@@ -402,6 +402,7 @@ def test_slurm_script_requeues_a_preempted_job_which_then_resumes(tiny_dataset, 
     assert "resumed from" in res.stdout and "requeueing job" not in res.stdout, res.stdout[-2000:]
     assert log.read_text().count("requeue") == 1 and not (run / "PREEMPTED").exists()
     assert [r["epoch"] for r in epoch_records(run)][-1] == 2
+    assert_same_weights(two_process_reference / "last.pt", run / "last.pt")
 
 
 def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch, capsys):

@@ -269,6 +269,7 @@ def test_max_ap50_drop_without_a_val_set_is_refused_before_exporting(trained_run
     assert "--max-ap50-drop needs a val set" in capsys.readouterr().err and not out.parent.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
@@ -291,6 +292,7 @@ def test_int8_export_refuses_bad_calibration_options_before_exporting(
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_openvino_export_refuses_an_output_not_ending_in_xml(trained_run, tmp_path, capsys):
     """It was a ValueError traceback after the ONNX export (after calibrating, with --int8)."""
     with pytest.raises(SystemExit) as exit_info:

@@ -262,6 +262,7 @@ def test_large_synthetic_dataset(tmp_path):
     assert 30 <= len(val["annotations"]) <= 60
 
 
+@pytest.mark.slow
 def test_infer_slices_folders_streamed_by_workers_at_full_resolution(trained_run, tiny_dataset, tmp_path):
     """infer.py streams folders through DataLoader workers (Predictor.predict_prepared): with
     --slice those images must be decoded at full resolution and detected by tiles, as

@@ -133,21 +133,30 @@ def test_wandb_online_without_an_answer_falls_back_to_offline_in_bounded_time(
     monkeypatch.setenv("WANDB_BASE_URL", unanswering_server)
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    # the baseline, measured here (machines differ twice over): an offline start on this machine
+    (tmp_path / "baseline").mkdir()
+    baseline = RunLogger(tmp_path / "baseline", enabled=True)
+    t0 = time.time()
+    baseline.start_wandb(WandbConfig(enabled=True, mode="offline"), {"a": 1}, None, lambda m: None)
+    offline_start = time.time() - t0
+    baseline.close()
     logger = RunLogger(tmp_path, enabled=True)
     said: list[str] = []
+    cfg = WandbConfig(enabled=True, mode="online", timeout_s=3)
     t0 = time.time()
-    run_id = logger.start_wandb(WandbConfig(enabled=True, mode="online", timeout_s=3), {"a": 1}, None, said.append)
+    run_id = logger.start_wandb(cfg, {"a": 1}, None, said.append)
     started = time.time() - t0
-    assert run_id and started < 45, f"W&B held the start for {started:.0f} s"
+    # one bounded online attempt, then an offline start: not wandb's own 90 s wait, nor its retries
+    assert run_id and started < 2 * offline_start + 3 * cfg.timeout_s, (started, offline_start)
     assert any("logging offline instead" in s for s in said) and any("wandb sync" in s for s in said), said
     t0 = time.time()
-    for step in range(1, 4):  # steps are not held up
+    for step in range(1, 4):  # steps are not held up: none waits for the server
         logger.log({"train/loss": 1.0 / step}, "step", step)
+    assert time.time() - t0 < cfg.timeout_s
     logger.close()
-    assert time.time() - t0 < 15
     files = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, list(tmp_path.rglob("*"))
-    deadline = time.time() + 20  # wandb's service writes the file out after finish() returns
+    deadline = time.time() + 300  # wandb's service writes the file out after finish() returns: wait for it
     while "train/loss" not in (summary := _summarise(files[0]))[0] and time.time() < deadline:
         time.sleep(0.2)
     history, _, logged_id = summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 
 import pytest
@@ -40,6 +41,8 @@ def test_run_directory(trained_run):
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
             assert len(set(im.convert("L").getdata())) > 10  # not a blank canvas
+    for png in ("loss.png", "map.png"):  # drawn after the last epoch's metrics were logged: its point is on them
+        assert (trained_run / "plots" / png).stat().st_mtime >= epochs[-1]["time"], png
 
 
 def _evaluate(ckpt, ds, nproc, out, batch_size):
@@ -93,6 +96,8 @@ def test_two_process_training_run(tiny_dataset, tmp_path):
     rec = epoch_records(out)
     assert rec[-1]["val/images"] == 7
     assert "global batch 4" in res.stdout  # 2 processes x batch 2
+    for png in ("loss.png", "map.png"):  # a 1-epoch run has its curves (of one point)
+        assert (out / "plots" / png).is_file(), png
     torch.load(out / "best.pt", weights_only=True)
 
 
@@ -150,6 +155,6 @@ def test_bf16_training_on_cpu(tiny_dataset, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "mixed precision bf16" in res.stdout
     epoch = epoch_records(out)[-1]
-    assert epoch["train/loss"] == epoch["train/loss"] and epoch["val/loss"] == epoch["val/loss"]  # finite, not NaN
+    assert math.isfinite(epoch["train/loss"]) and math.isfinite(epoch["val/loss"])  # neither NaN nor inf
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert all(v.dtype != torch.bfloat16 for v in ckpt["model"].values())  # weights stay float32

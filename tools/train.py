@@ -81,9 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     layout = {"world_size": world, "batch_size": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps}
     pos = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_epoch": 0, "evals_since_best": 0,
            "wandb_id": None, "nonfinite_in_row": 0, **layout}  # fmt: skip
-    if cfg.train.resume:
-        pos.update(checkpoint.resume(cfg.train.resume, run_dir, accelerator, model, optimizer, scheduler, log, ema))
-        pos = checkpoint.adapt_position(pos, layout, spe, lr, optimizer, scheduler, log)
+    trained_on = lineage.trained_on(cfg, label_map)  # a state of another model or other classes cannot resume
+    resumed = checkpoint.resume(cfg.train.resume, run_dir, accelerator, model, optimizer, scheduler, log, ema,
+                                trained_on) if cfg.train.resume else {}  # fmt: skip
+    if resumed:
+        pos = checkpoint.adapt_position({**pos, **resumed}, layout, spe, lr, optimizer, scheduler, log)
+        early_stopped = 0 < cfg.eval.early_stop_patience <= pos["evals_since_best"]  # a state an early stop saved
+        if pos["epoch"] >= cfg.train.epochs or early_stopped:
+            log(runtime.finished_message(pos, cfg, run_dir, early_stopped))
+            return 0
+    elif main_proc:  # a fresh start: the files of an earlier run in this directory must not mix with this one's
+        checkpoint.set_aside_previous_run(run_dir, log)
     logger = RunLogger(run_dir, enabled=main_proc)
     pos["wandb_id"] = logger.start_wandb(cfg.logging.wandb, config.to_dict(cfg), pos["wandb_id"], log, pos["step"])
     if main_proc:  # lineage.json, the W&B dataset artifact and the fingerprint in the W&B config
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save_state(rng: dict | None = None) -> None:
         checkpoint.save_state(run_dir, accelerator, model, optimizer, scheduler, pos, cfg.train.keep_checkpoints, ema,
-                              rng)  # fmt: skip
+                              rng, trained_on)  # fmt: skip
 
     def save_weights(name: str, metrics: dict, epoch: int) -> None:
         checkpoint.save_weights(run_dir / name, accelerator, scored, cfg, label_map, metrics, epoch, pos["step"],
@@ -113,11 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- loop ----------------------------------------------------------------------------------------
     metrics: dict = {}
-    start = pos["epoch"]
-    if 0 < cfg.eval.early_stop_patience <= pos["evals_since_best"]:  # the state is one an early stop saved
-        log(f"the run stopped early at epoch {start} (eval.early_stop_patience); nothing left to train")
-        start = cfg.train.epochs
-    for epoch in range(start, cfg.train.epochs):
+    for epoch in range(pos["epoch"], cfg.train.epochs):
         train_sampler.set_epoch(epoch, pos["batch"])
         bar = runtime.progress(
             main_proc and cfg.logging.progress, total=len(train_sampler), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         stats.update(pos.pop("trained", None) or {})  # resumed after its validation failed: its training's numbers
         pos["epoch"], pos["batch"] = epoch + 1, 0
         metrics = {"epoch": epoch + 1, **stats}
-        stop_early = False
+        stop_early, coco = False, None
         if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
             bar = runtime.progress(
                 main_proc and cfg.logging.progress, total=len(val_sampler), desc="evaluate", leave=False,
@@ -173,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.eval.best_metric not in val:  # a loss part this model does not have
                 parts = sorted(k for k in val if k.startswith("val/loss"))
                 raise config.ConfigError(f"eval.best_metric={cfg.eval.best_metric}: validation reports {parts}")
-            score = val[cfg.eval.best_metric]
-            if not cfg.eval.best_metric.startswith("val/loss") and score < 0:  # COCOeval: -1, no ground truth
-                score = None
+            score = checkpoint.best_score(val, cfg.eval.best_metric)  # None: COCOeval's -1, nothing to score
             if checkpoint.is_better(score, pos["best"], best_mode):
                 pos["best"], pos["best_epoch"], pos["evals_since_best"] = score, epoch + 1, 0
                 save_weights("best.pt", metrics, epoch + 1)
@@ -186,13 +188,13 @@ def main(argv: list[str] | None = None) -> int:
                 analysis.epoch_analysis(run_dir, gt, rows, val_ds.root, cfg.eval, logger, pos["step"],
                                         best=pos["best_epoch"] == epoch + 1, last=epoch + 1 == cfg.train.epochs or stop_early,
                                         plots=cfg.logging.plots, warn=log)  # fmt: skip
-            if main_proc and cfg.logging.plots:
-                epoch_report(run_dir, accelerator.unwrap_model(scored), val_ds, coco, logger, pos["step"],
-                             cfg.logging.num_plot_images, cfg.logging.wandb.num_images, accelerator.device)  # fmt: skip
         save_weights("last.pt", metrics, epoch + 1)
         if (epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or epoch + 1 == cfg.train.epochs or stop_early:
             save_state()
         logger.log(metrics, "epoch", pos["step"])
+        if main_proc and cfg.logging.plots and coco is not None:  # after the log, so the curves end at this epoch
+            epoch_report(run_dir, accelerator.unwrap_model(scored), val_ds, coco, logger, pos["step"],
+                         cfg.logging.num_plot_images, cfg.logging.wandb.num_images, accelerator.device)  # fmt: skip
         log(runtime.epoch_line(metrics))
         if stop_early:
             log(f"early stop after epoch {epoch + 1}: {cfg.eval.best_metric} has not improved in "
