@@ -11,6 +11,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from detector import cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.parser(__doc__)
+    ap.add_argument("--config", required=True, help="YAML config file")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3")
+    return ap
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
+
 from detector import analysis, checkpoint, config, data, engine, lineage, optim, runtime  # noqa: E402
 from detector.data.loader import (  # noqa: E402
     EvalBatchSampler,
@@ -25,10 +38,7 @@ from detector.tracking import RunLogger, summary_table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="YAML config file")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     cfg = config.load(args.config, args.overrides)
 
     # -- setup -----------------------------------------------------------------------------------
