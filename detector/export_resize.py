@@ -45,10 +45,12 @@ def _traced_resized_size(image: Tensor, min_size: int, max_size: int) -> tuple[i
     ``max_size * (1 / side)``, so that 300 * (320 * (1 / 400)) floors to 239 where eager gets 240."""
     from torch.onnx import operators
 
+    # 1-d tensors throughout: the exporter casts 0-d float64 tensors (scalars) to float32
     hw = operators.shape_as_tensor(image)[-2:].to(torch.float64)
-    lo = torch.tensor(float(min_size), dtype=torch.float64)
-    hi = torch.tensor(float(max_size), dtype=torch.float64)
-    size = torch.floor(hw * torch.minimum(lo / hw.min(), hi / hw.max())).to(torch.int64)
+    lo = torch.tensor([float(min_size)], dtype=torch.float64)
+    hi = torch.tensor([float(max_size)], dtype=torch.float64)
+    short, long = torch.minimum(hw, hw.flip(0)), torch.maximum(hw, hw.flip(0))  # each side: both the same
+    size = torch.floor(hw * torch.minimum(lo / short, hi / long)).to(torch.int64)
     return size[1], size[0]  # type: ignore[return-value]
 
 
