@@ -18,17 +18,70 @@ import contextlib
 import json
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from detector.export_resize import eager_resize
 from detector.families import family_of_model
 from detector.labels import LabelMap
 
 OPSET = 17
+
+
+TIE_BAND = 0.01  # score above the cap's cut within which near-equal scores may be cut differently
+
+
+@dataclass
+class ImageParity:
+    """How the exported model agrees with eager PyTorch on one image."""
+
+    name: str
+    shape: tuple[int, int]  # (height, width)
+    detections: int  # eager detections at or above the score threshold
+    unpaired: list[float]  # scores of detections found on one side only (beyond the allowances)
+    pairs: list[tuple[float, float, float]]  # (box diff px, score diff, eager score) per paired detection
+    cap: int | None  # the model's detections per image, when the eager list reached it
+    cut: float  # the lowest score eager kept at the cap (the threshold when not capped)
+
+    @property
+    def max_box_diff(self) -> float:
+        return max((b for b, _, _ in self.pairs), default=0.0)
+
+    @property
+    def max_score_diff(self) -> float:
+        return max((d for _, d, _ in self.pairs), default=0.0)
+
+    def differing(self, box_tol: float, score_tol: float) -> list[float]:
+        """Scores of the detections that differ: unpaired, or paired beyond a tolerance."""
+        return self.unpaired + [sc for b, d, sc in self.pairs if b > box_tol or d > score_tol]
+
+    def at_cap_ties(self, box_tol: float, score_tol: float) -> bool:
+        """Every difference is among near-equal scores just above the cut the model's per-image
+        cap made (within TIE_BAND): which of them the cap keeps depends on their order, not on
+        the graph (benign; a threshold above the cut compares without them)."""
+        diff = self.differing(box_tol, score_tol)
+        return self.cap is not None and bool(diff) and max(diff) < self.cut + TIE_BAND
+
+    def describe(self, box_tol: float, score_tol: float) -> str:
+        """One line for a failed check: the image, how many detections differ, the largest
+        differences, and whether the model's cap explains them."""
+        diff = self.differing(box_tol, score_tol)
+        line = (
+            f"{self.name} ({self.shape[0]}x{self.shape[1]}): {len(diff)} of {self.detections} detection(s) differ "
+            f"({len(self.unpaired)} found by one side only), max box diff {self.max_box_diff:.3f} px, "
+            f"max score diff {self.max_score_diff:.2e}"
+        )
+        if self.at_cap_ties(box_tol, score_tol):
+            line += (
+                f"; all within {TIE_BAND} of the lowest score kept at the model's cap of {self.cap} detections "
+                f"({self.cut:.4f}): near-equal scores cut in another order (benign; --score-threshold "
+                f"{self.cut + TIE_BAND:.3f} compares without them)"
+            )
+        return line
 
 
 @dataclass
@@ -40,6 +93,7 @@ class Parity:
     labels_equal: bool
     max_box_diff: float  # px
     max_score_diff: float
+    per_image: list[ImageParity] = field(default_factory=list, repr=False)
 
     def ok(self, box_tol: float, score_tol: float = 1e-3) -> bool:
         """Every detection paired, within the tolerances, and something was compared at all (a
@@ -50,6 +104,33 @@ class Parity:
             and self.max_box_diff <= box_tol
             and self.max_score_diff <= score_tol
         )
+
+    def failed(self, box_tol: float, score_tol: float = 1e-3) -> list[ImageParity]:
+        """The images on which some detection differs (see ``ImageParity.describe``)."""
+        return [im for im in self.per_image if im.differing(box_tol, score_tol)]
+
+    def summary(self, box_tol: float, score_tol: float = 1e-3) -> dict[str, Any]:
+        """The figures for the metadata file, with the images that differ named."""
+        return {
+            "images": self.images,
+            "detections": self.detections,
+            "labels_equal": self.labels_equal,
+            "max_box_diff": self.max_box_diff,
+            "max_score_diff": self.max_score_diff,
+            "passed": self.ok(box_tol, score_tol),
+            "differing": [
+                {
+                    "image": im.name,
+                    "shape_hw": list(im.shape),
+                    "detections": im.detections,
+                    "differ": len(im.differing(box_tol, score_tol)),
+                    "max_box_diff": im.max_box_diff,
+                    "max_score_diff": im.max_score_diff,
+                    "at_cap_ties": im.at_cap_ties(box_tol, score_tol),
+                }
+                for im in self.failed(box_tol, score_tol)
+            ],  # fmt: skip
+        }
 
 
 def default_size(model: torch.nn.Module) -> tuple[int, int]:
@@ -74,6 +155,30 @@ def parity_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
     for short in (round(m * 0.75), round(m * 1.5)):
         shapes += [(round(short * 4 / 3), short), (short, round(short * 4 / 3)), (short, round(short * 16 / 9))]
     return shapes
+
+
+# How much the model's resize shrinks the images users feed it: a photo several times the model's
+# input (an 800x600 export for a 320 px model is 0.4). Where side * scale is an integer the
+# traced resize once rounded a pixel lower than eager PyTorch (detector.export_resize).
+PARITY_SCALES = (0.8, 0.6, 0.4, 0.2)
+
+
+def model_scale(model: torch.nn.Module, hw: tuple[int, int]) -> float:
+    """The factor the model's own resize scales an image of (height, width) ``hw`` by (a
+    fixed-size model's: that of the side it shrinks least)."""
+    t = model.transform
+    h, w = hw
+    if getattr(t, "fixed_size", None):
+        fw, fh = t.fixed_size  # torchvision's fixed_size is (width, height)
+        return max(fh / h, fw / w)
+    return min(t.min_size[-1] / min(h, w), t.max_size / max(h, w))
+
+
+def scaled_shapes(model: torch.nn.Module, hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """(height, width) of ``hw``'s aspect ratio at which the model's resize scales the image by
+    each of PARITY_SCALES (the sizes users feed it, larger than its input)."""
+    s0 = model_scale(model, hw)
+    return [(max(1, round(hw[0] * s0 / f)), max(1, round(hw[1] * s0 / f))) for f in PARITY_SCALES]
 
 
 def reshaped(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -124,7 +229,7 @@ def export_onnx(
     example = torch.rand(3, *(size or example_size(model)), generator=torch.Generator().manual_seed(0))
     outputs = list(family_of_model(model).outputs)  # the order the family's dict has
     path = Path(path)
-    with known_trace_warnings_silenced():
+    with known_trace_warnings_silenced(), eager_resize(model):
         torch.onnx.export(
             model,
             ([example],),
@@ -140,7 +245,8 @@ def export_onnx(
 
 def export_torchscript(model: torch.nn.Module, path: str | Path) -> Path:
     model.eval()
-    scripted = torch.jit.script(model)
+    with eager_resize(model):  # scripted, torchvision's resize computes the scale in float32
+        scripted = torch.jit.script(model)
     path = Path(path)
     scripted.save(str(path))
     return path
@@ -213,19 +319,28 @@ def detections_cap(model: torch.nn.Module) -> int | None:
     return int(value) if value is not None else None
 
 
-def _match(eager: dict[str, np.ndarray], other: tuple[np.ndarray, np.ndarray, np.ndarray], thresh: float,
-           margin: float = 1e-3, cap: int | None = None):  # fmt: skip
+def compare(
+    eager: dict[str, np.ndarray],
+    other: tuple[np.ndarray, np.ndarray, np.ndarray],
+    thresh: float,
+    margin: float = 1e-3,
+    cap: int | None = None,
+    name: str = "image",
+    shape: tuple[int, int] = (0, 0),
+) -> ImageParity:
     """Pair each eager detection at or above ``thresh`` with an exported one of the same label
     (the closest box); the order of near-equal scores may differ between runtimes, so pairs are
     found by label and box, not by position. Detections within ``margin`` of the threshold may
     be missing on either side (a score of 0.3001 vs 0.2999 is no disagreement).
 
     Args:
+        eager: the eager model's boxes, labels and scores (numpy).
+        other: the exported model's (boxes, labels, scores).
+        thresh: detections below it are not compared.
+        margin: the allowance around the threshold (and the cap's cut).
         cap: the model's detections per image (``detections_cap``): where the eager list has that
             many, the lowest score it kept acts as the threshold too (None: no cap).
-
-    Returns:
-        (every detection paired, max box difference px, max score difference, eager count).
+        name, shape: the image's name and (height, width), for messages.
     """
     boxes_o, labels_o, scores_o = (np.asarray(a) for a in other)
     # Where the model's detections-per-image cap cut the list, the cut falls among near-equal
@@ -236,19 +351,28 @@ def _match(eager: dict[str, np.ndarray], other: tuple[np.ndarray, np.ndarray, np
     keep_e = eager["scores"] >= thresh
     be, le, se = eager["boxes"][keep_e], eager["labels"][keep_e], eager["scores"][keep_e]
     free = np.flatnonzero(scores_o >= thresh - margin)
-    ok, box_diff, score_diff = True, 0.0, 0.0
+    unpaired: list[float] = []
+    pairs: list[tuple[float, float, float]] = []
     for b, lab, sc in sorted(zip(be, le, se), key=lambda t: -t[2]):
         cand = [j for j in free if labels_o[j] == lab]
         diffs = [float(np.abs(boxes_o[j] - b).max()) for j in cand]
         if not cand or (sc < floor + margin and min(diffs) > 1.0):
-            ok &= bool(sc < floor + margin)
+            if sc >= floor + margin:
+                unpaired.append(float(sc))
             continue
         k = int(np.argmin(diffs))
-        box_diff, score_diff = max(box_diff, diffs[k]), max(score_diff, float(abs(scores_o[cand[k]] - sc)))
+        pairs.append((diffs[k], float(abs(scores_o[cand[k]] - sc)), float(sc)))
         free = free[free != cand[k]]
-    unpaired = [j for j in free if scores_o[j] >= floor + margin]
-    ok &= not unpaired
-    return ok, box_diff, score_diff, len(le)
+    unpaired += [float(scores_o[j]) for j in free if scores_o[j] >= floor + margin]
+    return ImageParity(name, shape, len(le), unpaired, pairs, cap if capped else None, floor)
+
+
+def _match(eager: dict[str, np.ndarray], other: tuple[np.ndarray, np.ndarray, np.ndarray], thresh: float,
+           margin: float = 1e-3, cap: int | None = None):  # fmt: skip
+    """``compare`` as (every detection paired, max box difference px, max score difference,
+    eager count)."""
+    im = compare(eager, other, thresh, margin, cap)
+    return not im.unpaired, im.max_box_diff, im.max_score_diff, im.detections
 
 
 def check_parity(
@@ -256,6 +380,7 @@ def check_parity(
     images: list[torch.Tensor],
     run_exported,
     score_threshold: float = 0.3,
+    names: list[str] | None = None,
 ) -> Parity:
     """Compare eager detections with an exported model's on the same images.
 
@@ -264,17 +389,25 @@ def check_parity(
         images: float (3, H, W) images in [0, 1].
         run_exported: image -> (boxes, labels, scores) numpy arrays.
         score_threshold: detections below it are not compared (near-ties there can flip).
+        names: one per image, for messages (default: image 1, image 2, ...).
     """
-    labels_ok, box_diff, score_diff, count = True, 0.0, 0.0, 0
     cap = detections_cap(model)
+    names = names or [f"image {i + 1}" for i in range(len(images))]
+    per_image = []
     with torch.no_grad():
-        for img in images:
+        for img, name in zip(images, names, strict=True):
             det = model([img])[0]
             eager = {k: v.numpy() for k, v in det.items()}
-            same, bd, sd, n = _match(eager, run_exported(img), score_threshold, cap=cap)
-            labels_ok &= same
-            box_diff, score_diff, count = max(box_diff, bd), max(score_diff, sd), count + n
-    return Parity(len(images), count, labels_ok, box_diff, score_diff)
+            shape = (int(img.shape[1]), int(img.shape[2]))
+            per_image.append(compare(eager, run_exported(img), score_threshold, cap=cap, name=name, shape=shape))
+    return Parity(
+        len(images),
+        sum(im.detections for im in per_image),
+        all(not im.unpaired for im in per_image),
+        max((im.max_box_diff for im in per_image), default=0.0),
+        max((im.max_score_diff for im in per_image), default=0.0),
+        per_image,
+    )
 
 
 def onnx_runner(path: str | Path, threads: int | None = None):

@@ -142,7 +142,7 @@ def test_onnx_takes_any_size_and_matches_eager_on_three_aspect_ratios(frcnn_onnx
     shape = ort.InferenceSession(str(frcnn_onnx), providers=["CPUExecutionProvider"]).get_inputs()[0].shape
     assert shape[0] == 3 and all(isinstance(d, str) for d in shape[1:])  # symbolic height and width
     # the tool checked the 2 samples at their own sizes and crops at 6 shapes (not the traced 101x143)
-    assert meta["parity"]["images"] == 8 and len({tuple(s) for s in meta["parity"]["shapes_hw"]}) >= 6
+    assert meta["parity"]["images"] == 12 and len({tuple(s) for s in meta["parity"]["shapes_hw"]}) >= 6
     assert [101, 143] not in meta["parity"]["shapes_hw"]
 
     model, _, _ = load_model(trained_run / "best.pt")
@@ -249,9 +249,11 @@ def test_the_aspect_ratio_crops_are_of_a_sample_with_objects(trained_run, tiny_d
     model, label_map, _ = load_model(trained_run / "best.pt")
     predictor = Predictor(model, label_map, "cpu", 1)
     first, second = (str(p) for p in _val_images(tiny_dataset)[:2])
-    images = _export_tool().sample_images([first, second], {}, predictor, score_threshold=0.15)
+    images, names = _export_tool().sample_images([first, second], {}, predictor, score_threshold=0.15)
     crops = images[2:]
-    assert [tuple(im.shape[1:]) for im in crops] == export.parity_shapes(model)
+    scaled = export.scaled_shapes(model, tuple(images[1].shape[1:]))
+    assert [tuple(im.shape[1:]) for im in crops] == export.parity_shapes(model) + scaled
+    assert names[:2] == [first, second] and all(n.startswith(second) for n in names[2:])
     with torch.no_grad():
         found = [int((model([im])[0]["scores"] >= 0.15).sum()) for im in crops]
     assert all(n > 0 for n in found), found
@@ -269,3 +271,32 @@ def test_export_tool_refuses_a_bad_size_or_a_missing_sample_clearly(trained_run,
     err = capsys.readouterr().err
     assert code == 2 and "missing.jpg" in err and "Traceback" not in err, err
     assert not out.exists()  # refused before exporting anything
+
+
+def test_a_failed_check_names_the_image_counts_what_differs_and_tells_cap_ties_apart():
+    eager = {"boxes": np.array([[10, 10, 50, 50], [60, 60, 90, 90], [5, 5, 20, 20]], np.float32),
+             "labels": np.array([1, 2, 2]), "scores": np.array([0.9, 0.5, 0.2], np.float32)}  # fmt: skip
+    moved = (eager["boxes"] + [[0, 0, 0, 0], [30, 0, 30, 0], [0, 0, 0, 0]], eager["labels"], eager["scores"])
+    im = export.compare(eager, moved, 0.1, name="val/a.jpg", shape=(60, 80))
+    assert im.differing(1.0, 1e-3) == [0.5] and not im.at_cap_ties(1.0, 1e-3)
+    line = im.describe(1.0, 1e-3)
+    assert "val/a.jpg (60x80)" in line and "1 of 3 detection(s) differ" in line and "30.000 px" in line
+    # at the model's cap (3 here) another near-equal weakest detection kept: benign, said so
+    swapped = _dets([[10, 10, 50, 50], [60, 60, 90, 90], [30, 30, 40, 40]], [1, 2, 2], [0.9, 0.5, 0.2049])
+    tie = export.compare(eager, swapped, 0.1, margin=1e-6, cap=3, name="b.jpg")
+    assert tie.differing(1.0, 1e-3) and tie.at_cap_ties(1.0, 1e-3) and "benign" in tie.describe(1.0, 1e-3)
+
+
+def test_default_samples_are_the_images_the_val_json_lists(tmp_path):
+    """A Roboflow folder: its _annotations.coco.json sorts first and an unlisted file is there too."""
+    folder = tmp_path / "valid"
+    folder.mkdir()
+    for n in ("a.jpg", "b.jpg", "unlisted.jpg"):
+        Image.new("RGB", (40, 30)).save(folder / n)
+    coco = {"images": [{"id": 1, "file_name": "b.jpg", "width": 40, "height": 30},
+                       {"id": 2, "file_name": "a.jpg", "width": 40, "height": 30}],
+            "annotations": [{"id": 1, "image_id": 2, "category_id": 1, "bbox": [1, 1, 10, 10], "area": 100, "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "cell"}]}  # fmt: skip
+    (folder / "_annotations.coco.json").write_text(json.dumps(coco))
+    cfg = {"data": {"val": {"annotations": str(folder / "_annotations.coco.json"), "images": str(folder)}}}
+    assert _export_tool().val_samples(cfg) == [str(folder / "a.jpg"), str(folder / "b.jpg")]  # annotated first

@@ -119,7 +119,7 @@ def test_onnx_export_includes_the_mask_head(mask_run, tiny_dataset, tmp_path):
     assert info["parity"]["mask_pairs"] > 0 and info["parity"]["min_mask_iou"] >= 0.95
     # any input size: ExportedPredictor like the Predictor (boxes and full-size masks) on three
     # aspect ratios at two sizes and on an EXIF-rotated file decoded at reduced scale
-    assert info["input"]["size_hw"] == "any" and len(info["parity"]["shapes_hw"]) == 7
+    assert info["input"]["size_hw"] == "any" and len(info["parity"]["shapes_hw"]) == 11  # 1 sample, 6 crops, 4 scales
     exif_rotated_jpeg(image, tmp_path / "rotated.jpg")
     figures = exported_like_predictor(tmp_path / "m.onnx", mask_run / "best.pt",
                                       [tmp_path / "rotated.jpg", *shaped_images(image)], 0.05)  # fmt: skip

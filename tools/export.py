@@ -47,28 +47,44 @@ from detector.inference import Predictor, load_model  # noqa: E402
 from detector.models import model_input_size  # noqa: E402
 
 
+def val_samples(checkpoint_cfg: dict, count: int = 4) -> list[str]:
+    """The first ``count`` images the training run's val json lists with objects annotated (else
+    its first ones), as paths under its image folder: never other files of that folder (a
+    Roboflow folder holds its _annotations.coco.json too). [] when the val set is not there."""
+    from detector.data.coco import CocoIndex
+    from detector.quantize import run_split
+
+    split = run_split(checkpoint_cfg, "val")
+    if split is None:
+        return []
+    index = CocoIndex(split[0])
+    order = sorted(range(len(index.image_ids)), key=lambda i: index.ann_start[i + 1] == index.ann_start[i])
+    return [str(split[1] / index.file_name(i)) for i in order[:count]]  # stable: json order within each group
+
+
 def sample_images(
     paths: list[str], checkpoint_cfg: dict, predictor: Predictor, score_threshold: float = 0.3
-) -> list[torch.Tensor]:
-    """Sample images at their own sizes (given files, else the training run's val images, decoded
-    as the Predictor and training decode them), then crops at the sizes and aspect ratios of
-    ``export.parity_shapes`` of the sample where eager PyTorch finds the most detections at or
-    above ``score_threshold`` (crops of an empty one would compare nothing): a graph that only
-    works at one size cannot pass."""
-    if not paths:
-        val = checkpoint_cfg.get("data", {}).get("val", {})
-        root = Path(val.get("images") or "")
-        syn = checkpoint_cfg.get("data", {}).get("synthetic", {})
-        if syn.get("enabled"):
-            root = Path(syn["root"]) / "val"
-        paths = [str(p) for p in sorted(root.glob("*"))[:4]] if root.is_dir() else []
+) -> tuple[list[torch.Tensor], list[str]]:
+    """Sample images and their names: the given files (else images the training run's val json
+    lists, ``val_samples``) at their own sizes, decoded as the Predictor and training decode
+    them, then, of the sample where eager PyTorch finds the most detections at or above
+    ``score_threshold`` (crops of an empty one would compare nothing), crops at the sizes and
+    aspect ratios of ``export.parity_shapes`` and the sizes the model shrinks by 0.8 to 0.2
+    (``export.scaled_shapes``): a graph that only works at some sizes cannot pass."""
+    paths = paths or val_samples(checkpoint_cfg)
     images = [predictor.prepare(p)[0] for p in paths]
+    names = [str(p) for p in paths]
     if not images:  # nothing to look at: noise still checks that the graphs compute the same thing
-        images = [torch.rand(3, 320, 320, generator=torch.Generator().manual_seed(0))]
+        images, names = [torch.rand(3, 320, 320, generator=torch.Generator().manual_seed(0))], ["noise"]
     with torch.no_grad():
         found = [int((predictor.model([im])[0]["scores"] >= score_threshold).sum()) for im in images]
-    source = images[max(range(len(images)), key=found.__getitem__)]  # the first of the most
-    return images + [export.reshaped(source, s) for s in export.parity_shapes(predictor.model)]
+    best = max(range(len(images)), key=found.__getitem__)  # the first of the most
+    source, hw = images[best], tuple(images[best].shape[1:])
+    shapes = export.parity_shapes(predictor.model)
+    scaled = export.scaled_shapes(predictor.model, hw)
+    names += [f"{names[best]} cropped to {h}x{w}" for h, w in shapes]
+    names += [f"{names[best]} at {h}x{w} (model scale {f})" for (h, w), f in zip(scaled, export.PARITY_SCALES)]
+    return images + [export.reshaped(source, s) for s in shapes + scaled], names
 
 
 def val_set(args, cfg: dict) -> tuple[Path, Path] | None:
@@ -203,20 +219,22 @@ def main(argv: list[str] | None = None) -> int:
     draft = bool(meta.get("config", {}).get("data", {}).get("draft_decode", True))
     predictor = Predictor(model, label_map, "cpu", 1, draft)
     try:  # before exporting: a missing or broken sample is the user's to fix
-        images = sample_images(args.samples, meta.get("config", {}), predictor, args.score_threshold)
+        images, names = sample_images(args.samples, meta.get("config", {}), predictor, args.score_threshold)
     except ImageDecodeError as exc:
         print(f"error: {exc}; pass --samples with readable images", file=sys.stderr)
         return 2
     calibration = calibration_set(args, meta.get("config", {}), predictor) if args.int8 else None
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # checked by output_problem
     with tempfile.TemporaryDirectory() as work:  # the fp32 graph of an openvino or int8 export
-        return export_and_check(args, model, label_map, meta, draft, images, Path(work), calibration)
+        return export_and_check(args, model, label_map, meta, draft, images, Path(work), calibration, names)
 
 
 def export_and_check(args, model, label_map, meta: dict, draft: bool, images: list[torch.Tensor], work: Path,
-                     calibration: tuple[list[torch.Tensor], dict] | None = None) -> int:  # fmt: skip
-    """Export, check against eager PyTorch on ``images``, quantize (--int8, on ``calibration``:
-    see calibration_set), write the metadata; the exit code. ``work``: a temporary folder for the
+                     calibration: tuple[list[torch.Tensor], dict] | None = None,
+                     names: list[str] | None = None) -> int:  # fmt: skip
+    """Export, check against eager PyTorch on ``images`` (``names``: theirs, for messages),
+    quantize (--int8, on ``calibration``: see calibration_set), write the metadata; the exit
+    code. ``work``: a temporary folder for the
     fp32 graph of an openvino or int8 export."""
     if args.format in ("onnx", "openvino"):
         direct = args.format == "onnx" and not args.int8
@@ -233,9 +251,9 @@ def export_and_check(args, model, label_map, meta: dict, draft: bool, images: li
         runner = export.torchscript_runner(path)
     info = export.metadata(label_map, None, args.format, model, draft)
     info["precision"] = "int8" if args.int8 else "fp32"
-    parity = export.check_parity(model, images, runner, args.score_threshold)
+    parity = export.check_parity(model, images, runner, args.score_threshold, names)
     info["parity"] = {
-        **parity.__dict__,
+        **parity.summary(args.box_tolerance, args.score_tolerance),
         "shapes_hw": [list(im.shape[1:]) for im in images],
         "box_tolerance_px": args.box_tolerance,
         "score_tolerance": args.score_tolerance,
@@ -261,7 +279,9 @@ def export_and_check(args, model, label_map, meta: dict, draft: bool, images: li
         cfg = meta.get("config", {})
         path, info["int8"], int8_ok = int8(args, model, label_map, cfg, fp32_onnx, path, calibration)
         info["parity"]["of"] = "the fp32 graph the int8 model was quantized from"
-    if parity_ok or not args.int8:  # an int8 export writes nothing when its fp32 graph is wrong
+    written = parity_ok or not args.int8  # an int8 export writes nothing when its fp32 graph is wrong
+    if written:
+        info["parity"]["passed"] = parity_ok
         meta_path = export.write_metadata(info, path)
         print(f"wrote {path} and {meta_path}")
     print(
@@ -279,9 +299,15 @@ def export_and_check(args, model, label_map, meta: dict, draft: bool, images: li
         )
         return 1
     if not parity.ok(args.box_tolerance, args.score_tolerance) or not masks_ok:
+        failed = parity.failed(args.box_tolerance, args.score_tolerance)
+        where = "".join(f"\n  {im.describe(args.box_tolerance, args.score_tolerance)}" for im in failed)
+        files = f"{path} and {path.with_suffix('.bin')}" if args.format == "openvino" else str(path)
+        kept = (f"the model was left at {files} (the parity figures in {path}.json) for inspection: do not deploy it"
+                if written else "nothing was written")  # fmt: skip
+        on = f"on {len(failed)} of {parity.images} image(s)" if failed else "in its masks"
         print(
-            f"error: the exported model disagrees with eager PyTorch (tolerance {args.box_tolerance} px, "
-            f"{args.score_tolerance} in score, mask IoU >= {args.mask_iou})",
+            f"error: the exported model disagrees with eager PyTorch {on} (tolerance {args.box_tolerance} px, "
+            f"{args.score_tolerance} in score, mask IoU >= {args.mask_iou}); {kept}{where}",
             file=sys.stderr,
         )
         return 1
