@@ -37,6 +37,39 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detector import cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.parser(__doc__)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--format", choices=["onnx", "openvino", "torchscript"], required=True)
+    ap.add_argument("--output", required=True)
+    ap.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="ONNX: the example image size the graph is traced with (the graph takes any size)",
+    )
+    ap.add_argument("--samples", nargs="*", default=[], help="images for the parity check")
+    ap.add_argument("--score-threshold", type=float, default=0.3, help="detections compared in the check")
+    ap.add_argument("--box-tolerance", type=float, default=1.0, help="max box difference in pixels")
+    ap.add_argument("--score-tolerance", type=float, default=1e-3, help="max score difference")
+    ap.add_argument("--mask-iou", type=float, default=0.95, help="Mask R-CNN: min IoU of exported vs eager masks")
+    ap.add_argument("--int8", action="store_true", help="onnx/openvino: an int8 model (static quantization)")
+    ap.add_argument("--calibration", help="--int8: a folder of calibration images (default: the training images)")
+    ap.add_argument("--calibration-count", type=int, default=100, help="--int8: calibration images used")
+    ap.add_argument("--val-annotations", help="--int8: the val set's COCO json for AP50 (default: the run's)")
+    ap.add_argument("--val-images", help="--int8: the val set's image folder (default: the run's)")
+    ap.add_argument("--max-ap50-drop", type=float, help="--int8: fail when AP50 drops by more than this (0-1)")
+    return ap
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
+
+
 import torch  # noqa: E402
 
 from detector import export, quantize, runtime, runtimes  # noqa: E402
@@ -172,28 +205,7 @@ def output_problem(output: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--format", choices=["onnx", "openvino", "torchscript"], required=True)
-    ap.add_argument("--output", required=True)
-    ap.add_argument(
-        "--size",
-        type=int,
-        nargs=2,
-        metavar=("H", "W"),
-        help="ONNX: the example image size the graph is traced with (the graph takes any size)",
-    )
-    ap.add_argument("--samples", nargs="*", default=[], help="images for the parity check")
-    ap.add_argument("--score-threshold", type=float, default=0.3, help="detections compared in the check")
-    ap.add_argument("--box-tolerance", type=float, default=1.0, help="max box difference in pixels")
-    ap.add_argument("--score-tolerance", type=float, default=1e-3, help="max score difference")
-    ap.add_argument("--mask-iou", type=float, default=0.95, help="Mask R-CNN: min IoU of exported vs eager masks")
-    ap.add_argument("--int8", action="store_true", help="onnx/openvino: an int8 model (static quantization)")
-    ap.add_argument("--calibration", help="--int8: a folder of calibration images (default: the training images)")
-    ap.add_argument("--calibration-count", type=int, default=100, help="--int8: calibration images used")
-    ap.add_argument("--val-annotations", help="--int8: the val set's COCO json for AP50 (default: the run's)")
-    ap.add_argument("--val-images", help="--int8: the val set's image folder (default: the run's)")
-    ap.add_argument("--max-ap50-drop", type=float, help="--int8: fail when AP50 drops by more than this (0-1)")
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.size and min(args.size) < 1:
         ap.error(f"--size takes a positive height and width, got {args.size[0]} {args.size[1]}")
