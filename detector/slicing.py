@@ -24,6 +24,7 @@ a large image with many tiles never holds a full-size mask per tile detection.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -77,16 +78,30 @@ class SliceSpec:
         return round(self.size * self.overlap)
 
 
+EXTRA_HINT = "pip install 'detector[slicing]' (or pip install -e '.[slicing]' in a checkout)"
+
+
 def _sv() -> Any:
     """supervision, or an error saying how to get it (it is the ``slicing`` extra)."""
     try:
         import supervision
     except ImportError:
         raise RuntimeError(
-            "sliced inference (--slice, Predictor(slicing=...)) and data.tile need the supervision package: "
-            "pip install 'supervision>=0.31' (or pip install -e '.[slicing]')"
+            "sliced inference (--slice, Predictor(slicing=...)) and data.tile need the optional extra "
+            f"supervision: {EXTRA_HINT}"
         ) from None
     return supervision
+
+
+def require_supervision() -> None:
+    """For the tools, before any work: without supervision, one ``error:`` line naming the extra
+    to install and exit code 2 (not a library traceback after the model is loaded)."""
+    try:
+        _sv()
+    except RuntimeError as exc:
+        print(f"error: --slice needs the optional extra supervision, which is not installed: {EXTRA_HINT}",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(2) from exc
 
 
 def tile_grid(width: int, height: int, size: int, overlap: float) -> np.ndarray:
@@ -361,7 +376,7 @@ def slice_spec(ap: Any, args: Any) -> SliceSpec | None:
         )
     except ValueError as exc:
         ap.error(str(exc))
-    return None
+    return None  # not reached: ap.error exits
 
 
 def sliced_detect(
