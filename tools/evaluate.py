@@ -104,12 +104,12 @@ def score_file(args) -> dict:
     # masks are in the frame training scores them in: EXIF-swapped sizes need the image headers
     gt = CocoIndex(args.annotations, on_invalid=args.on_invalid, masks=masks,
                    images_root=args.images if masks and args.images else None)  # fmt: skip
+    coco_gt = gt.to_coco_gt()
+    check_ids_by_listing(Path(args.predictions), coco_gt, rows, args.annotations)  # the clearer message first
     known = set(gt.image_ids.tolist())
     unknown = sum(1 for r in rows if r.get("image_id") not in known)
     if unknown:
         raise DatasetError(f"{args.predictions}: {unknown} result(s) name images that are not in {args.annotations}")
-    coco_gt = gt.to_coco_gt()
-    check_ids_by_listing(Path(args.predictions), coco_gt, rows, args.annotations)
     if masks:
         from detector.segm import check_result_sizes
 
