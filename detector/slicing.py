@@ -6,7 +6,8 @@ e.g. 800x533: a 20 px object becomes 5 px and is missed. Sliced inference cuts t
 image into overlapping ``size`` x ``size`` tiles, runs batches of tiles through the model, maps
 each tile's detections to full-image pixels and merges the duplicates that tiles' overlaps (and
 the optional full-image pass, which keeps large objects whole) produce: by default greedy
-non-maximum merging by intersection over the smaller box (as sahi does), or NMS; class-aware.
+non-maximum merging by intersection over the smaller box (as sahi does), or NMS; class-aware,
+and only across tiles or passes: two boxes of one tile are two objects (the model's NMS said so).
 
 Each tile still goes through the model's own resize: a 640 tile is seen at ``min_size/640`` of
 its pixels (a model with min_size 800 enlarges it 1.25x, one with min_size 320 halves it). So a
@@ -23,6 +24,7 @@ a large image with many tiles never holds a full-size mask per tile detection.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,16 +78,30 @@ class SliceSpec:
         return round(self.size * self.overlap)
 
 
+EXTRA_HINT = "pip install 'detector[slicing]' (or pip install -e '.[slicing]' in a checkout)"
+
+
 def _sv() -> Any:
     """supervision, or an error saying how to get it (it is the ``slicing`` extra)."""
     try:
         import supervision
     except ImportError:
         raise RuntimeError(
-            "sliced inference (--slice, Predictor(slicing=...)) and data.tile need the supervision package: "
-            "pip install 'supervision>=0.31' (or pip install -e '.[slicing]')"
+            "sliced inference (--slice, Predictor(slicing=...)) and data.tile need the optional extra "
+            f"supervision: {EXTRA_HINT}"
         ) from None
     return supervision
+
+
+def require_supervision() -> None:
+    """For the tools, before any work: without supervision, one ``error:`` line naming the extra
+    to install and exit code 2 (not a library traceback after the model is loaded)."""
+    try:
+        _sv()
+    except RuntimeError as exc:
+        print(f"error: --slice needs the optional extra supervision, which is not installed: {EXTRA_HINT}",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(2) from exc
 
 
 def tile_grid(width: int, height: int, size: int, overlap: float) -> np.ndarray:
@@ -126,10 +142,13 @@ class CompactProbabilities:
         return self.compact.to_dense()
 
 
-def _to_sv(det: dict[str, torch.Tensor], shape: tuple[int, int], scale: tuple[float, float] = (1.0, 1.0)) -> Any:
+def _to_sv(
+    det: dict[str, torch.Tensor], shape: tuple[int, int], scale: tuple[float, float] = (1.0, 1.0), source: int = 0
+) -> Any:
     """A model output (boxes in an image ``scale`` = (sx, sy) times the frame's size) ->
     supervision Detections in the frame of ``shape`` (h, w), masks compact (made full size
-    ``segm.CHUNK`` at a time, never all at once)."""
+    ``segm.CHUNK`` at a time, never all at once); ``data["source"]`` is ``source`` (the tile
+    or pass the detections come from)."""
     import supervision as sv
     from supervision.detection.compact_mask import CompactMask
 
@@ -158,7 +177,73 @@ def _to_sv(det: dict[str, torch.Tensor], shape: tuple[int, int], scale: tuple[fl
         confidence=scores,
         class_id=det["labels"].detach().cpu().numpy().astype(np.int64),
         mask=mask,
+        data={"source": np.full(len(boxes), source, np.int64)},
     )
+
+
+def cross_source_groups(
+    overlap: np.ndarray, scores: np.ndarray, sources: np.ndarray, threshold: float, strict: bool = False
+) -> list[list[int]]:
+    """Greedy non-maximum grouping that never joins two detections of one source.
+
+    The best-scored detection not yet grouped takes, from each other source, the best-scored
+    free detection whose overlap with it is at least ``threshold``. Within one tile or pass the
+    model's own NMS already decided which boxes are distinct objects: two boxes it kept apart
+    stay apart here however much they overlap.
+
+    Args:
+        overlap: (n, n) overlap (IoU or IoS) of the detections.
+        scores: (n,) their scores.
+        sources: (n,) the tile or pass of each.
+        threshold: overlap from which two detections of different sources are one object.
+        strict: only an overlap above ``threshold`` (supervision's NMS), not at it (its NMM).
+
+    Returns:
+        Groups of indices, each led by its best-scored member; every index in exactly one group.
+    """
+    order = np.argsort(-scores, kind="stable")
+    free = np.ones(len(scores), bool)
+    groups: list[list[int]] = []
+    for i in order:
+        if not free[i]:
+            continue
+        free[i] = False
+        near = overlap[i] > threshold if strict else overlap[i] >= threshold
+        cand = np.flatnonzero(free & (sources != sources[i]) & near)
+        cand = cand[np.argsort(-scores[cand], kind="stable")]
+        _, first = np.unique(sources[cand], return_index=True)  # one per source: its best-scored
+        members = cand[np.sort(first)]
+        free[members] = False
+        groups.append([int(i), *members.tolist()])
+    return groups
+
+
+def merge_across_sources(dets: Any, spec: SliceSpec) -> Any:
+    """Class-aware merge of the tiles' and the full pass's duplicates (supervision Detections
+    with ``data["source"]``): groups by ``cross_source_groups`` on the boxes' (with masks, the
+    masks') overlap by ``spec.metric``; "nmm" merges each group by supervision's NMM rule (the
+    union of boxes and masks, scores averaged weighted by box area), "nms" keeps its leader."""
+    sv = _sv()
+    metric = sv.OverlapMetric(spec.metric.upper())
+    kept = []
+    for c in np.unique(dets.class_id):
+        same = dets[dets.class_id == c]
+        if same.mask is not None:
+            overlap = sv.mask_iou_batch(same.mask, same.mask, metric)
+        else:
+            overlap = sv.box_iou_batch(same.xyxy, same.xyxy, metric)
+        groups = cross_source_groups(
+            np.asarray(overlap), same.confidence, same.data["source"], spec.iou, spec.merge == "nms"
+        )
+        if spec.merge == "nms":
+            kept.append(same[np.array([g[0] for g in groups])])
+            continue
+        # NMM's area-weighted score, not the best member's: measured on the demo_tiles set, the
+        # best score gave a lower AP50 (a large box that swallows a small confident one keeps a low score).
+        # threshold 0: every member of a group (all overlap its leader) merges into one detection
+        kept += [same[np.array(g)].with_nmm(threshold=0.0, class_agnostic=True) if len(g) > 1 else same[[g[0]]]
+                 for g in groups]  # fmt: skip
+    return sv.Detections.merge(kept)
 
 
 def _model_scale(height: int, width: int, input_size: tuple[int, int] | None) -> float:
@@ -198,10 +283,12 @@ def detect_sliced(
     device = image.device
     hwc = image.detach().cpu().permute(1, 2, 0).numpy()  # a view: supervision crops numpy arrays
 
+    sources = iter(range(1 << 62))  # each tile's (and the full pass's) own id: only detections of different ones merge
+
     def run(tiles: list[np.ndarray]) -> list[Any]:
         tensors = [torch.from_numpy(t).permute(2, 0, 1).to(device) for t in tiles]
         dets = detect(tensors)
-        return [_to_sv(d, t.shape[:2]) for d, t in zip(dets, tiles)]
+        return [_to_sv(d, t.shape[:2], source=next(sources)) for d, t in zip(dets, tiles)]
 
     slicer = sv.InferenceSlicer(
         callback=run if batch_size > 1 else (lambda tile: run([tile])[0]),
@@ -219,18 +306,11 @@ def detect_sliced(
             size = (max(1, round(h * s)), max(1, round(w * s)))
             small = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
         full = detect([small])[0]
-        parts.append(_to_sv(full, (h, w), scale=(small.shape[-1] / w, small.shape[-2] / h)))
+        parts.append(_to_sv(full, (h, w), scale=(small.shape[-1] / w, small.shape[-2] / h), source=next(sources)))
     parts = [p for p in parts if len(p)]
     merged = sv.Detections.merge(parts) if parts else sv.Detections.empty()
     if len(merged):
-        # class-aware (class_agnostic=False); with masks, the overlap is the masks'
-        from supervision.detection.utils.iou_and_nms import OverlapMetric
-
-        how = merged.with_nmm if spec.merge == "nmm" else merged.with_nms
-        merged = how(threshold=spec.iou, class_agnostic=False, overlap_metric=OverlapMetric(spec.metric.upper()))
-        # NMM scores a merged group by its members' area-weighted mean (supervision's rule), not
-        # the best member's: measured on the demo_tiles set, AP50 0.446 vs 0.423 with the best
-        # score (a large whole-image box that swallows a small confident tile box keeps a low score)
+        merged = merge_across_sources(merged, spec)
         order = np.argsort(-merged.confidence, kind="stable")
         merged = merged[order]
     out: dict[str, Any] = {
@@ -296,7 +376,7 @@ def slice_spec(ap: Any, args: Any) -> SliceSpec | None:
         )
     except ValueError as exc:
         ap.error(str(exc))
-    return None
+    return None  # not reached: ap.error exits
 
 
 def sliced_detect(

@@ -48,6 +48,24 @@ def detection_rows(det: Detections, image_id: int) -> list[dict[str, Any]]:
     ]
 
 
+def ids_by_file_name(files: Sequence[str | Path], images: Sequence[dict[str, Any]]) -> list[int | None]:
+    """The dataset's image id of each file, matched by name: the longest trailing part of the
+    file's path that is a ``file_name`` of ``images`` (a COCO json's "images": ``val/a.jpg``
+    matches ``val/a.jpg`` before ``a.jpg``); None for a file no image names.
+
+    Args:
+        files: paths or URLs (as given to tools/infer.py, or the file names of its images.json).
+        images: dicts with ``id`` and ``file_name``.
+    """
+    by_name = {PurePosixPath(str(im["file_name"]).replace("\\", "/")).as_posix(): int(im["id"]) for im in images}
+    out: list[int | None] = []
+    for f in files:
+        parts = PurePosixPath(str(f).replace("\\", "/")).parts
+        tails = (PurePosixPath(*parts[-k:]).as_posix() for k in range(len(parts), 0, -1))
+        out.append(next((by_name[t] for t in tails if t in by_name), None))
+    return out
+
+
 def draw(image: np.ndarray, det: Detections, class_names: Sequence[str]) -> np.ndarray:
     """An (H, W, 3) uint8 RGB image with the detections drawn (boxes, names, scores, masks)."""
     drawn = draw_detections(
@@ -166,12 +184,15 @@ def infer_images(
     workers: int = 0,
     bar: Any = None,
     on_batch: Callable[[int], None] | None = None,
+    image_ids: Sequence[int] | None = None,
 ) -> ImagesSummary:
-    """Detect objects in image files and write to ``out``: results.json (COCO results, image_id =
-    position in images.json), images.json (image ids, files and sizes; the categories) and, with
-    ``draw_images``, each image drawn as ``{id:05d}_{stem}.png``.
+    """Detect objects in image files and write to ``out``: results.json (COCO results),
+    images.json (image ids, files and sizes; the categories) and, with ``draw_images``, each
+    image drawn as ``{id:05d}_{stem}.png``.
 
     Args:
+        image_ids: each file's image id, e.g. a dataset's (``ids_by_file_name``); None: an image's
+            id is its position in images.json (only the images decoded are listed there).
         bar: a progress bar (``update(n)`` per batch of files), or None.
         on_batch: called with the number of files done after each batch (measurements).
     """
@@ -190,7 +211,7 @@ def infer_images(
             dets = predictor.predict_prepared([p for _, p in good])
             for (i, (_, _, (w, h))), det in zip(good, dets):
                 f = files[i]
-                image_id = len(images)
+                image_id = len(images) if image_ids is None else int(image_ids[i])
                 images.append({"id": image_id, "file_name": str(f), "height": h, "width": w})
                 rows = detection_rows(det, image_id)
                 results.add(rows)

@@ -290,3 +290,34 @@ def test_gallery_reads_images_from_a_url_root(tmp_path):
         fs.rm("/rev14-gallery", recursive=True)
     assert warnings == [] and remote is not None
     assert np.array_equal(np.asarray(Image.open(local)), np.asarray(Image.open(remote)))
+
+
+def test_evaluate_tool_confusion_iou_score_and_gallery_flags_change_what_is_written(tmp_path, capsys):
+    """--confusion-iou and --confusion-score reach the analysis, --gallery the galleries."""
+    gt, dets = hand_case()
+    dets[0]["bbox"] = [12, 12, 20, 20]  # the cat found at IoU 0.68: right at 0.5, not at 0.75
+    _write_images(tmp_path / "images")
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "r.json").write_text(json.dumps(dets))
+
+    def run(name: str, *flags: object) -> tuple[dict, Path]:
+        plots = tmp_path / name
+        code = run_tool_in_process("evaluate.py", "--predictions", tmp_path / "r.json", "--annotations",
+                                   tmp_path / "gt.json", "--images", tmp_path / "images", "--plots", plots, *flags)  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        return json.loads((plots / "analysis.json").read_text()), plots
+
+    default, plots = run("default")
+    assert (default["iou_threshold"], default["score_threshold"]) == (0.5, 0.25)
+    assert (default["counts"]["tp"], default["counts"]["confused"], default["counts"]["missed"]) == (3, 1, 1)
+    strict, _ = run("iou", "--confusion-iou", 0.75)
+    assert strict["iou_threshold"] == 0.75 and (strict["counts"]["tp"], strict["counts"]["confused"]) == (2, 2)
+    low, _ = run("score", "--confusion-score", 0.05)  # the bird at 0.1 now counts: found, nothing missed
+    assert low["score_threshold"] == 0.05 and (low["counts"]["tp"], low["counts"]["missed"]) == (4, 0)
+    assert (plots / "worst_false_positives.png").is_file() and (plots / "worst_missed.png").is_file()
+    _, none = run("no_gallery", "--gallery", 0)
+    assert (none / "confusion_matrix.png").is_file()
+    assert not list(none.glob("worst_*.png"))
+    _, one = run("gallery_1", "--gallery", 1)
+    with Image.open(one / "worst_false_positives.png") as small, Image.open(plots / "worst_false_positives.png") as big:
+        assert small.width * small.height < big.width * big.height  # 1 image, not the default 8

@@ -14,11 +14,24 @@ from .conftest import one_image_coco
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "LA", "1"])
 def test_modes_become_rgb(tmp_path, mode):
-    im = Image.new("RGB", (20, 10), (200, 100, 50)).convert(mode)
+    rgb = np.zeros((10, 20, 3), np.uint8)
+    rgb[:, :10] = (200, 100, 50)  # two colours, so that a pixel out of place shows
+    rgb[:, 10:] = (20, 220, 120)
+    im = Image.fromarray(rgb).convert(mode)
     path = tmp_path / ("x.png" if mode != "CMYK" else "x.jpg")
-    im.save(path)
+    im.save(path, **({"quality": 100} if mode == "CMYK" else {}))
     arr, sx, sy = load_image(path)
     assert arr.shape == (10, 20, 3) and arr.dtype == np.uint8 and (sx, sy) == (1.0, 1.0)
+    with Image.open(path) as saved:  # PIL's own conversion of the file (a palette through RGBA)
+        want = np.asarray((saved.convert("RGBA") if mode == "P" else saved).convert("RGB")).astype(int)
+    tolerance = 3 if mode == "CMYK" else 0  # JPEG: libjpeg-turbo via torchvision vs PIL's decoder
+    assert np.abs(arr.astype(int) - want).max() <= tolerance
+    if mode == "RGBA":  # colour kept exactly (a palette's web colours are not)
+        assert tuple(arr[5, 2]) == (200, 100, 50) and tuple(arr[5, 15]) == (20, 220, 120)
+    if mode in ("L", "LA"):  # grey: R = G = B, and the two halves differ
+        assert (
+            (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all() and arr[5, 2, 0] != arr[5, 15, 0]
+        )
 
 
 def test_16bit_is_scaled_not_clipped(tmp_path):

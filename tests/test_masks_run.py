@@ -29,7 +29,7 @@ def mask_run(tiny_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mask_run")
     args = ["--config", TINY_MASK, f"output_dir={out}", "train.epochs=1", "model.box_score_thresh=0.01",
             "model.box_detections_per_img=20",
-            "eval.best_metric=val/segm/mAP50", *data_overrides(tiny_dataset)]  # fmt: skip
+            "eval.best_metric=val/segm/mAP50", "eval.analysis=false", *data_overrides(tiny_dataset)]  # fmt: skip
     res = launch("train.py", args)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "segm mAP" in res.stdout  # the epoch line
@@ -51,6 +51,15 @@ def _evaluate(run: Path, ds: dict, out: Path, nproc: int) -> tuple[dict, list]:
         res = launch("evaluate.py", args, nproc=nproc)
         assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((out / f"{nproc}.json").read_text()), json.loads((out / f"{nproc}_rows.json").read_text())
+
+
+@pytest.mark.slow
+def test_eval_analysis_false_writes_no_analysis(mask_run):
+    """eval.analysis=false (this run's): no analysis.json, analysis_best.json or plots/analysis/,
+    while the other plots are written (tests/test_analysis.py checks the default run has them)."""
+    assert not (mask_run / "analysis.json").exists() and not (mask_run / "analysis_best.json").exists()
+    assert not (mask_run / "plots" / "analysis").exists()
+    assert (mask_run / "plots" / "val_predictions.png").is_file()
 
 
 @pytest.mark.slow

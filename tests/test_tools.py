@@ -4,6 +4,8 @@ check_dataset, plot_runs."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -120,3 +122,141 @@ def test_check_dataset_decode_finds_truncated_images(tiny_dataset, tmp_path, cap
     out = capsys.readouterr().out
     assert "problems: 1" in out and f"undecodable image: cannot decode image {root / name}" in out, out
     assert "decoded 15 of 16 image(s)" in out
+
+
+# -- results' image ids: infer.py --annotations, evaluate.py --predictions --------------------------
+
+
+def test_ids_by_file_name_matches_the_longest_trailing_path():
+    from detector.streaming import ids_by_file_name
+
+    images = [{"id": 5, "file_name": "a.jpg"}, {"id": 6, "file_name": "val/a.jpg"}, {"id": 7, "file_name": "b.jpg"}]
+    files = ["/x/val/a.jpg", "/y/a.jpg", "c.jpg", "s3://bucket/b.jpg", "val\\a.jpg"]
+    assert ids_by_file_name(files, images) == [6, 5, None, 7, 6]
+
+
+def _listing(folder, names_ids: list[tuple[str, int]], rows: list[dict]):
+    """A results.json and the images.json beside it, as tools/infer.py writes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = [{"id": i, "file_name": f"/somewhere/{n}", "height": 1, "width": 1} for n, i in names_ids]
+    (folder / "images.json").write_text(json.dumps({"images": images, "categories": []}))
+    (folder / "results.json").write_text(json.dumps(rows))
+    return folder / "results.json"
+
+
+def test_evaluate_refuses_results_keyed_by_position(tiny_dataset, tmp_path, capsys):
+    """Results whose images.json gives their ids other files than the ground truth does (infer.py's
+    positions) are refused, naming the fix; the same rows keyed by the dataset's ids are scored."""
+    gt = json.loads(tiny_dataset["val"].read_text())
+    shifted = {**gt, "images": [{**im, "id": im["id"] + 1} for im in gt["images"]],
+               "annotations": [{**a, "image_id": a["image_id"] + 1} for a in gt["annotations"]]}  # fmt: skip
+    ann = tmp_path / "val_1based.json"
+    ann.write_text(json.dumps(shifted))
+    by_name = {im["file_name"]: im["id"] for im in shifted["images"]}
+    rows = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+            for a in shifted["annotations"]]  # fmt: skip
+    names = sorted(by_name)
+    position = {by_name[n]: k for k, n in enumerate(names)}  # what infer.py wrote without --annotations
+    bad = _listing(tmp_path / "positions", [(n, k) for k, n in enumerate(names)],
+                   [{**r, "image_id": position[r["image_id"]]} for r in rows])  # fmt: skip
+    code = run_tool_in_process("evaluate.py", "--predictions", bad, "--annotations", ann)
+    err = capsys.readouterr().err
+    assert code == 2 and f"for {len(names)} of {len(names)} images" in err and "infer.py --annotations" in err, err
+    good = _listing(tmp_path / "ids", [(n, by_name[n]) for n in names], rows)
+    assert run_tool_in_process("evaluate.py", "--predictions", good, "--annotations", ann,
+                               "--output", tmp_path / "m.json") == 0  # fmt: skip
+    assert json.loads((tmp_path / "m.json").read_text())["mAP"] == pytest.approx(1.0)
+    stranger = _listing(tmp_path / "stranger", [(n, by_name[n]) for n in names] + [("other.jpg", 999)],
+                        rows + [{**rows[0], "image_id": 999}])  # fmt: skip
+    code = run_tool_in_process("evaluate.py", "--predictions", stranger, "--annotations", ann)
+    err = capsys.readouterr().err
+    assert code == 2 and "1 image(s) with results are not in" in err and "other.jpg" in err, err
+
+
+def test_evaluate_output_in_a_missing_folder_is_made(tiny_dataset, tmp_path):
+    idx = CocoIndex(tiny_dataset["val"])
+    rows = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+            for a in idx.to_coco_gt()["annotations"]]  # fmt: skip
+    (tmp_path / "r.json").write_text(json.dumps(rows))
+    out = tmp_path / "not" / "yet" / "m.json"
+    assert run_tool_in_process("evaluate.py", "--predictions", tmp_path / "r.json", "--annotations",
+                               tiny_dataset["val"], "--output", out) == 0  # fmt: skip
+    assert json.loads(out.read_text())["mAP"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("tool", ["infer.py", "evaluate.py"])
+def test_score_threshold_outside_0_1_is_a_usage_error(tool, tiny_dataset, tmp_path, capsys):
+    args = ["--checkpoint", tmp_path / "no.pt", "--score-threshold", 5]
+    args += [tiny_dataset["root"] / "val"] if tool == "infer.py" else ["--annotations", tiny_dataset["val"]]
+    with pytest.raises(SystemExit) as exc:  # before the checkpoint is read
+        run_tool_in_process(tool, *args)
+    assert exc.value.code == 2 and "--score-threshold 5.0 is not in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool", ["infer.py", "evaluate.py"])
+def test_slice_without_supervision_names_the_extra_before_any_work(tool, tiny_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "supervision", None)  # import supervision raises ImportError
+    args = ["--checkpoint", tmp_path / "no.pt", "--slice", 128]  # a missing checkpoint: no work was done
+    args += [tiny_dataset["root"] / "val"] if tool == "infer.py" else ["--annotations", tiny_dataset["val"],
+                                                                        "--images", tiny_dataset["root"] / "val"]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        run_tool_in_process(tool, *args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "pip install 'detector[slicing]'" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_infer_writes_the_datasets_ids_for_evaluate(trained_run, tiny_dataset, tmp_path, capsys):
+    """infer.py --annotations writes the dataset's ids (1-based here, files in another order than
+    the ids, a blank image first): evaluate.py --predictions scores them as evaluate.py
+    --checkpoint scores the same detections; without --annotations evaluate refuses them."""
+    gt = json.loads(tiny_dataset["val"].read_text())
+    src = tiny_dataset["root"] / "val"
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images = []
+    for k, im in enumerate(sorted(gt["images"], key=lambda im: im["file_name"], reverse=True)):
+        (folder / im["file_name"]).write_bytes((src / im["file_name"]).read_bytes())
+        images.append({**im, "id": k + 1})
+    Image.new("RGB", (64, 48)).save(folder / "0000_blank.jpg")  # sorted first, no objects
+    images.append({"id": len(images) + 1, "file_name": "0000_blank.jpg", "width": 64, "height": 48})
+    new_id = {im["file_name"]: im["id"] for im in images}
+    old_name = {im["id"]: im["file_name"] for im in gt["images"]}
+    anns = [{**a, "image_id": new_id[old_name[a["image_id"]]]} for a in gt["annotations"]]
+    ann = tmp_path / "val.json"
+    ann.write_text(json.dumps({**gt, "images": images, "annotations": anns}))
+    ckpt = trained_run / "best.pt"
+    common = ["--checkpoint", ckpt, "--no-draw", "--score-threshold", 0.01]
+    assert run_tool_in_process("infer.py", *common, "--annotations", ann, "--output", tmp_path / "ids", folder) == 0
+    listed = json.loads((tmp_path / "ids" / "images.json").read_text())["images"]
+    assert {Path(im["file_name"]).name: im["id"] for im in listed} == new_id
+    rows = json.loads((tmp_path / "ids" / "results.json").read_text())
+    assert rows and {r["image_id"] for r in rows} <= set(new_id.values())
+    assert run_tool_in_process("evaluate.py", "--predictions", tmp_path / "ids" / "results.json",
+                               "--annotations", ann, "--output", tmp_path / "m.json") == 0  # fmt: skip
+    scored = json.loads((tmp_path / "m.json").read_text())
+    assert run_tool_in_process("evaluate.py", "--checkpoint", ckpt, "--annotations", ann, "--images", folder,
+                               "--score-threshold", 0.01, "--num-workers", 0, "--output", tmp_path / "c.json") == 0  # fmt: skip
+    assert scored["mAP"] > 0 and scored["mAP"] == pytest.approx(
+        json.loads((tmp_path / "c.json").read_text())["mAP"], abs=0.02
+    )
+    assert run_tool_in_process("infer.py", *common, "--output", tmp_path / "pos", folder) == 0
+    capsys.readouterr()
+    assert run_tool_in_process("evaluate.py", "--predictions", tmp_path / "pos" / "results.json",
+                               "--annotations", ann) == 2  # fmt: skip
+    assert "infer.py --annotations" in capsys.readouterr().err
+    (folder / "stray.jpg").write_bytes((folder / "0000_blank.jpg").read_bytes())
+    assert run_tool_in_process("infer.py", *common, "--annotations", ann, "--output", tmp_path / "x", folder) == 2
+    assert "1 of 9 image(s) are not in" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_names_its_own_on_invalid_flag(trained_run, tiny_dataset, tmp_path, capsys):
+    gt = json.loads(tiny_dataset["val"].read_text())
+    renamed = {**gt, "categories": [{**c, "name": c["name"] + "_x"} for c in gt["categories"]]}
+    (tmp_path / "val.json").write_text(json.dumps(renamed))
+    code = run_tool_in_process("evaluate.py", "--checkpoint", trained_run / "best.pt", "--annotations",
+                               tmp_path / "val.json", "--images", tiny_dataset["root"] / "val", "--num-workers", 0)  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "categories do not match" in err and "--on-invalid repair" in err
+    assert "data.on_invalid" not in err

@@ -4,6 +4,11 @@
     accelerate launch tools/evaluate.py --checkpoint best.pt ... --slice 640 --overlap 0.2 [--no-full-pass]
     python tools/evaluate.py --predictions results.json --annotations A [--images I] [--output metrics.json]
 
+--predictions rows must carry A's image ids: write them with tools/infer.py --annotations A. An
+images.json beside the results (tools/infer.py writes one) is checked against A: results whose
+image ids name other files there than in A (infer.py's positions, without --annotations) are
+refused, as are results of images A does not name.
+
 Prints the 12 COCO stats and a per-class AP table (and the segm ones for a Mask R-CNN checkpoint or
 results with a segmentation); --output writes them as one flat JSON object (masks: segm/<stat>);
 --results writes the model's COCO results json; --plots DIR writes the PR curves and AP bars, and
@@ -18,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,7 +35,25 @@ from detector.data import check_files  # noqa: E402
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError, read_json  # noqa: E402
 from detector.evaluation import CocoResult, evaluate_coco, flat_metrics  # noqa: E402
 from detector.segm import segm_metrics  # noqa: E402
-from detector.slicing import add_slice_args, slice_spec, sliced_detect  # noqa: E402
+from detector.slicing import add_slice_args, require_supervision, slice_spec, sliced_detect  # noqa: E402
+from detector.streaming import ids_by_file_name  # noqa: E402
+
+# the training config's settings that the dataset code's errors name -> this tool's flags
+FLAGS = {"data.on_invalid=": "--on-invalid ", "data.on_corrupt_image=": "--on-corrupt-image "}
+
+
+@contextmanager
+def own_flags() -> Iterator[None]:
+    """A DatasetError that tells how to fix it with a data.* setting names this tool's flag instead."""
+    try:
+        yield
+    except DatasetError as exc:
+        text = original = runtime.error_text(exc)
+        for setting, flag in FLAGS.items():
+            text = text.replace(setting, flag)
+        if text == original:
+            raise
+        raise DatasetError(text) from exc
 
 
 def report(result: CocoResult) -> str:
@@ -36,6 +61,37 @@ def report(result: CocoResult) -> str:
     lines.append(f"{'class':>20}  {'AP':>7}  {'AP50':>7}")
     lines += [f"{n:>20}  {result.per_class_ap[n]:7.4f}  {result.per_class_ap50[n]:7.4f}" for n in result.per_class_ap]
     return "\n".join(lines)
+
+
+def check_ids_by_listing(predictions: Path, coco_gt: dict, rows: list, annotations: str) -> None:
+    """Refuse results whose image ids are not the ground truth's, as far as the images.json
+    beside them (tools/infer.py's: id -> file) tells: ids that name other files there than in
+    the ground truth (infer.py's positions), or files the ground truth does not name."""
+    listing = predictions.parent / "images.json"
+    if not listing.is_file():
+        return
+    try:
+        images = read_json(listing)["images"]
+        ids = [int(im["id"]) for im in images]
+        names = [str(im["file_name"]) for im in images]
+    except (ValueError, KeyError, TypeError):
+        return  # not infer.py's listing
+    used = {r.get("image_id") for r in rows if isinstance(r, dict)}
+    theirs = ids_by_file_name(names, coco_gt["images"])
+    wrong = [(n, i, t) for n, i, t in zip(names, ids, theirs) if t is not None and t != i]
+    if wrong:
+        n, i, t = wrong[0]
+        raise DatasetError(
+            f"{predictions}: its image_id are not the ids of {annotations}: for {len(wrong)} of {len(images)} images "
+            f"{listing} gives another id than {annotations} (e.g. {n}: {i} there, {t} in {annotations}). These are "
+            f"tools/infer.py's positions; write the dataset's ids with tools/infer.py --annotations {annotations}"
+        )
+    unknown = [n for n, i, t in zip(names, ids, theirs) if t is None and i in used]
+    if unknown:
+        raise DatasetError(
+            f"{predictions}: {len(unknown)} image(s) with results are not in {annotations} by file name (per "
+            f"{listing}): {', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}"
+        )
 
 
 def score_file(args) -> dict:
@@ -48,11 +104,12 @@ def score_file(args) -> dict:
     # masks are in the frame training scores them in: EXIF-swapped sizes need the image headers
     gt = CocoIndex(args.annotations, on_invalid=args.on_invalid, masks=masks,
                    images_root=args.images if masks and args.images else None)  # fmt: skip
+    coco_gt = gt.to_coco_gt()
+    check_ids_by_listing(Path(args.predictions), coco_gt, rows, args.annotations)  # the clearer message first
     known = set(gt.image_ids.tolist())
     unknown = sum(1 for r in rows if r.get("image_id") not in known)
     if unknown:
         raise DatasetError(f"{args.predictions}: {unknown} result(s) name images that are not in {args.annotations}")
-    coco_gt = gt.to_coco_gt()
     if masks:
         from detector.segm import check_result_sizes
 
@@ -128,7 +185,7 @@ def evaluate_checkpoint(args) -> dict | None:
     if args.results:  # in the annotation file's own category ids
         back = {t: c for c, t in index.category_remap.items()}
         own = [{**r, "category_id": back.get(r["category_id"], r["category_id"])} for r in rows]
-        Path(args.results).write_text(json.dumps(own))
+        Path(args.results).write_text(json.dumps(own))  # its folder was made before the work
     flat = {k.removeprefix("val/"): v for k, v in metrics.items()}
     return {"metrics": flat, "result": result, "gt": coco_gt, "rows": rows, "meta": meta, "index": index}
 
@@ -161,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     args.slicing = slice_spec(ap, args)
     if args.slicing is not None and args.predictions:
         ap.error("--slice applies to --checkpoint (a results file is scored as it is)")
+    if args.slicing is not None:
+        require_supervision()
+    if args.score_threshold is not None and not 0 <= args.score_threshold <= 1:
+        ap.error(f"--score-threshold {args.score_threshold} is not in [0, 1] (scores are probabilities)")
     if not 0 < args.confusion_iou <= 1:
         ap.error(f"--confusion-iou {args.confusion_iou} is not in (0, 1]")
     args.wandb_prefix = args.wandb_prefix.strip("/")
@@ -172,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         from detector import lineage, weights
 
         lineage.checkpoint_run(weights.read(args.checkpoint), args.checkpoint)
-    out = score_file(args) if args.predictions else evaluate_checkpoint(args)
+    for path in (args.output, args.results, args.plots):  # before the work, not after it
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with own_flags():
+        out = score_file(args) if args.predictions else evaluate_checkpoint(args)
     if out is None:  # not the main process
         return 0
     if args.output:

@@ -2,14 +2,18 @@
 
     python tools/infer.py --checkpoint best.pt [--score-threshold T] [--output DIR] [--workers N] INPUT...
     python tools/infer.py --checkpoint best.pt --slice 640 --overlap 0.2 [--no-full-pass] INPUT...
+    python tools/infer.py --checkpoint best.pt --annotations val.json val/   # then evaluate.py --predictions
 
 INPUT may be image or video files (.mp4 .avi .mov .mkv .webm), folders (searched recursively for
 both) or glob patterns; images may also be URLs. Writes to DIR:
 
-- images: results.json, COCO-format results (image_id = position in images.json, category_id =
-  the dataset's own ids, bbox xywh, and segmentation as compressed RLE for masks), images.json
-  mapping image ids to files, and each image drawn (boxes, class names, scores, masks). Images
-  stream through a DataLoader (--workers processes decode them) with bounded memory.
+- images: results.json, COCO-format results (category_id = the dataset's own ids, bbox xywh, and
+  segmentation as compressed RLE for masks), images.json mapping image ids to files, and each
+  image drawn (boxes, class names, scores, masks). image_id is the image's id in --annotations
+  (matched by file name; a file it does not name is an error), or without it the image's
+  position in images.json, which only images.json can map back to a file (evaluate.py refuses
+  such results for a dataset whose ids differ). Images stream through a DataLoader (--workers
+  processes decode them) with bounded memory.
 - each video: NAME.json, per-frame COCO-style detections (images = frames with frame_index and
   timestamp; annotations), and NAME.mp4, every frame drawn at the input's frame rate and size.
 """
@@ -24,9 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detector import runtime, storage  # noqa: E402
+from detector.data.coco import DatasetError, read_json  # noqa: E402
 from detector.inference import Predictor  # noqa: E402
-from detector.slicing import add_slice_args, slice_spec  # noqa: E402
-from detector.streaming import infer_images  # noqa: E402
+from detector.slicing import add_slice_args, require_supervision, slice_spec  # noqa: E402
+from detector.streaming import ids_by_file_name, infer_images  # noqa: E402
 from detector.video import VIDEO_EXTS, VideoError, infer_video, is_video  # noqa: E402
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -70,11 +75,35 @@ def video_names(videos: list[Path]) -> list[str]:
     return names[2:]
 
 
+def dataset_ids(files: list[Path | str], annotations: str) -> list[int]:
+    """Each image file's id in the COCO json ``annotations``, matched by file name; a DatasetError
+    naming every file it does not list, or two files it lists as one image."""
+    coco = read_json(annotations)
+    images = coco.get("images") if isinstance(coco, dict) else None
+    if not isinstance(images, list) or not all(isinstance(im, dict) and "id" in im and "file_name" in im
+                                               for im in images):  # fmt: skip
+        raise DatasetError(f"{annotations}: expected a COCO json with images (id, file_name)")
+    ids = ids_by_file_name(files, images)
+    missing = [str(storage.redact(f)) for f, i in zip(files, ids) if i is None]
+    if missing:
+        raise DatasetError(f"{len(missing)} of {len(files)} image(s) are not in {annotations} by file name "
+                           f"(their results could not carry its ids): {', '.join(missing)}")  # fmt: skip
+    seen: dict[int, Path | str] = {}
+    for f, i in zip(files, ids):
+        if i in seen:
+            raise DatasetError(f"{seen[i]} and {f} are both image {i} of {annotations} (the same file name)")
+        seen[i] = f
+    return [int(i) for i in ids if i is not None]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", help="image or video files, folders or globs")
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--score-threshold", type=float, default=0.5)
+    ap.add_argument(
+        "--score-threshold", type=float, default=0.5, help="keep detections scoring at least this, in [0, 1]"
+    )
+    ap.add_argument("--annotations", help="the images' COCO json: results.json's image_id are its ids (by file name)")
     ap.add_argument("--output", default="predictions", help="folder for the drawn images, videos and json files")
     ap.add_argument("--batch-size", type=int, default=4, help="images or video frames per forward pass")
     ap.add_argument("--workers", type=int, default=0, help="processes decoding images (0: in this one)")
@@ -82,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-draw", action="store_true", help="only write the json files (no drawn images or videos)")
     add_slice_args(ap)
     args = ap.parse_args(argv)
+    if not 0 <= args.score_threshold <= 1:
+        ap.error(f"--score-threshold {args.score_threshold} is not in [0, 1] (scores are probabilities)")
+    spec = slice_spec(ap, args)
+    if spec is not None:
+        require_supervision()
 
     try:
         found = collect(args.inputs)
@@ -98,16 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     if not files and not videos:
         print("error: no images or videos found in the inputs", file=sys.stderr)
         return 2
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint, args.device, args.score_threshold, args.batch_size, slice_spec(ap, args)
-    )
+    if args.annotations and videos:
+        raise DatasetError(f"--annotations applies to images, not videos: {', '.join(map(str, videos))}")
+    image_ids = dataset_ids(files, args.annotations) if args.annotations else None
+    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.score_threshold, args.batch_size, spec)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
     done = 0
     if files:
         bar = runtime.progress(True, total=len(files), desc="infer", unit="img")
-        summary = infer_images(predictor, files, out, not args.no_draw, args.workers, bar)
+        summary = infer_images(predictor, files, out, not args.no_draw, args.workers, bar, image_ids=image_ids)
         bar.close()
         failed += summary.failed
         done += summary.images
