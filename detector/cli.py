@@ -27,6 +27,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose options without a help text still show their default."""
+
+    def add_argument(self, *args, **kwargs):  # type: ignore[override]
+        if args and str(args[0]).startswith("-") and kwargs.get("default") is not None and not kwargs.get("help"):
+            kwargs["help"] = "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
+
+
 def parser(doc: str | None, **kw) -> argparse.ArgumentParser:
     """A tool's argument parser: its docstring as the description, defaults shown.
 
@@ -34,7 +43,7 @@ def parser(doc: str | None, **kw) -> argparse.ArgumentParser:
         doc: the tool's module docstring.
         **kw: passed to ``argparse.ArgumentParser``.
     """
-    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, **kw)
+    return Parser(description=doc, formatter_class=HelpFormatter, **kw)
 
 
 def add_dataset(ap: argparse.ArgumentParser, images_required: bool = True, what: str = "") -> None:
@@ -117,6 +126,19 @@ def add_output_dir(ap: argparse.ArgumentParser, default: str | None, what: str) 
         what: what goes there, for the help.
     """
     ap.add_argument("--output-dir", "--output", dest="output_dir", default=default, metavar="DIR", help=what)
+
+
+def add_slice_args(ap: argparse.ArgumentParser) -> None:
+    """--slice/--overlap/--no-full-pass/--slice-iou, shared by tools/infer.py and tools/evaluate.py."""
+    g = ap.add_argument_group("sliced inference (images much larger than the model's input)")
+    g.add_argument("--slice", type=int, metavar="PX", help="detect by PX x PX tiles of the full-resolution image")
+    g.add_argument("--overlap", type=float, default=0.2, help="tile overlap, a fraction of --slice")
+    g.add_argument("--no-full-pass", action="store_true", help="tiles only (no whole-image pass merged in)")
+    g.add_argument("--slice-iou", type=float, default=0.5, help="overlap of one object's duplicates")
+    g.add_argument("--slice-merge", choices=["nmm", "nms"], default="nmm",
+                   help="merge duplicates into one (nmm) or keep the best (nms)")  # fmt: skip
+    g.add_argument("--slice-metric", choices=["ios", "iou"], default="ios",
+                   help="duplicates by intersection over the smaller box (ios) or IoU")  # fmt: skip
 
 
 def score_threshold(text: str) -> float:

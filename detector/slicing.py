@@ -351,19 +351,6 @@ def predict_sliced(predictor: Any, prepared: Sequence[tuple[torch.Tensor, float,
     return out
 
 
-def add_slice_args(ap: Any) -> None:
-    """--slice/--overlap/--no-full-pass/--slice-iou, shared by tools/infer.py and tools/evaluate.py."""
-    g = ap.add_argument_group("sliced inference (images much larger than the model's input)")
-    g.add_argument("--slice", type=int, metavar="PX", help="detect by PX x PX tiles of the full-resolution image")
-    g.add_argument("--overlap", type=float, default=0.2, help="tile overlap, a fraction of --slice (default 0.2)")
-    g.add_argument("--no-full-pass", action="store_true", help="tiles only (no whole-image pass merged in)")
-    g.add_argument("--slice-iou", type=float, default=0.5, help="overlap of one object's duplicates (default 0.5)")
-    g.add_argument("--slice-merge", choices=["nmm", "nms"], default="nmm",
-                   help="merge duplicates into one (nmm, default) or keep the best (nms)")  # fmt: skip
-    g.add_argument("--slice-metric", choices=["ios", "iou"], default="ios",
-                   help="duplicates by intersection over the smaller box (ios, default) or IoU")  # fmt: skip
-
-
 def slice_spec(ap: Any, args: Any) -> SliceSpec | None:
     """The SliceSpec the command line asks for (None without --slice); bad values are usage errors."""
     if args.slice is None:

@@ -259,7 +259,7 @@ def test_evaluate_checkpoint_on_2_processes_gives_the_analysis_of_1(trained_run,
     for best.pt's epoch (same weights, same val batches: the same gathered detections)."""
     out = tmp_path / "plots"
     res = launch("evaluate.py", ["--checkpoint", trained_run / "best.pt", "--annotations", tiny_dataset["val"],
-                                 "--images", tiny_dataset["root"] / "val", "--num-workers", "0",
+                                 "--images", tiny_dataset["root"] / "val", "--workers", "0",
                                  "--batch-size", "2", "--plots", out], nproc=2)  # fmt: skip
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "error analysis at IoU 0.5" in res.stdout

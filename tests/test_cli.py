@@ -48,8 +48,9 @@ def test_the_same_thing_has_the_same_flag_in_every_tool():
         helps[tool] = res.stdout
     for tool, text in helps.items():
         assert "--num-workers" not in text, f"{tool}: loader workers are --workers"
-    for tool in ("check_dataset.py", "evaluate.py", "convert_dataset.py"):
-        assert "--annotations" in helps[tool] and "--images" in helps[tool], tool
+    for tool in ("check_dataset.py", "evaluate.py"):
+        assert "--annotations JSON" in helps[tool] and "--images DIR" in helps[tool], tool
+    assert "--annotations JSON" in helps["infer.py"]  # its images are its inputs
     for tool in ("infer.py", "check_dataset.py", "plot_runs.py", "split_dataset.py"):
         assert "--output-dir DIR" in helps[tool], f"{tool}: a folder of outputs is --output-dir"
 
@@ -69,3 +70,20 @@ def test_the_parsers_choices_are_the_packages():
     spec.loader.exec_module(tool)
     formats = next(a.choices for a in tool.build_parser()._actions if a.dest == "format")
     assert tuple(formats) == FORMATS
+
+
+def _parser(tool: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{tool}", ROOT / "tools" / f"{tool}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
+def test_earlier_spellings_are_still_accepted():
+    evaluate = _parser("evaluate")
+    assert evaluate.parse_args(["--predictions", "r.json", "--annotations", "a.json"]).workers == 2
+    assert evaluate.parse_args(["--predictions", "r", "--annotations", "a", "--num-workers", "3"]).workers == 3
+    assert _parser("infer").parse_args(["--checkpoint", "b.pt", "--output", "out", "x.jpg"]).output_dir == "out"
+    check = _parser("check_dataset")
+    args = check.parse_args(["a.json", "imgs", "--output", "d"])
+    assert (args.annotations_arg, args.images_arg, args.output_dir) == ("a.json", "imgs", "d")

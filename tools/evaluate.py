@@ -29,13 +29,50 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detector import cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.parser(__doc__)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="best.pt / last.pt written by tools/train.py")
+    src.add_argument("--predictions", help="a COCO results json to score (no model needed)")
+    ap.add_argument("--annotations", required=True, metavar="JSON", help="COCO ground-truth json")
+    ap.add_argument("--images", metavar="DIR", help="image root (needed with --checkpoint)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--score-threshold", type=float, help="override the checkpoint's box_score_thresh")
+    cli.add_workers(ap, 2, "loader processes decoding the images")
+    ap.add_argument(
+        "--num-workers", dest="workers", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )  # the earlier spelling
+    ap.add_argument("--backend", choices=["pycocotools", "faster_coco_eval"], default="pycocotools")
+    ap.add_argument("--on-invalid", choices=cli.ON_INVALID, default="clip",
+                    help="as data.on_invalid; the ground truth is scored as written in every mode")  # fmt: skip
+    ap.add_argument("--on-corrupt-image", choices=["error", "skip"], default="error")
+    ap.add_argument("--output", metavar="FILE", help="write the stats as one flat JSON object")
+    ap.add_argument("--results", metavar="FILE", help="write the model's detections as a COCO results json")
+    ap.add_argument("--plots", metavar="DIR", help="folder for the PR curves, per-class AP and the error analysis")
+    ap.add_argument("--confusion-iou", type=float, default=0.5, help="IoU for a match in the error analysis")
+    ap.add_argument("--confusion-score", type=float, default=0.25,
+                    help="score threshold of the confusion matrix and galleries")  # fmt: skip
+    ap.add_argument("--gallery", type=int, default=8, help="images per gallery of worst images (0: none)")
+    ap.add_argument("--wandb", action="store_true", help="log the stats to the W&B run that trained the checkpoint")
+    ap.add_argument("--wandb-prefix", default="test", help="the stats' W&B names: PREFIX/mAP... (default: test)")
+    cli.add_slice_args(ap)
+    return ap
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
+
+
 from detector import runtime, storage  # noqa: E402
 from detector.config import DataConfig  # noqa: E402
 from detector.data import check_files  # noqa: E402
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError, read_json  # noqa: E402
 from detector.evaluation import CocoResult, evaluate_coco, flat_metrics  # noqa: E402
 from detector.segm import segm_metrics  # noqa: E402
-from detector.slicing import add_slice_args, require_supervision, slice_spec, sliced_detect  # noqa: E402
+from detector.slicing import require_supervision, slice_spec, sliced_detect  # noqa: E402
 from detector.streaming import ids_by_file_name  # noqa: E402
 
 # the training config's settings that the dataset code's errors name -> this tool's flags
@@ -156,7 +193,7 @@ def evaluate_checkpoint(args) -> dict | None:
     sampler = EvalBatchSampler(
         index.aspect_ratios(), args.batch_size, accelerator.num_processes, accelerator.process_index
     )
-    loader = build_loader(ds, sampler, args.num_workers)
+    loader = build_loader(ds, sampler, args.workers)
     model = model.to(accelerator.device)
     bar = runtime.progress(accelerator.is_main_process, total=len(sampler), desc="evaluate")
     metrics, result, rows = evaluate(
@@ -191,29 +228,7 @@ def evaluate_checkpoint(args) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="best.pt / last.pt written by tools/train.py")
-    src.add_argument("--predictions", help="a COCO results json to score (no model needed)")
-    ap.add_argument("--annotations", required=True, help="COCO ground-truth json")
-    ap.add_argument("--images", help="image root (needed with --checkpoint)")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--score-threshold", type=float, help="override the checkpoint's box_score_thresh")
-    ap.add_argument("--num-workers", type=int, default=2)
-    ap.add_argument("--backend", choices=["pycocotools", "faster_coco_eval"], default="pycocotools")
-    ap.add_argument("--on-invalid", choices=["error", "clip", "repair"], default="clip",
-                    help="as data.on_invalid; the ground truth is scored as written in every mode")  # fmt: skip
-    ap.add_argument("--on-corrupt-image", choices=["error", "skip"], default="error")
-    ap.add_argument("--output", help="write the stats as one flat JSON object")
-    ap.add_argument("--results", help="write the model's detections as a COCO results json")
-    ap.add_argument("--plots", help="folder for the PR curves, per-class AP and the error analysis")
-    ap.add_argument("--confusion-iou", type=float, default=0.5, help="IoU for a match in the error analysis")
-    ap.add_argument("--confusion-score", type=float, default=0.25,
-                    help="score threshold of the confusion matrix and galleries")  # fmt: skip
-    ap.add_argument("--gallery", type=int, default=8, help="images per gallery of worst images (0: none)")
-    ap.add_argument("--wandb", action="store_true", help="log the stats to the W&B run that trained the checkpoint")
-    ap.add_argument("--wandb-prefix", default="test", help="the stats' W&B names: PREFIX/mAP... (default: test)")
-    add_slice_args(ap)
+    ap = build_parser()
     args = ap.parse_args(argv)
     args.slicing = slice_spec(ap, args)
     if args.slicing is not None and args.predictions:

@@ -1,6 +1,6 @@
 """Detect objects in images and videos with a trained checkpoint.
 
-    python tools/infer.py --checkpoint best.pt [--score-threshold T] [--output DIR] [--workers N] INPUT...
+    python tools/infer.py --checkpoint best.pt [--score-threshold T] [--output-dir DIR] [--workers N] INPUT...
     python tools/infer.py --checkpoint best.pt --slice 640 --overlap 0.2 [--no-full-pass] INPUT...
     python tools/infer.py --checkpoint best.pt --annotations val.json val/   # then evaluate.py --predictions
 
@@ -27,10 +27,38 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detector import cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.parser(__doc__)
+    ap.add_argument("inputs", nargs="+", help="image or video files, folders or globs")
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument(
+        "--score-threshold", type=float, default=0.5, help="keep detections scoring at least this, in [0, 1]"
+    )
+    ap.add_argument(
+        "--annotations",
+        metavar="JSON",
+        help="the images' COCO json: results.json's image_id are its ids (by file name)",
+    )
+    cli.add_output_dir(ap, "predictions", "folder for the drawn images, videos and json files")
+    ap.add_argument("--batch-size", type=int, default=4, help="images or video frames per forward pass")
+    cli.add_workers(ap, 0, "processes decoding images (0: in this one)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--no-draw", action="store_true", help="only write the json files (no drawn images or videos)")
+    cli.add_slice_args(ap)
+    return ap
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
+
+
 from detector import runtime, storage  # noqa: E402
 from detector.data.coco import DatasetError, read_json  # noqa: E402
 from detector.inference import Predictor  # noqa: E402
-from detector.slicing import add_slice_args, require_supervision, slice_spec  # noqa: E402
+from detector.slicing import require_supervision, slice_spec  # noqa: E402
 from detector.streaming import ids_by_file_name, infer_images  # noqa: E402
 from detector.video import VIDEO_EXTS, VideoError, infer_video, is_video  # noqa: E402
 
@@ -97,19 +125,7 @@ def dataset_ids(files: list[Path | str], annotations: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("inputs", nargs="+", help="image or video files, folders or globs")
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument(
-        "--score-threshold", type=float, default=0.5, help="keep detections scoring at least this, in [0, 1]"
-    )
-    ap.add_argument("--annotations", help="the images' COCO json: results.json's image_id are its ids (by file name)")
-    ap.add_argument("--output", default="predictions", help="folder for the drawn images, videos and json files")
-    ap.add_argument("--batch-size", type=int, default=4, help="images or video frames per forward pass")
-    ap.add_argument("--workers", type=int, default=0, help="processes decoding images (0: in this one)")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--no-draw", action="store_true", help="only write the json files (no drawn images or videos)")
-    add_slice_args(ap)
+    ap = build_parser()
     args = ap.parse_args(argv)
     if not 0 <= args.score_threshold <= 1:
         ap.error(f"--score-threshold {args.score_threshold} is not in [0, 1] (scores are probabilities)")
@@ -136,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         raise DatasetError(f"--annotations applies to images, not videos: {', '.join(map(str, videos))}")
     image_ids = dataset_ids(files, args.annotations) if args.annotations else None
     predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.score_threshold, args.batch_size, spec)
-    out = Path(args.output)
+    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
     done = 0

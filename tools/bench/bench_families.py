@@ -21,6 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from detector import cli  # noqa: E402
 
+MODELS = {
+    "fasterrcnn_resnet18_fpn (demo)": ("demo.yaml", []),
+    "retinanet_resnet18_fpn (demo)": ("demo_retinanet.yaml", []),
+    "fcos_resnet18_fpn (demo)": ("demo_fcos.yaml", []),
+    "ssdlite320_mobilenet_v3_large (demo)": ("demo_ssdlite.yaml", []),
+    "fasterrcnn_mobilenet_v3_large_fpn": ("frcnn.yaml", ["model.weights=null"]),
+    "retinanet_resnet50_fpn": ("frcnn.yaml", ["model.name=retinanet_resnet50_fpn", "model.weights=null"]),
+    "fcos_resnet50_fpn": ("frcnn.yaml", ["model.name=fcos_resnet50_fpn", "model.weights=null"]),
+    "ssd300_vgg16": ("frcnn.yaml", ["model.name=ssd300_vgg16", "model.weights=null"]),
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = cli.parser(__doc__)
@@ -44,16 +55,6 @@ from detector.models import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 # name -> (the config whose model is measured, overrides)
-MODELS = {
-    "fasterrcnn_resnet18_fpn (demo)": ("demo.yaml", []),
-    "retinanet_resnet18_fpn (demo)": ("demo_retinanet.yaml", []),
-    "fcos_resnet18_fpn (demo)": ("demo_fcos.yaml", []),
-    "ssdlite320_mobilenet_v3_large (demo)": ("demo_ssdlite.yaml", []),
-    "fasterrcnn_mobilenet_v3_large_fpn": ("frcnn.yaml", ["model.weights=null"]),
-    "retinanet_resnet50_fpn": ("frcnn.yaml", ["model.name=retinanet_resnet50_fpn", "model.weights=null"]),
-    "fcos_resnet50_fpn": ("frcnn.yaml", ["model.name=fcos_resnet50_fpn", "model.weights=null"]),
-    "ssd300_vgg16": ("frcnn.yaml", ["model.name=ssd300_vgg16", "model.weights=null"]),
-}
 DATA = ["data.train.annotations=a", "data.train.images=b", "data.val.annotations=c", "data.val.images=d"]
 
 
