@@ -350,16 +350,23 @@ def epoch_line(m: dict[str, Any]) -> str:
 def finished_message(pos: dict[str, Any], cfg: Config, run_dir: Path, early_stopped: bool) -> str:
     """What a resume of a run with nothing left to train says: that it is finished, and where its
     best weights are."""
-    how = "stopped early (eval.early_stop_patience)" if early_stopped else f"train.epochs={cfg.train.epochs}"
+    why, longer = [], []
+    if pos["epoch"] >= cfg.train.epochs:
+        why.append(f"train.epochs={cfg.train.epochs} reached")
+        longer.append("train.epochs")
+    if early_stopped:  # this also holds after train.epochs was raised: the patience decides then
+        why.append(f"no better {cfg.eval.best_metric} in its last {pos.get('evals_since_best')} evaluation(s) "
+                   f"(eval.early_stop_patience={cfg.eval.early_stop_patience})")  # fmt: skip
+        longer.append("eval.early_stop_patience (0: never stop early)")
     best_file, best = run_dir / "best.pt", pos.get("best")
     if best is not None and best_file.is_file():
         where = f"its best weights are {best_file} ({cfg.eval.best_metric} {best:.4f}, epoch {pos.get('best_epoch')})"
     else:
         where = f"it wrote no best.pt (no finite {cfg.eval.best_metric}); its last weights are {run_dir / 'last.pt'}"
     return (
-        f"the run in {run_dir} is finished: {pos['epoch']} epoch(s) trained, {how}; {where}. Nothing to train: "
-        "raise train.epochs to train longer, or train again from the start with another output_dir or "
-        "train.resume=null"
+        f"the run in {run_dir} is finished: {pos['epoch']} epoch(s) trained, {' and '.join(why)}; {where}. "
+        f"Nothing to train: raise {' and '.join(longer)} to train longer, or train again from the start with "
+        "another output_dir or train.resume=null"
     )
 
 

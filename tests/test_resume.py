@@ -350,3 +350,20 @@ def test_rerunning_a_finished_run_or_its_folder_with_other_classes(trained_run, 
     assert "circle, square, triangle" in errors[0] and "date, fig, hazelnut" in errors[0], errors[0][:3000]
     assert "another output_dir" in errors[0] and "train.resume=null" in errors[0], errors
     assert (run / "metrics.jsonl").read_text() == logged and (run / "best.pt").read_bytes() == best
+
+
+def test_a_finished_runs_message_names_what_stopped_it(tmp_path):
+    """An early-stopped run stays stopped when train.epochs is raised: the message must name the
+    patience then, not advise raising the epochs (which cannot help)."""
+    from detector.config import load
+    from detector.runtime import finished_message
+
+    from .conftest import TINY
+
+    cfg = load(TINY, ["train.epochs=6", "eval.early_stop_patience=2", "data.synthetic.enabled=true"])
+    early = finished_message({"epoch": 3, "evals_since_best": 2, "best": None}, cfg, tmp_path, early_stopped=True)
+    assert "eval.early_stop_patience=2" in early and "raise eval.early_stop_patience" in early
+    assert "train.epochs" not in early
+    done = finished_message({"epoch": 6, "evals_since_best": 0, "best": None}, cfg, tmp_path, early_stopped=False)
+    assert "train.epochs=6 reached" in done and "raise train.epochs to train longer" in done
+    assert "early_stop" not in done
