@@ -104,7 +104,8 @@ LOCK_FILE = "RUNNING.lock"
 
 
 def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
-    """Create the run directory, take its lock and write the resolved config into it.
+    """Create the run directory and take its lock (the resolved config is written by
+    ``write_config`` once the run knows whether it resumes or starts over).
 
     Runs before any data is read or model built, so that an unusable run directory (not
     writable, a file in the way, another run writing into it) stops the run at once. Every
@@ -119,7 +120,6 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             take_lock(run_dir)
-            save_yaml(cfg, run_dir / "config.yaml")
             (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         except ConfigError as exc:
             problem = str(exc)
@@ -135,6 +135,13 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
         raise ConfigError(problem)
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def write_config(cfg: Config, run_dir: Path) -> None:
+    """The resolved config as ``run_dir/config.yaml`` (main process only). Written after the resume
+    decision: a run that starts over moves the earlier run's config.yaml aside with its other files
+    first (checkpoint.set_aside_previous_run)."""
+    save_yaml(cfg, run_dir / "config.yaml")
 
 
 def take_lock(run_dir: Path) -> None:

@@ -443,6 +443,12 @@ def test_merge_refuses_file_names_that_are_one_file_under_one_root(tmp_path, cap
         assert f"{b}: images (id 1) file_name '{other}' is also 'cam/x.jpg' in {a}" in err and "--prefix" in err
         assert not list(tmp_path.glob("m.json*"))
     assert run_tool_in_process("merge_datasets.py", a, b, "--output", tmp_path / "m.json", "--prefix", "A", "B") == 0
+    # within one file two names that differ by case are two files (Linux), as training takes them
+    two = [{"id": 1, "file_name": "IMG.jpg", "width": 50, "height": 50}, {"id": 2, "file_name": "img.jpg", "width": 50,
+                                                                         "height": 50}]  # fmt: skip
+    one = write_coco(tmp_path / "one.json", two, ann, cats)
+    assert run_tool_in_process("merge_datasets.py", one, a, "--output", tmp_path / "m2.json") == 0
+    assert len(json.loads((tmp_path / "m2.json").read_text())["images"]) == 3
 
 
 def test_check_dataset_warns_about_classes_without_annotations(videos, tmp_path, capsys):
