@@ -495,7 +495,7 @@ def set_aside_previous_run(run_dir: str | Path, log=print) -> Path | None:
 
     run_dir = Path(run_dir)
     found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
-    if not found:
+    if all(p.name == "config.yaml" for p in found):  # nothing but a config (this run's, or of one that never started)
         return None
     dest = run_dir / PREVIOUS_DIR / time.strftime("%Y%m%d-%H%M%S")
     while dest.exists():

@@ -104,8 +104,10 @@ LOCK_FILE = "RUNNING.lock"
 
 
 def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
-    """Create the run directory and take its lock (the resolved config is written by
-    ``write_config`` once the run knows whether it resumes or starts over).
+    """Create the run directory, take its lock and write the resolved config into it, unless an
+    earlier run's config.yaml is there: that one stays until the run knows whether it resumes
+    (``write_config`` then replaces it) or starts over (it is moved aside with the earlier run's
+    other files first).
 
     Runs before any data is read or model built, so that an unusable run directory (not
     writable, a file in the way, another run writing into it) stops the run at once. Every
@@ -120,6 +122,8 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             take_lock(run_dir)
+            if not (run_dir / "config.yaml").exists():
+                save_yaml(cfg, run_dir / "config.yaml")
             (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         except ConfigError as exc:
             problem = str(exc)
@@ -138,9 +142,9 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
 
 def write_config(cfg: Config, run_dir: Path) -> None:
-    """The resolved config as ``run_dir/config.yaml`` (main process only). Written after the resume
-    decision: a run that starts over moves the earlier run's config.yaml aside with its other files
-    first (checkpoint.set_aside_previous_run)."""
+    """The resolved config as ``run_dir/config.yaml`` (main process only), once the run knows
+    whether it resumes: a run that starts over moves the earlier run's config.yaml aside with its
+    other files first (checkpoint.set_aside_previous_run)."""
     save_yaml(cfg, run_dir / "config.yaml")
 
 

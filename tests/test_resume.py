@@ -281,6 +281,8 @@ def test_starting_over_moves_the_earlier_run_aside(tmp_path, cpu_accelerator):
     assert (dest / "config.yaml").read_text() == "the earlier run's\n"
     assert (dest / "best.pt").read_text() == "earlier run\n" and str(dest) in said[0]
     assert checkpoint.set_aside_previous_run(tmp_path, said.append) is None  # nothing more to move
+    (tmp_path / "config.yaml").write_text("this run's\n")  # a fresh run directory holds only its own config
+    assert checkpoint.set_aside_previous_run(tmp_path, said.append) is None and (tmp_path / "config.yaml").is_file()
 
 
 def test_a_resumed_run_whose_json_changed_warns_and_records_the_new_dataset(tmp_path):
