@@ -258,6 +258,36 @@ def find_resumable(run_dir: str | Path, process_index: int, log=print) -> tuple[
     return None
 
 
+def agreed_resumable(run_dir: str | Path, accelerator: Any, log=print) -> tuple[Path, dict, dict] | None:
+    """``find_resumable`` with one answer for every process: the main process's choice (or a fresh
+    start), which each process then reads its own files of. Each process choosing for itself could
+    split the run (one starting fresh while another resumes) when one of its files is damaged.
+
+    Raises:
+        CheckpointError: on every process, when some process cannot read the chosen state.
+    """
+    found = find_resumable(run_dir, accelerator.process_index, log)
+    if accelerator.num_processes == 1:
+        return found
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    box = [str(found[0]) if found is not None else None]
+    broadcast_object_list(box, from_process=0)
+    chosen, problem = box[0], None
+    if chosen is not None and (found is None or str(found[0]) != chosen):
+        try:
+            found = (Path(chosen), *load_state_files(Path(chosen), accelerator.process_index))
+        except CheckpointError as exc:
+            problem = f"process {accelerator.process_index}: {exc}"
+    problems = [p for p in gather_object([problem]) if p]
+    if problems:
+        raise CheckpointError(
+            f"the processes cannot resume from one state ({chosen}): {'; '.join(problems)}; pass train.resume=PATH "
+            "of an older state directory, or start over with train.resume=null"
+        )
+    return None if chosen is None else found
+
+
 def restore(state: dict[str, Any], rng: dict[str, Any], accelerator: Any, model, optimizer, scheduler,
             ema=None) -> dict:  # fmt: skip
     """Load a state into the training objects; returns the training position.
@@ -448,7 +478,7 @@ def _trained_on_from_lineage(run_dir: Path) -> dict[str, Any] | None:
 
 
 PREVIOUS_DIR = "previous"
-RUN_FILES = (STATE_DIR, "metrics.jsonl", "results.csv", "best.pt", "last.pt", "lineage.json", "analysis.json",
+RUN_FILES = (STATE_DIR, "config.yaml", "metrics.jsonl", "results.csv", "best.pt", "last.pt", "lineage.json", "analysis.json",
              "analysis_best.json", "plots")  # fmt: skip
 
 
@@ -465,7 +495,7 @@ def set_aside_previous_run(run_dir: str | Path, log=print) -> Path | None:
 
     run_dir = Path(run_dir)
     found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
-    if not found:
+    if all(p.name == "config.yaml" for p in found):  # nothing but a config (this run's, or of one that never started)
         return None
     dest = run_dir / PREVIOUS_DIR / time.strftime("%Y%m%d-%H%M%S")
     while dest.exists():
@@ -493,7 +523,7 @@ def resume(spec: str, run_dir: Path, accelerator: Any, model, optimizer, schedul
             other classes (the message names what differs and the two ways forward).
     """
     if spec == "auto":
-        found = find_resumable(run_dir, accelerator.process_index, log)
+        found = agreed_resumable(run_dir, accelerator, log)
         if found is None:
             log(f"train.resume=auto: no saved state in {Path(run_dir) / STATE_DIR}; starting fresh")
             return {}

@@ -210,7 +210,8 @@ def known_trace_warnings_silenced() -> Iterator[None]:
     tracer = torch.jit.TracerWarning
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=tracer, module=r"torchvision\.")
-        # torch's helpers, called by torchvision's code above (no code of ours runs under the trace)
+        # torch's helpers, called by torchvision's code above; these two messages are hidden whoever
+        # calls them under this trace (our export_resize wrapper too, whose sizes the parity check covers)
         warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean", tracer, r"torch\Z")
         warnings.filterwarnings("ignore", "torch.tensor results are registered", tracer, r"torch\.nn\.functional\Z")
         # export_resize's min_size/max_size are the model's settings: constants in the graph by design

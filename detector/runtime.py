@@ -104,7 +104,10 @@ LOCK_FILE = "RUNNING.lock"
 
 
 def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
-    """Create the run directory, take its lock and write the resolved config into it.
+    """Create the run directory, take its lock and write the resolved config into it, unless an
+    earlier run's config.yaml is there: that one stays until the run knows whether it resumes
+    (``write_config`` then replaces it) or starts over (it is moved aside with the earlier run's
+    other files first).
 
     Runs before any data is read or model built, so that an unusable run directory (not
     writable, a file in the way, another run writing into it) stops the run at once. Every
@@ -119,7 +122,8 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             take_lock(run_dir)
-            save_yaml(cfg, run_dir / "config.yaml")
+            if not (run_dir / "config.yaml").exists():
+                save_yaml(cfg, run_dir / "config.yaml")
             (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         except ConfigError as exc:
             problem = str(exc)
@@ -135,6 +139,13 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
         raise ConfigError(problem)
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def write_config(cfg: Config, run_dir: Path) -> None:
+    """The resolved config as ``run_dir/config.yaml`` (main process only), once the run knows
+    whether it resumes: a run that starts over moves the earlier run's config.yaml aside with its
+    other files first (checkpoint.set_aside_previous_run)."""
+    save_yaml(cfg, run_dir / "config.yaml")
 
 
 def take_lock(run_dir: Path) -> None:
@@ -350,16 +361,23 @@ def epoch_line(m: dict[str, Any]) -> str:
 def finished_message(pos: dict[str, Any], cfg: Config, run_dir: Path, early_stopped: bool) -> str:
     """What a resume of a run with nothing left to train says: that it is finished, and where its
     best weights are."""
-    how = "stopped early (eval.early_stop_patience)" if early_stopped else f"train.epochs={cfg.train.epochs}"
+    why, longer = [], []
+    if pos["epoch"] >= cfg.train.epochs:
+        why.append(f"train.epochs={cfg.train.epochs} reached")
+        longer.append("train.epochs")
+    if early_stopped:  # this also holds after train.epochs was raised: the patience decides then
+        why.append(f"no better {cfg.eval.best_metric} in its last {pos.get('evals_since_best')} evaluation(s) "
+                   f"(eval.early_stop_patience={cfg.eval.early_stop_patience})")  # fmt: skip
+        longer.append("eval.early_stop_patience (0: never stop early)")
     best_file, best = run_dir / "best.pt", pos.get("best")
     if best is not None and best_file.is_file():
         where = f"its best weights are {best_file} ({cfg.eval.best_metric} {best:.4f}, epoch {pos.get('best_epoch')})"
     else:
         where = f"it wrote no best.pt (no finite {cfg.eval.best_metric}); its last weights are {run_dir / 'last.pt'}"
     return (
-        f"the run in {run_dir} is finished: {pos['epoch']} epoch(s) trained, {how}; {where}. Nothing to train: "
-        "raise train.epochs to train longer, or train again from the start with another output_dir or "
-        "train.resume=null"
+        f"the run in {run_dir} is finished: {pos['epoch']} epoch(s) trained, {' and '.join(why)}; {where}. "
+        f"Nothing to train: raise {' and '.join(longer)} to train longer, or train again from the start with "
+        "another output_dir or train.resume=null"
     )
 
 

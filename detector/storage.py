@@ -106,10 +106,13 @@ def _fs(url: str) -> tuple[Any, str]:
 
 def _clean(exc: BaseException, url: str) -> str:
     """An exception's message with the URL's secret parts removed, should a backend echo them."""
+    from urllib.parse import unquote
+
     text = str(exc) or type(exc).__name__
-    for secret in (_userinfo_secret(url), urlsplit(url).query):
-        if secret:
-            text = text.replace(secret, "***")
+    userinfo = _userinfo_secret(url)
+    parts = [userinfo, urlsplit(url).query, userinfo.partition(":")[2]]  # the password alone, as a backend may echo it
+    for secret in sorted({q for p in parts if p for q in (p, unquote(p))}, key=len, reverse=True):
+        text = text.replace(secret, "***")
     return text
 
 

@@ -101,8 +101,9 @@ def test_evaluate_and_check_dataset_refuse_two_categories_with_one_name(tmp_path
 def test_a_label_map_with_one_name_twice_is_refused(tmp_path):
     # e.g. a checkpoint trained before such files were refused, evaluated on a fixed json
     old = LabelMap((1, 2), ("cat", "cat"))
-    with pytest.raises(DatasetError, match=r"^best\.pt: categories share a name \('cat' is category 1 and 2\)"):
+    with pytest.raises(DatasetError, match=r"^best\.pt: categories share a name \('cat' is category 1 and 2\)") as err:
         load(tmp_path, base(), label_map=old, label_source="best.pt")
+    assert "train it again" in str(err.value) and "relabel" not in str(err.value)  # a checkpoint cannot be relabelled
 
 
 def test_roboflow_placeholder_named_as_its_only_class(tmp_path):

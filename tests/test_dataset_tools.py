@@ -443,6 +443,12 @@ def test_merge_refuses_file_names_that_are_one_file_under_one_root(tmp_path, cap
         assert f"{b}: images (id 1) file_name '{other}' is also 'cam/x.jpg' in {a}" in err and "--prefix" in err
         assert not list(tmp_path.glob("m.json*"))
     assert run_tool_in_process("merge_datasets.py", a, b, "--output", tmp_path / "m.json", "--prefix", "A", "B") == 0
+    # within one file two names that differ by case are two files (Linux), as training takes them
+    two = [{"id": 1, "file_name": "IMG.jpg", "width": 50, "height": 50}, {"id": 2, "file_name": "img.jpg", "width": 50,
+                                                                         "height": 50}]  # fmt: skip
+    one = write_coco(tmp_path / "one.json", two, ann, cats)
+    assert run_tool_in_process("merge_datasets.py", one, a, "--output", tmp_path / "m2.json") == 0
+    assert len(json.loads((tmp_path / "m2.json").read_text())["images"]) == 3
 
 
 def test_check_dataset_warns_about_classes_without_annotations(videos, tmp_path, capsys):
@@ -524,3 +530,26 @@ def test_labelme_image_files_may_be_symlinks(truth, tmp_path):
     assert run_tool_in_process("convert_dataset.py", "labelme", root, "--images", root, "--output", out) == 0
     data = json.loads(out.read_text())
     assert [i["file_name"] for i in data["images"]] == ["a.jpg"] and data["annotations"][0]["bbox"] == [1, 2, 10, 10]
+
+
+def test_an_output_that_fails_its_check_is_named_as_the_file_it_would_have_been(tmp_path, capsys, monkeypatch):
+    """split and merge check each output from a temporary file: the error named FILE.json.tmp, which
+    is deleted by then."""
+    import detector.data.coco as coco
+
+    class FailsOnOutputs(coco.CocoIndex):
+        def __init__(self, path, *args, **kwargs):
+            if str(path).endswith(".tmp"):
+                raise coco.DatasetError(f"{path}: a problem in the output")
+            super().__init__(path, *args, **kwargs)
+
+    cats = [{"id": 1, "name": "cat"}]
+    ims = [{"id": i, "file_name": f"{i}.jpg", "width": 50, "height": 50} for i in (1, 2, 3, 4)]
+    anns = [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 1, 5, 5]} for i in (1, 2, 3, 4)]
+    data = write_coco(tmp_path / "all.json", ims, anns, cats)
+    monkeypatch.setattr(coco, "CocoIndex", FailsOnOutputs)
+    err = refused(capsys, "merge_datasets.py", data, "--output", tmp_path / "m.json")
+    assert f"{tmp_path / 'm.json'} (not written): a problem" in err and ".tmp" not in err
+    err = refused(capsys, "split_dataset.py", data, "--output-dir", tmp_path / "s", "--ratios", "0.5", "0.5")
+    assert f"{tmp_path / 's' / 'train.json'} (not written): a problem" in err and ".tmp" not in err
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -272,14 +272,17 @@ def test_starting_over_moves_the_earlier_run_aside(tmp_path, cpu_accelerator):
     _saved_run(tmp_path, cpu_accelerator, SHAPES)
     for name in ("metrics.jsonl", "best.pt", "last.pt", "lineage.json"):
         (tmp_path / name).write_text("earlier run\n")
-    (tmp_path / "config.yaml").write_text("this run's\n")
+    (tmp_path / "config.yaml").write_text("the earlier run's\n")  # this run writes its own after the move
     said: list[str] = []
     dest = checkpoint.set_aside_previous_run(tmp_path, said.append)
     assert dest is not None and dest.parent == tmp_path / checkpoint.PREVIOUS_DIR
     assert checkpoint.list_states(tmp_path) == [] and checkpoint.list_states(dest) != []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", checkpoint.PREVIOUS_DIR]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.PREVIOUS_DIR]
+    assert (dest / "config.yaml").read_text() == "the earlier run's\n"
     assert (dest / "best.pt").read_text() == "earlier run\n" and str(dest) in said[0]
     assert checkpoint.set_aside_previous_run(tmp_path, said.append) is None  # nothing more to move
+    (tmp_path / "config.yaml").write_text("this run's\n")  # a fresh run directory holds only its own config
+    assert checkpoint.set_aside_previous_run(tmp_path, said.append) is None and (tmp_path / "config.yaml").is_file()
 
 
 def test_a_resumed_run_whose_json_changed_warns_and_records_the_new_dataset(tmp_path):
@@ -350,3 +353,54 @@ def test_rerunning_a_finished_run_or_its_folder_with_other_classes(trained_run, 
     assert "circle, square, triangle" in errors[0] and "date, fig, hazelnut" in errors[0], errors[0][:3000]
     assert "another output_dir" in errors[0] and "train.resume=null" in errors[0], errors
     assert (run / "metrics.jsonl").read_text() == logged and (run / "best.pt").read_bytes() == best
+
+
+def test_a_finished_runs_message_names_what_stopped_it(tmp_path):
+    """An early-stopped run stays stopped when train.epochs is raised: the message must name the
+    patience then, not advise raising the epochs (which cannot help)."""
+    from detector.config import load
+    from detector.runtime import finished_message
+
+    from .conftest import TINY
+
+    cfg = load(TINY, ["train.epochs=6", "eval.early_stop_patience=2", "data.synthetic.enabled=true"])
+    early = finished_message({"epoch": 3, "evals_since_best": 2, "best": None}, cfg, tmp_path, early_stopped=True)
+    assert "eval.early_stop_patience=2" in early and "raise eval.early_stop_patience" in early
+    assert "train.epochs" not in early
+    done = finished_message({"epoch": 6, "evals_since_best": 0, "best": None}, cfg, tmp_path, early_stopped=False)
+    assert "train.epochs=6 reached" in done and "raise train.epochs to train longer" in done
+    assert "early_stop" not in done
+
+
+def test_every_process_resumes_from_the_main_processs_state_or_all_refuse(tmp_path, cpu_accelerator, monkeypatch):
+    """train.resume=auto chose a state per process: with one damaged file one process could start
+    fresh (or from an older state) while the others resume. Seen here from process 1 of 2, with the
+    main process's answer broadcast and the problems gathered as accelerate would."""
+    from types import SimpleNamespace
+
+    import accelerate.utils
+
+    model, opt, sched = _objects(0)
+    pos = {"epoch": 1, "batch": 0, "step": 8, "best": None, "wandb_id": None, "nonfinite_in_row": 0}
+    older = checkpoint.save_state(tmp_path, cpu_accelerator, model, opt, sched, pos, keep=5)
+    newer = checkpoint.save_state(tmp_path, cpu_accelerator, model, opt, sched, {**pos, "step": 16}, keep=5)
+    rank1 = SimpleNamespace(num_processes=2, process_index=1)
+    gathered = []
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda x: gathered.extend([None, *x]) or gathered)
+
+    def main_chose(state):
+        monkeypatch.setattr(
+            accelerate.utils, "broadcast_object_list", lambda box, from_process=0: box.__setitem__(0, state)
+        )
+
+    main_chose(str(older))  # the main process could not read the newer one: this process follows it
+    found = checkpoint.agreed_resumable(tmp_path, rank1, print)
+    assert found is not None and found[0] == older and found[1]["position"]["step"] == 8
+    main_chose(None)  # the main process starts fresh: so does this one
+    gathered.clear()
+    assert checkpoint.agreed_resumable(tmp_path, rank1, print) is None
+    (newer / "rng_1.pt").write_bytes(b"damaged")  # this process cannot read the main process's choice
+    main_chose(str(newer))
+    gathered.clear()
+    with pytest.raises(checkpoint.CheckpointError, match="process 1: .*step_00000016: unreadable.*train.resume=PATH"):
+        checkpoint.agreed_resumable(tmp_path, rank1, print)

@@ -320,3 +320,12 @@ def test_check_dataset_decode_reads_a_url_root(tiny_dataset, capsys):
     out = capsys.readouterr().out
     assert "undecodable" not in out and "decoded 7 of 7 image(s) in full" in out, out[-2000:]
     assert code == 0
+
+
+def test_a_backends_message_that_echoes_the_password_alone_is_redacted():
+    from detector.storage import _clean
+
+    url = "s3://user:p%40ss@bucket/images"
+    for echoed in ("p%40ss", "p@ss", "user:p%40ss"):
+        text = _clean(ValueError(f"bad credential {echoed} for bucket"), url)
+        assert "p@ss" not in text and "p%40ss" not in text and "***" in text, text

@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(merged))
     try:
         index = CocoIndex(tmp, on_invalid=args.on_invalid, option=OPTION)
+    except DatasetError as exc:  # named after the file it would have been
+        tmp.unlink(missing_ok=True)
+        raise DatasetError(str(exc).replace(str(tmp), f"{out} (not written)"), exc.problems) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

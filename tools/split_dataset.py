@@ -81,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
                              label_source=str(args.annotations), option=OPTION)  # fmt: skip
             groups = len({keys[i] for i in np.flatnonzero(split == s)})
             lines.append(f"{name}: {len(part)} images ({groups} groups), {part.num_annotations} annotations -> {path}")
+    except DatasetError as exc:  # named after the file it would have been
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        message = str(exc)
+        for tmp, path in written:
+            message = message.replace(str(tmp), f"{path} (not written)")
+        raise DatasetError(message, exc.problems) from None
     except BaseException:
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)

@@ -100,8 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         if pos["epoch"] >= cfg.train.epochs or early_stopped:
             log(runtime.finished_message(pos, cfg, run_dir, early_stopped))
             return 0
-    elif main_proc:  # a fresh start: the files of an earlier run in this directory must not mix with this one's
-        checkpoint.set_aside_previous_run(run_dir, log)
+    else:  # a fresh start: the files of an earlier run in this directory must not mix with this one's
+        if main_proc:
+            checkpoint.set_aside_previous_run(run_dir, log)
+        accelerator.wait_for_everyone()  # no process writes into the run directory before the move
+    if main_proc:
+        runtime.write_config(cfg, run_dir)
     logger = RunLogger(run_dir, enabled=main_proc)
     pos["wandb_id"] = logger.start_wandb(cfg.logging.wandb, config.to_dict(cfg), pos["wandb_id"], log, pos["step"])
     if main_proc:  # lineage.json, the W&B dataset artifact and the fingerprint in the W&B config

@@ -743,7 +743,11 @@ def match_categories(
         DatasetError: a used category matching no training class, or a label map (a checkpoint
             trained before such files were refused) with two classes of one name.
     """
-    _refuse_duplicate_names(dict(zip(label_map.category_ids, label_map.names)), {}, set(), label_source)
+    _refuse_duplicate_names(
+        dict(zip(label_map.category_ids, label_map.names)), {}, set(), label_source,
+        "The model was trained before such classes were refused (e.g. with Roboflow's placeholder category "
+        "taken as a class): train it again on this data, which leaves the placeholder out",
+    )  # fmt: skip
     by_name: dict[str, int] = {}
     for c, n in zip(label_map.category_ids, label_map.names):
         by_name.setdefault(n, c)
@@ -798,10 +802,15 @@ def _placeholders(cats: dict[int, str], supers: dict[int, str], used: set[int]) 
     return {c for c, n in cats.items() if c not in used and parents.get(n, set()) - {c}}
 
 
-def _refuse_duplicate_names(cats: dict[int, str], supers: dict[int, str], used: set[int], path: str) -> None:
+def _refuse_duplicate_names(
+    cats: dict[int, str], supers: dict[int, str], used: set[int], path: str, advice: str | None = None
+) -> None:
     """Two classes with one name would share one per-class result (AP, error analysis, the label
     names of predictions): class 1 found perfectly and class 2 missed would read ``car: 0.0``.
     Roboflow's placeholder (see ``_placeholders``) may share a class's name: it is not a class.
+
+    Args:
+        advice: what to do about it (default: for a json: rename or relabel).
 
     Raises:
         DatasetError: naming the file, the name and every id that carries it.
@@ -816,7 +825,7 @@ def _refuse_duplicate_names(cats: dict[int, str], supers: dict[int, str], used: 
         listed = "; ".join(f"'{n}' is category " + " and ".join(str(c) for c in ids) for n, ids in dup.items())
         raise DatasetError(
             f"{path}: categories share a name ({listed}): their per-class results would be merged under one "
-            "name. Give each category its own name, or relabel its annotations to one id"
+            "name. " + (advice or "Give each category its own name, or relabel its annotations to one id")
         )
 
 

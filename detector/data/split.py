@@ -289,7 +289,7 @@ def merge(
         for im in data["images"]:
             name = prefix + im["file_name"].replace("\\", "/")
             key = file_name_key(name)
-            if key in where:
+            if key in where and where[key][0] != str(path):  # within one file, IMG.jpg and img.jpg are two files
                 other, as_written = where[key]
                 also = f"'{as_written}' in {other}" if as_written != name else f"in {other}"
                 clashes.append(f"{path}: images (id {im['id']}) file_name '{name}' is also {also}")
