@@ -65,10 +65,7 @@ def test_the_parsers_choices_are_the_packages():
     from detector.data.convert import FORMATS
 
     assert typing.get_args(typing.get_type_hints(DataConfig)["on_invalid"]) == cli.ON_INVALID
-    spec = importlib.util.spec_from_file_location("convert_tool", ROOT / "tools" / "convert_dataset.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    formats = next(a.choices for a in tool.build_parser()._actions if a.dest == "format")
+    formats = next(a.choices for a in _parser("convert_dataset")._actions if a.dest == "format")
     assert tuple(formats) == FORMATS
 
 
