@@ -46,23 +46,6 @@ def parser(doc: str | None, **kw) -> argparse.ArgumentParser:
     return Parser(description=doc, formatter_class=HelpFormatter, **kw)
 
 
-def add_dataset(ap: argparse.ArgumentParser, images_required: bool = True, what: str = "") -> None:
-    """``--annotations JSON`` (required) and ``--images DIR``.
-
-    Args:
-        ap: the parser.
-        images_required: whether ``--images`` must be given.
-        what: a word on which dataset, for the help (e.g. "ground-truth").
-    """
-    ap.add_argument("--annotations", required=True, metavar="JSON", help=f"the {what} COCO json".replace("  ", " "))
-    ap.add_argument(
-        "--images",
-        required=images_required,
-        metavar="DIR",
-        help="the image root that the json's file_name entries are relative to",
-    )
-
-
 def add_dataset_positional(ap: argparse.ArgumentParser, images: bool = True) -> None:
     """A dataset as ``--annotations JSON [--images DIR]`` or, as earlier releases took it, as
     positional ``ANNOTATIONS [IMAGES]``; :func:`dataset_paths` reads either.
@@ -139,14 +122,3 @@ def add_slice_args(ap: argparse.ArgumentParser) -> None:
                    help="merge duplicates into one (nmm) or keep the best (nms)")  # fmt: skip
     g.add_argument("--slice-metric", choices=["ios", "iou"], default="ios",
                    help="duplicates by intersection over the smaller box (ios) or IoU")  # fmt: skip
-
-
-def score_threshold(text: str) -> float:
-    """An argparse type: a score threshold in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a score in [0, 1]")
-    return value
