@@ -146,8 +146,10 @@ def test_wandb_online_without_an_answer_falls_back_to_offline_in_bounded_time(
     t0 = time.time()
     run_id = logger.start_wandb(cfg, {"a": 1}, None, said.append)
     started = time.time() - t0
-    # one bounded online attempt, then an offline start: not wandb's own 90 s wait, nor its retries
-    assert run_id and started < 2 * offline_start + 3 * cfg.timeout_s, (started, offline_start)
+    # one bounded online attempt, then an offline start: not wandb's own 90 s wait, nor its retries.
+    # The failed attempt's teardown is not bounded by timeout_s (13 s was seen for timeout_s=3 on a
+    # loaded 2-core machine), so the bound is a third of wandb's 90 s, not a multiple of 3 s
+    assert run_id and started < 2 * offline_start + 10 * cfg.timeout_s, (started, offline_start)
     assert any("logging offline instead" in s for s in said) and any("wandb sync" in s for s in said), said
     t0 = time.time()
     for step in range(1, 4):  # steps are not held up: none waits for the server
