@@ -176,7 +176,7 @@ class EvalConfig:
     best_metric: str = "val/mAP"  # val/loss, val/loss_<part>, val/<COCO stat> or val/AP/<class name>
     best_mode: Literal["max", "min"] | None = None  # null: min for losses, max for the rest
     early_stop_patience: int = 0  # stop after this many evaluations without a better best_metric (0: off)
-    # Error analysis at every evaluation (detector/analysis.py): analysis.json (+ analysis_best.json)
+    # Error analysis at every evaluation (detector/evaluation/analysis.py): analysis.json (+ analysis_best.json)
     # and W&B tables; one more COCOeval pass per evaluation. With logging.plots, its PNGs in
     # plots/analysis/, drawn at the last evaluation (last), also when best.pt changes (best), or at
     # every evaluation (every).
@@ -339,11 +339,11 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(message)
     check_metric_name(cfg.eval.best_metric)
-    from detector.families import check_keys  # torchvision's model zoo: imported when needed
+    from detector.models.family import check_keys  # torchvision's model zoo: imported when needed
 
     check_keys(cfg.model)
     if not cfg.data.synthetic.enabled:
-        from detector import storage
+        from detector.core import storage
 
         for split in ("train", "val"):
             s = getattr(cfg.data, split)

@@ -136,7 +136,7 @@ def run_tool_in_process(name: str, *args: Any) -> int:
     (known input errors -> 2); much faster than a subprocess for the tools that need no launcher."""
     import importlib.util
 
-    from detector import runtime
+    from detector.train import process as runtime
 
     spec = importlib.util.spec_from_file_location(f"tool_{Path(name).stem}", ROOT / "tools" / name)
     assert spec is not None and spec.loader is not None

@@ -1,4 +1,4 @@
-"""Error analysis (detector/analysis.py): a hand-built case known cell by cell, per-class
+"""Error analysis (detector/evaluation/analysis.py): a hand-built case known cell by cell, per-class
 P/R/F1 and AP by size by hand, non-blank plots and galleries, the evaluate tool (predictions file
 and checkpoint, 1 and 2 processes) and the run directory after training."""
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from detector.analysis import CAPTION_PX, _best_f1, analyze, gallery, report, write_json, write_plots
+from detector.evaluation.analysis import CAPTION_PX, _best_f1, analyze, gallery, report, write_json, write_plots
 
 from .conftest import launch, run_tool_in_process
 
@@ -191,9 +191,9 @@ def test_evaluate_tool_predictions_file_plots(tmp_path, capsys):
 
 def test_wandb_gets_the_tables_and_pictures(tmp_path, monkeypatch):
     """The real wandb library, offline, read back from its run file."""
-    from detector.analysis import log_wandb
     from detector.config import WandbConfig
-    from detector.tracking import RunLogger
+    from detector.evaluation.analysis import log_wandb
+    from detector.runs.tracking import RunLogger
 
     from .test_tracking import _summarise
 
@@ -217,8 +217,8 @@ def test_wandb_gets_the_tables_and_pictures(tmp_path, monkeypatch):
 
 
 def test_epoch_analysis_writes_json_every_time_and_pngs_when_asked(tmp_path):
-    from detector.analysis import epoch_analysis
     from detector.config import EvalConfig
+    from detector.evaluation.analysis import epoch_analysis
 
     gt, dets = hand_case()
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError, LabelMap
-from detector.evaluation import evaluate_coco
+from detector.evaluation.coco import evaluate_coco
 
 from .conftest import run_tool_in_process, shared_data, write_coco
 

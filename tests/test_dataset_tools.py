@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from detector.data.coco import CocoIndex, DatasetError
-from detector.evaluation import evaluate_coco
+from detector.evaluation.coco import evaluate_coco
 from tests.conftest import run_tool_in_process, write_coco
 
 pytestmark = [pytest.mark.xdist_group("dataset_tools")]  # its module fixtures are built once, on one xdist worker

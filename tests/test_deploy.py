@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from detector import export
-from detector.inference import Detections, Predictor, load_model
+from detector.deploy import export
+from detector.inference.predictor import Detections, Predictor, load_model
 
 from .conftest import run_tool_in_process
 
@@ -83,8 +83,8 @@ def exported_like_predictor(onnx_path: Path, checkpoint: Path, inputs: list, thr
     """ExportedPredictor on ``inputs`` (paths, tensors...) against the Predictor of the checkpoint:
     the same detections at or above ``thresh`` (label, box within BOX_TOL px in the full image's
     pixels; masks by IoU). Returns the figures: compared detections, max box diff, min mask IoU."""
-    from detector.deploy import ExportedPredictor
-    from detector.mask_export import _iou
+    from detector.deploy.exported import ExportedPredictor
+    from detector.deploy.mask_parity import _iou
 
     # one image per forward, as the graph runs: a batch of mixed sizes is padded to its largest,
     # which changes what the RPN's top-n proposals are chosen from
@@ -159,7 +159,7 @@ def test_onnx_takes_any_size_and_matches_eager_on_three_aspect_ratios(frcnn_onnx
 def test_exported_predictor_on_an_exif_rotated_file_gives_the_predictors_detections(
     frcnn_onnx, trained_run, tiny_dataset, tmp_path
 ):
-    from detector.deploy import ExportedPredictor
+    from detector.deploy.exported import ExportedPredictor
 
     src = _val_images(tiny_dataset)[1]
     path = tmp_path / "rotated.jpg"
@@ -181,7 +181,7 @@ def test_exported_predictor_on_an_exif_rotated_file_gives_the_predictors_detecti
 
 
 def test_metadata_of_a_fixed_size_export_is_refused(tmp_path):
-    from detector.deploy import read_metadata
+    from detector.deploy.exported import read_metadata
 
     (tmp_path / "m.onnx.json").write_text(json.dumps({"format": "onnx", "input": {"size_hw": [480, 640]}}))
     with pytest.raises(ValueError, match="fixed input size"):

@@ -20,10 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
-from detector import checkpoint, config, engine, optim, runtime
+from detector import config
 from detector.data import check_files
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError
-from detector.evaluation import detections_to_coco
+from detector.evaluation.coco import detections_to_coco
+from detector.train import checkpoint, engine, optim
+from detector.train import process as runtime
 
 from .conftest import (
     ROOT,
@@ -168,7 +170,7 @@ def test_evaluate_checkpoint_on_a_renumbered_val_json(trained_run, tiny_dataset,
 
 @pytest.mark.slow
 def test_predictor_detections_equal_evaluate_detections(trained_run, tiny_dataset, tmp_path):
-    from detector.inference import Predictor
+    from detector.inference.predictor import Predictor
 
     res = launch("evaluate.py", ["--checkpoint", trained_run / "best.pt", "--annotations", tiny_dataset["val"],
                                  "--images", tiny_dataset["root"] / "val", "--score-threshold", "0.05", "--batch-size", "1",
@@ -371,7 +373,7 @@ def test_plain_progress_prints_lines_at_an_interval(capsys):
 
 def test_validation_does_not_reseed_cuda(tiny_dataset, monkeypatch, cpu_accelerator):
     from detector.data.loader import EvalBatchSampler, build_loader
-    from detector.models import build_model
+    from detector.models.build import build_model
 
     calls = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(("all", seed)))
@@ -394,13 +396,13 @@ def test_validation_does_not_reseed_cuda(tiny_dataset, monkeypatch, cpu_accelera
 
 
 def test_draft_scale_is_libjpegs_and_predictions_are_clipped(tmp_path):
-    from detector.images import load_image
+    from detector.core.images import load_image
 
     path = _image(tmp_path / "odd.jpg", (1001, 751))
     arr, sx, sy = load_image(path, (300, 226))
     assert arr.shape[:2] == (376, 501)  # ceil(751 / 2) x ceil(1001 / 2): the last block is partial
     assert (sx, sy) == (0.5, 0.5)  # the content scale is exactly 1/2, not 501/1001
-    from detector.labels import LabelMap
+    from detector.core.labels import LabelMap
 
     det = {"boxes": torch.tensor([[400.0, 300.0, 501.0, 376.0]]), "labels": torch.tensor([1]),
            "scores": torch.tensor([0.9])}  # fmt: skip
@@ -494,7 +496,7 @@ def test_real_size_mismatch_still_found(tmp_path):
 
 
 def test_wandb_logs_against_global_step_without_wandb_steps(tmp_path):
-    from detector.tracking import STEP_KEY, RunLogger
+    from detector.runs.tracking import STEP_KEY, RunLogger
 
     calls = []
 
@@ -527,7 +529,7 @@ def test_warmup_is_a_fraction_of_short_runs():
 def test_phone_mpo_jpeg_orientation_agrees_on_every_path(tmp_path):
     """Phones write multi-picture JPEGs (PIL: format MPO): the header check, the full-size decode
     and the reduced-scale decode must all apply (or all ignore) the same EXIF orientation."""
-    from detector.images import header_info, load_image
+    from detector.core.images import header_info, load_image
 
     im = Image.new("RGB", (100, 60), (1, 2, 3))
     exif = Image.Exif()

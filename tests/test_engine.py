@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from detector.engine import train_one_epoch
+from detector.train.engine import train_one_epoch
 
 from .conftest import dummy_batches
 

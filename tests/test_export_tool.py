@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector import export
+from detector.deploy import export
 
 from .conftest import TINY, run_tool_in_process
 
@@ -65,13 +65,13 @@ def test_only_torchvisions_trace_warnings_are_silenced():
         warnings.simplefilter("always")
         with export.known_trace_warnings_silenced():
             for module, category in [("torchvision.ops.boxes", tracer), ("torchvision.ops.poolers", tracer),
-                                     ("detector.models", tracer), ("torchvision.ops.boxes", UserWarning),
+                                     ("detector.models.build", tracer), ("torchvision.ops.boxes", UserWarning),
                                      ("torch.nn.functional", UserWarning)]:  # fmt: skip
                 warnings.warn_explicit(f"{module} {category.__name__}", category, f"{module}.py", 1, module)
             warnings.warn_explicit("torch.tensor results are registered as constants", tracer, "f.py", 1,
                                    "torch.nn.functional")  # fmt: skip
     assert sorted(str(w.message) for w in caught) == [
-        "detector.models TracerWarning",
+        "detector.models.build TracerWarning",
         "torch.nn.functional UserWarning",
         "torchvision.ops.boxes UserWarning",
     ]
@@ -80,9 +80,10 @@ def test_only_torchvisions_trace_warnings_are_silenced():
 def mask_checkpoint(path: Path, tiny_dataset: dict[str, Path]) -> Path:
     """An untrained tiny Mask R-CNN's weights file: its scores are near 1/3 for every box, so
     it returns detections without training (its export must still match it)."""
-    from detector import config, weights
-    from detector.labels import LabelMap
-    from detector.models import build_model
+    from detector import config
+    from detector.core.labels import LabelMap
+    from detector.models import weights
+    from detector.models.build import build_model
 
     from .conftest import data_overrides
 
@@ -99,7 +100,7 @@ def mask_checkpoint(path: Path, tiny_dataset: dict[str, Path]) -> Path:
 def test_mask_export_fails_when_its_masks_disagree_with_eager(tiny_dataset, tmp_path, monkeypatch, capsys):
     """The --mask-iou failure path: boxes, labels and scores match, the masks do not (the graph's
     are inverted here), so the export fails (exit 1) and records the mask IoU it found."""
-    from detector import mask_export
+    from detector.deploy import mask_parity as mask_export
 
     real = mask_export.mask_runner
 

@@ -15,10 +15,11 @@ import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 
-from detector import checkpoint, weights
 from detector.config import ConfigError, ModelConfig, to_dict
-from detector.families import all_models, check_keys, family_of, family_of_model, loss_and_detections
-from detector.models import WeightsError, build_model
+from detector.models import weights
+from detector.models.build import WeightsError, build_model
+from detector.models.family import all_models, check_keys, family_of, family_of_model, loss_and_detections
+from detector.train import checkpoint
 
 from .conftest import ROOT, data_overrides, launch, launch_cmd, read_jsonl, run_tool_in_process, tool_env
 from .test_deploy import exif_rotated_jpeg, exported_like_predictor, one_thread, shaped_images
@@ -205,9 +206,9 @@ def test_weights_file_of_a_newer_format_is_refused(tmp_path):
 
 def test_inference_imports_neither_training_nor_augmentation():
     code = (
-        "import sys, detector.inference, detector.export\n"
-        "bad = [m for m in sys.modules if m.startswith(('albumentations', 'accelerate', 'detector.engine', "
-        "'detector.data', 'detector.optim', 'detector.checkpoint'))]\n"
+        "import sys, detector.inference.predictor, detector.deploy.export\n"
+        "bad = [m for m in sys.modules if m.startswith(('albumentations', 'accelerate', 'detector.train.engine', "
+        "'detector.data', 'detector.train.optim', 'detector.train.checkpoint'))]\n"
         "print(bad)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -216,7 +217,7 @@ def test_inference_imports_neither_training_nor_augmentation():
 
 
 def test_ema_average_warms_up_and_differs_from_the_raw_weights():
-    from detector.optim import build_ema
+    from detector.train.optim import build_ema
 
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
@@ -371,7 +372,7 @@ def test_onnx_and_torchscript_match_eager_where_the_model_shrinks_the_image(name
     4:3 images the model shrinks by 0.8, 0.6, 0.4, 0.2 (150x200 .. 600x800) are sizes where
     torchvision's traced and scripted resize computed a pixel less than eager PyTorch (119x159
     for 120x160): every box moved, by up to 100+ px at the cap (issue 22, item 6)."""
-    from detector import export
+    from detector.deploy import export
 
     torch.manual_seed(0)
     model = build_model(replace(_tiny(name, box_score_thresh=0.0), min_size=120, max_size=160), num_classes=2).eval()

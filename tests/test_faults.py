@@ -15,9 +15,11 @@ from typing import Any
 
 import pytest
 
-from detector import checkpoint, runtime, weights
 from detector.config import ConfigError, load
 from detector.data.coco import CocoIndex, DatasetError
+from detector.models import weights
+from detector.train import checkpoint
+from detector.train import process as runtime
 
 from .conftest import (
     ROOT,
@@ -112,7 +114,7 @@ def test_two_runs_on_one_output_dir(tmp_path, cpu_accelerator):
     lock = json.loads((tmp_path / "run" / runtime.LOCK_FILE).read_text())
     assert lock["pid"] == os.getpid()
     other = subprocess.run(
-        [sys.executable, "-c", "import sys; from detector import runtime; from detector.config import load; "
+        [sys.executable, "-c", "import sys; from detector.train import process as runtime; from detector.config import load; "
          "from accelerate import Accelerator; "
          f"runtime.prepare_run_dir(load({str(TINY)!r}, sys.argv[1:]), Accelerator(cpu=True))",
          f"output_dir={tmp_path / 'run'}", "data.synthetic.enabled=true"],

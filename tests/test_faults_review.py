@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector import checkpoint, runtime
 from detector.config import ConfigError
-from detector.weights import WriteError
+from detector.models.weights import WriteError
+from detector.train import checkpoint
+from detector.train import process as runtime
 
 
 def _objects() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -157,11 +158,11 @@ def test_wandb_start_failure_message_carries_no_secret(tmp_path, monkeypatch):
     import wandb
 
     from detector.config import WandbConfig
-    from detector.tracking import RunLogger
+    from detector.runs.tracking import RunLogger
 
     key = "local-0123456789abcdef0123456789abcdef01234567"
     monkeypatch.setenv("WANDB_API_KEY", key)
-    monkeypatch.setattr("detector.tracking._online", lambda print_fn: True)
+    monkeypatch.setattr("detector.runs.tracking._online", lambda print_fn: True)
     calls: list[str] = []
 
     class Run:
@@ -249,7 +250,8 @@ def test_a_stale_lock_taken_over_by_another_run_first_is_not_taken_twice(tmp_pat
 def test_a_validation_image_vanishing_in_the_last_epoch_is_validated_on_resume(tiny_dataset, tmp_path):
     """The state saved when validation fails holds the epoch's training; the resume must still
     validate that epoch (and write last.pt, best.pt and its metrics), also when it is the last."""
-    from detector import tracking, weights
+    from detector.models import weights
+    from detector.runs import tracking
 
     from .conftest import ROOT, TINY, data_overrides, tool_env, vanishing_dataset
 

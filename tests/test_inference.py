@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from detector.inference import Detections, Predictor, load_model
+from detector.inference.predictor import Detections, Predictor, load_model
 
 from .conftest import run_tool
 

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from detector.evaluation import detections_to_coco, evaluate_coco
-from detector.labels import LabelMap
+from detector.core.labels import LabelMap
+from detector.evaluation.coco import detections_to_coco, evaluate_coco
 
 # -- detections -> COCO result rows ---------------------------------------------------------------
 
@@ -244,8 +244,8 @@ def _bright_object_predictor() -> tuple[Any, _Spy]:
     """A Predictor around a real Faster R-CNN (its transform resizes to a shorter side of 75 px)
     whose box head reports the bright object it is shown, as label 1 = category id 40."""
     from detector.config import ModelConfig
-    from detector.inference import Predictor
-    from detector.models import build_model
+    from detector.inference.predictor import Predictor
+    from detector.models.build import build_model
 
     cfg = ModelConfig(name="fasterrcnn_resnet18_fpn", weights=None, weights_backbone=None, min_size=75, max_size=1000,
                       returned_layers=[3, 4], fpn_channels=16, representation_size=32)  # fmt: skip

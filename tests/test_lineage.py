@@ -16,8 +16,9 @@ import pytest
 import torch
 import yaml
 
-from detector import config, lineage
-from detector.compare import runs_table, write_table
+from detector import config
+from detector.runs import lineage
+from detector.runs.compare import runs_table, write_table
 
 from .conftest import ROOT, TINY, data_overrides, launch, run_tool, run_tool_in_process
 from .test_tracking import read_wandb_records
@@ -51,7 +52,8 @@ def run_until_data(cmd: list[str], cwd: Path, monkeypatch) -> tuple[int, Path | 
     process-wide state for the rest of the session.)"""
     from types import SimpleNamespace
 
-    from detector import data, runtime
+    from detector import data
+    from detector.train import process as runtime
 
     class Reached(Exception):
         pass
@@ -265,7 +267,7 @@ def test_evaluate_logs_to_the_training_run(wandb_run, tiny_dataset, tmp_path):
     code = run_tool_in_process("evaluate.py", "--checkpoint", tmp_path / "old.pt", "--annotations",
                                tiny_dataset["val"], "--images", tiny_dataset["root"] / "val", "--wandb")  # fmt: skip
     assert code == 2
-    from detector.weights import load_model
+    from detector.models.weights import load_model
 
     load_model(tmp_path / "old.pt")  # the old format without a fingerprint still loads
 
@@ -493,7 +495,7 @@ def test_evaluate_wandb_falls_back_offline_when_online_start_fails(monkeypatch, 
     stats offline (to sync later) instead of a traceback after the evaluation's work."""
     import wandb
 
-    from detector import tracking
+    from detector.runs import tracking
 
     calls: list[str] = []
     logged: dict = {}

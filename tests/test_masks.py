@@ -13,11 +13,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from detector.config import BboxConfig
+from detector.core.masks import NO_MASKS_IMAGES, POLYGON, REPAIRED, RLE, encode, rasterize
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError
-from detector.data.masks import NO_MASKS_IMAGES, POLYGON, REPAIRED, RLE, encode, rasterize
 from detector.data.transforms import build_transform
-from detector.evaluation import detections_to_coco, evaluate_coco
-from detector.segm import segm_metrics
+from detector.evaluation.coco import detections_to_coco, evaluate_coco
+from detector.evaluation.segm import segm_metrics
 
 W, H = 64, 48
 
@@ -273,9 +273,9 @@ def test_reduced_scale_decoding_scales_masks(tmp_path):
 
 
 def test_plots_and_wandb_images_show_masks():
-    from detector.plots import draw_detections
-    from detector.segm import class_index_map
-    from detector.tracking import wandb_boxes
+    from detector.evaluation.segm import class_index_map
+    from detector.runs.plots import draw_detections
+    from detector.runs.tracking import wandb_boxes
 
     image = torch.zeros(3, H, W, dtype=torch.uint8)
     mask = torch.from_numpy(_block(20, 20, 30, 30)).bool()[None]
@@ -307,8 +307,8 @@ def test_segm_best_metric_needs_a_mask_model(tiny_dataset):
 
 def test_replaced_head_predicts_masks_for_k_classes():
     from detector.config import ModelConfig
-    from detector.families import family_of
-    from detector.models import build_model
+    from detector.models.build import build_model
+    from detector.models.family import family_of
 
     cfg = ModelConfig(name="maskrcnn_resnet18_fpn", weights=None, min_size=64, max_size=64, returned_layers=[3, 4],
                       fpn_channels=16, representation_size=32)  # fmt: skip
@@ -357,7 +357,7 @@ def test_compressed_rle_that_is_not_a_run_length_string(tmp_path):
 
 
 def test_compressed_rle_total_agrees_with_pycocotools():
-    from detector.data.masks import compressed_rle_total
+    from detector.core.masks import compressed_rle_total
 
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -392,7 +392,7 @@ def test_drop_empty_after_images_without_masks(tmp_path):
 def test_unmasked_annotation_of_a_dropped_category_keeps_its_image(tmp_path):
     """Repair mode drops a validation annotation whose class the model does not have; its
     missing mask no longer costs the image its other objects."""
-    from detector.labels import LabelMap
+    from detector.core.labels import LabelMap
 
     good = [[4, 4, 24, 4, 24, 20, 4, 20]]
     anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 16], "segmentation": good},
@@ -481,7 +481,7 @@ def test_results_file_scored_in_the_exif_rotated_frame(tmp_path, capsys):
 def test_masks_brought_to_full_size_in_chunks():
     """to_original_size/mask_rles upsample a few masks at a time (memory: n full-size float
     images at once): the same masks as all at once, cropped to the json size."""
-    from detector import segm
+    from detector.evaluation import segm
 
     torch.manual_seed(0)
     probs = torch.rand(2 * segm.CHUNK + 1, 1, 13, 17)

@@ -100,7 +100,7 @@ def test_two_processes_evaluate_like_one_bbox_and_segm(mask_run, tiny_dataset, t
 
 @pytest.mark.slow
 def test_predictor_masks_and_infer(mask_run, tiny_dataset, tmp_path):
-    from detector.inference import Predictor
+    from detector.inference.predictor import Predictor
 
     image = sorted((tiny_dataset["root"] / "val").glob("*.jpg"))[1]
     w, h = Image.open(image).size

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from detector.checkpoint import is_better
 from detector.config import OptimConfig
-from detector.optim import build_optimizer, build_scheduler, lr_factor, param_groups, scaled_lr
+from detector.train.checkpoint import is_better
+from detector.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups, scaled_lr
 
 from .conftest import dummy_batches
 
@@ -68,7 +68,7 @@ def test_adamw_and_nesterov():
 
 
 def test_gradient_accumulation_steps(cpu_accelerator):
-    from detector.engine import train_one_epoch
+    from detector.train.engine import train_one_epoch
 
     class Tiny(nn.Module):
         def __init__(self):

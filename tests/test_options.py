@@ -118,7 +118,7 @@ def test_checkpoint_every_epochs_and_keep_checkpoints(options_run):
 
 @pytest.mark.slow
 def test_norm_weight_decay_param_groups(options_run):
-    from detector.inference import load_model
+    from detector.inference.predictor import load_model
 
     model, _, _ = load_model(options_run["out"] / "last.pt")
     model.train()

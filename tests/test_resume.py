@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector import checkpoint
-from detector.models import WeightsError, read_checkpoint
+from detector.models.build import WeightsError, read_checkpoint
+from detector.train import checkpoint
 
 from .conftest import (
     ROOT,
@@ -160,7 +160,7 @@ class _NaNAfter(torch.nn.Module):
 
 
 def test_nonfinite_steps_skipped_then_stop(cpu_accelerator):
-    from detector.engine import NonFiniteLossError, train_one_epoch
+    from detector.train.engine import NonFiniteLossError, train_one_epoch
 
     acc = cpu_accelerator
     model = _NaNAfter(good=2)
@@ -287,7 +287,7 @@ def test_starting_over_moves_the_earlier_run_aside(tmp_path, cpu_accelerator):
 
 def test_a_resumed_run_whose_json_changed_warns_and_records_the_new_dataset(tmp_path):
     """The same classes, files changed (images added, boxes fixed): legitimate, said once."""
-    from detector import lineage
+    from detector.runs import lineage
 
     def fp(train_sha: str) -> dict:
         split = {"sha256": "", "class_names": SHAPES["class_names"]}
@@ -359,7 +359,7 @@ def test_a_finished_runs_message_names_what_stopped_it(tmp_path):
     """An early-stopped run stays stopped when train.epochs is raised: the message must name the
     patience then, not advise raising the epochs (which cannot help)."""
     from detector.config import load
-    from detector.runtime import finished_message
+    from detector.train.process import finished_message
 
     from .conftest import TINY
 

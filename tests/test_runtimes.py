@@ -1,4 +1,4 @@
-"""CPU runtimes of an exported model (detector/runtimes.py, detector/quantize.py): the OpenVINO
+"""CPU runtimes of an exported model (detector/deploy/runtimes.py, detector/deploy/quantize.py): the OpenVINO
 export against eager PyTorch, and the int8 export, whose accuracy is measured (box AP50 on the
 val set) rather than compared with fp32's. The trained tiny Faster R-CNN of conftest; the two
 int8 exports (slow) are made once each and shared by the tests of this module."""
@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector import export, quantize, runtimes, weights
 from detector.config import ConfigError
-from detector.inference import Predictor
+from detector.deploy import export, quantize, runtimes
+from detector.inference.predictor import Predictor
+from detector.models import weights
 
 from .conftest import run_tool_in_process, write_coco
 
@@ -70,7 +71,7 @@ def test_openvino_ir_returns_no_rows_where_the_model_finds_nothing(trained_run, 
     itself (not only our runner) returns zero rows."""
     import openvino as ov
 
-    from detector.inference import load_model
+    from detector.inference.predictor import load_model
 
     model, _, _ = load_model(trained_run / "best.pt", box_score_thresh=1.0)  # no score reaches 1.0
     onnx_path = export.export_onnx(model, tmp_path / "none.onnx")
@@ -243,8 +244,8 @@ def test_int8_with_a_calibration_folder_says_it_overlaps_the_val_set(int8_option
 def test_int8_is_scored_on_the_val_set_given(int8_options, trained_run):
     """--val-annotations/--val-images: the fp32 model's AP50 there is eager PyTorch's on those
     three images (the graph matches eager PyTorch), not on the run's seven."""
-    from detector.inference import load_model
-    from detector.models import model_input_size
+    from detector.inference.predictor import load_model
+    from detector.models.build import model_input_size
 
     val = int8_options["meta"]["int8"]["val"]
     assert val["annotations"] == str(int8_options["subset"]) and val["images"] == str(int8_options["val_images"])

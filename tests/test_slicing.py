@@ -1,4 +1,4 @@
-"""Sliced inference (detector/slicing.py) and training on tiles (detector/data/tiles.py)."""
+"""Sliced inference (detector/inference/slicing.py) and training on tiles (detector/data/tiles.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import box_iou
 
-from detector.slicing import SliceSpec, detect_sliced, tile_grid
+from detector.inference.slicing import SliceSpec, detect_sliced, tile_grid
 from tests.conftest import TINY, run_tool, run_tool_in_process, write_coco
 
 # -- a detector whose sight depends on scale, as a real one's does -------------------------------
@@ -130,9 +130,9 @@ def test_slice_spec_rejects_bad_values():
 
 def test_predictor_slices_full_resolution_files_and_pastes_masks(tmp_path):
     from detector import config
-    from detector.inference import Predictor
-    from detector.labels import LabelMap
-    from detector.models import build_model
+    from detector.core.labels import LabelMap
+    from detector.inference.predictor import Predictor
+    from detector.models.build import build_model
 
     cfg = config.load(
         TINY.parent / "tiny_mask.yaml",
@@ -218,7 +218,7 @@ def test_data_tile_config_builds_tiled_training_set(tiny_dataset):
 
 @pytest.mark.slow
 def test_infer_and_evaluate_slice(trained_run, tiny_dataset, tmp_path):
-    from detector.inference import Predictor
+    from detector.inference.predictor import Predictor
 
     ckpt, val, images = trained_run / "best.pt", tiny_dataset["val"], tiny_dataset["root"] / "val"
     files = sorted(images.glob("*.jpg"))[:2]
@@ -267,7 +267,7 @@ def test_infer_slices_folders_streamed_by_workers_at_full_resolution(trained_run
     """infer.py streams folders through DataLoader workers (Predictor.predict_prepared): with
     --slice those images must be decoded at full resolution and detected by tiles, as
     Predictor.predict slices them, not passed whole and at reduced scale."""
-    from detector.inference import Predictor
+    from detector.inference.predictor import Predictor
 
     src = sorted((tiny_dataset["root"] / "val").glob("*.jpg"))[0]
     big = tmp_path / "in" / "big.jpg"  # 2x: larger than the model's input, so draft decoding would shrink it
@@ -353,7 +353,7 @@ def test_boxes_of_one_tile_or_pass_are_never_merged(merge, full_pass):
 
 
 def test_cross_source_groups_take_one_detection_per_other_source():
-    from detector.slicing import cross_source_groups
+    from detector.inference.slicing import cross_source_groups
 
     overlap = np.ones((4, 4))  # all overlap: only the sources keep them apart
     groups = cross_source_groups(overlap, np.array([0.9, 0.8, 0.7, 0.6]), np.array([0, 0, 1, 1]), 0.5)
@@ -381,7 +381,8 @@ def test_data_tile_counts_each_dropped_box_once_per_tile(tmp_path):
 
 
 def test_data_tile_rasterises_only_the_masks_of_its_own_boxes(tmp_path, monkeypatch):
-    from detector.data import mask_index, masks
+    from detector.core import masks
+    from detector.data import mask_index
     from detector.data.coco import CocoIndex
     from detector.data.tiles import TiledDataset
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detector import storage
+from detector.core import storage
+from detector.core.images import load_image
 from detector.data.coco import CocoIndex, DatasetError
-from detector.images import load_image
 from tests.conftest import (
     TINY,
     data_overrides,
@@ -114,7 +114,7 @@ def test_header_scan_over_s3_lists_once_and_reads_headers_with_bounded_concurren
     import threading
     import time
 
-    from detector import images
+    from detector.core import images
 
     fs = s3["fs"]
     names = sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{BUCKET}/tiny/train"))
@@ -323,7 +323,7 @@ def test_check_dataset_decode_reads_a_url_root(tiny_dataset, capsys):
 
 
 def test_a_backends_message_that_echoes_the_password_alone_is_redacted():
-    from detector.storage import _clean
+    from detector.core.storage import _clean
 
     url = "s3://user:p%40ss@bucket/images"
     for echoed in ("p%40ss", "p@ss", "user:p%40ss"):

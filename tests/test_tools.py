@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from detector.data.coco import CocoIndex
-from detector.inference import Predictor
+from detector.inference.predictor import Predictor
 
 from .conftest import launch, run_tool, run_tool_in_process
 
@@ -128,7 +128,7 @@ def test_check_dataset_decode_finds_truncated_images(tiny_dataset, tmp_path, cap
 
 
 def test_ids_by_file_name_matches_the_longest_trailing_path():
-    from detector.streaming import ids_by_file_name
+    from detector.inference.folders import ids_by_file_name
 
     images = [{"id": 5, "file_name": "a.jpg"}, {"id": 6, "file_name": "val/a.jpg"}, {"id": 7, "file_name": "b.jpg"}]
     files = ["/x/val/a.jpg", "/y/a.jpg", "c.jpg", "s3://bucket/b.jpg", "val\\a.jpg"]

@@ -128,7 +128,7 @@ def test_wandb_online_without_an_answer_falls_back_to_offline_in_bounded_time(
     import time
 
     from detector.config import WandbConfig
-    from detector.tracking import RunLogger
+    from detector.runs.tracking import RunLogger
 
     monkeypatch.setenv("WANDB_BASE_URL", unanswering_server)
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
@@ -172,7 +172,7 @@ def test_wandb_upload_that_never_ends_does_not_hold_the_run(capsys):
     import threading
     import time
 
-    from detector.tracking import _finish_within
+    from detector.runs.tracking import _finish_within
 
     release = threading.Event()
 

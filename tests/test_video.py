@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector import video
-from detector.inference import Detections, Predictor
-from detector.streaming import ImageFiles, RowSpool, detection_rows, draw, write_json
-from detector.video import VideoError, VideoInfo, frames, infer_video, probe
+from detector.inference import video
+from detector.inference.folders import ImageFiles, RowSpool, detection_rows, draw, write_json
+from detector.inference.predictor import Detections, Predictor
+from detector.inference.video import VideoError, VideoInfo, frames, infer_video, probe
 
 from .conftest import run_tool_in_process
 

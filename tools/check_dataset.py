@@ -48,11 +48,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from detector import runtime, storage  # noqa: E402
 from detector.config import DataConfig  # noqa: E402
+from detector.core import storage  # noqa: E402
 from detector.data import header_progress  # noqa: E402
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError  # noqa: E402
-from detector.plots import draw_detections  # noqa: E402
+from detector.runs.plots import draw_detections  # noqa: E402
+from detector.train import process as runtime  # noqa: E402
 
 
 def box_stats(index: CocoIndex) -> list[str]:
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 def mask_report(index: CocoIndex) -> str:
     """How many masks were checked (by form) and what was wrong with them (the problems are
     listed below with the others)."""
-    from detector.data.masks import NO_MASKS_IMAGES, POLYGON, REPAIRED, RLE
+    from detector.core.masks import NO_MASKS_IMAGES, POLYGON, REPAIRED, RLE
 
     kind = index.masks.kind
     bad, maskless = index.repairs.get(REPAIRED, 0), index.repairs.get(NO_MASKS_IMAGES, 0)
@@ -152,7 +153,7 @@ def decode_all(index: CocoIndex, images: str, skip: set[int], workers: int) -> l
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from detector.images import ImageDecodeError, load_image
+    from detector.core.images import ImageDecodeError, load_image
 
     def decode(i: int) -> str | None:
         try:

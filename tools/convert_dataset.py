@@ -46,10 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
 
-from detector import runtime  # noqa: E402
 from detector.data import header_progress  # noqa: E402
 from detector.data.coco import DatasetError  # noqa: E402
 from detector.data.convert import convert, read_class_names, validate  # noqa: E402
+from detector.train import process as runtime  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

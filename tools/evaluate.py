@@ -12,7 +12,7 @@ refused, as are results of images A does not name.
 Prints the 12 COCO stats and a per-class AP table (and the segm ones for a Mask R-CNN checkpoint or
 results with a segmentation); --output writes them as one flat JSON object (masks: segm/<stat>);
 --results writes the model's COCO results json; --plots DIR writes the PR curves and AP bars, and
-the error analysis (detector/analysis.py): analysis.json, the confusion matrix at --confusion-iou and
+the error analysis (detector/evaluation/analysis.py): analysis.json, the confusion matrix at --confusion-iou and
 --confusion-score, per-class P/R/F1 at the best-F1 threshold, AP by object size and (with --images)
 galleries of the images with the most false positives and missed objects.
 --wandb logs the stats to the W&B run that trained the checkpoint (as test/<stat>, beside its curves).
@@ -66,14 +66,15 @@ if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
 
 
-from detector import runtime, storage  # noqa: E402
 from detector.config import DataConfig  # noqa: E402
+from detector.core import storage  # noqa: E402
 from detector.data import check_files  # noqa: E402
 from detector.data.coco import CocoDetection, CocoIndex, DatasetError, read_json  # noqa: E402
-from detector.evaluation import CocoResult, evaluate_coco, flat_metrics  # noqa: E402
-from detector.segm import segm_metrics  # noqa: E402
-from detector.slicing import require_supervision, slice_spec, sliced_detect  # noqa: E402
-from detector.streaming import ids_by_file_name  # noqa: E402
+from detector.evaluation.coco import CocoResult, evaluate_coco, flat_metrics  # noqa: E402
+from detector.evaluation.segm import segm_metrics  # noqa: E402
+from detector.inference.folders import ids_by_file_name  # noqa: E402
+from detector.inference.slicing import require_supervision, slice_spec, sliced_detect  # noqa: E402
+from detector.train import process as runtime  # noqa: E402
 
 # the training config's settings that the dataset code's errors name -> this tool's flags
 FLAGS = {"data.on_invalid=": "--on-invalid ", "data.on_corrupt_image=": "--on-corrupt-image "}
@@ -148,7 +149,7 @@ def score_file(args) -> dict:
     if unknown:
         raise DatasetError(f"{args.predictions}: {unknown} result(s) name images that are not in {args.annotations}")
     if masks:
-        from detector.segm import check_result_sizes
+        from detector.evaluation.segm import check_result_sizes
 
         check_result_sizes(coco_gt, rows, str(args.predictions))
     result = evaluate_coco(coco_gt, rows, args.backend)
@@ -161,16 +162,16 @@ def score_file(args) -> dict:
 
 def evaluate_checkpoint(args) -> dict | None:
     from detector.data.loader import EvalBatchSampler, build_loader
-    from detector.engine import evaluate
-    from detector.inference import load_model
-    from detector.models import model_input_size
+    from detector.inference.predictor import load_model
+    from detector.models.build import model_input_size
+    from detector.train.engine import evaluate
 
     if not args.images:
         raise DatasetError("--images is needed with --checkpoint")
     accelerator = runtime.make_accelerator()
     overrides = {"box_score_thresh": args.score_threshold} if args.score_threshold is not None else {}
     model, label_map, meta = load_model(args.checkpoint, **overrides)
-    from detector.families import family_of_model
+    from detector.models.family import family_of_model
 
     masks = family_of_model(model).masks  # Mask R-CNN: the masks are read and scored (segm) too
     trained_on = meta.get("config", {}).get("data", {}).get("train", {}).get("annotations") or "its training json"
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.wandb:  # before evaluating: the checkpoint must name its run
         if not args.checkpoint:
             raise DatasetError("--wandb needs --checkpoint (the run is the one that trained it)")
-        from detector import lineage, weights
+        from detector.models import weights
+        from detector.runs import lineage
 
         lineage.checkpoint_run(weights.read(args.checkpoint), args.checkpoint)
     for path in (args.output, args.results, args.plots):  # before the work, not after it
@@ -258,16 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         Path(args.output).write_text(json.dumps(out["metrics"], indent=1))
     if args.wandb:
-        from detector import lineage
+        from detector.runs import lineage
 
         dataset = lineage.split_fingerprint(out["index"], args.images)
         lineage.log_evaluation(args.checkpoint, out["meta"], out["metrics"], dataset, args.wandb_prefix)
     if args.plots:
-        from detector.plots import plot_per_class_ap, plot_pr
+        from detector.runs.plots import plot_per_class_ap, plot_pr
 
         plot_pr(out["result"], Path(args.plots) / "pr_curves.png")
         plot_per_class_ap(out["result"], Path(args.plots) / "per_class_ap.png")
-        from detector import analysis
+        from detector.evaluation import analysis
 
         found = analysis.analyze(out["gt"], out["rows"], args.confusion_iou, args.confusion_score)
         print(analysis.report(found))

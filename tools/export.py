@@ -7,14 +7,14 @@ ONNX graphs take one float RGB image (3, H, W) in [0, 1] of any size (they resiz
 inside) and return boxes in that image's pixels; --size H W only sets the example image the
 graph is traced with. A metadata file FILE.json is written beside the model (class names,
 the decoding steps before the graph and their inverse after it, normalisation);
-detector.deploy.ExportedPredictor runs the model on files like the Predictor. The check runs
+detector.deploy.exported.ExportedPredictor runs the model on files like the Predictor. The check runs
 both models on the sample images at their own sizes and on crops of the one with the most
 detections at three aspect ratios (portrait 3:4, 4:3, 16:9) and two sizes, and fails (exit 1)
 when labels differ or boxes differ by more than --box-tolerance pixels (a Mask R-CNN's graph
 includes the mask head: its masks must overlap eager PyTorch's by at least --mask-iou IoU).
 
 OpenVINO (FILE.xml + FILE.bin) is the ONNX graph converted to OpenVINO IR, checked in OpenVINO.
---int8 quantizes the graph (detector/quantize.py) on --calibration-count images of --calibration
+--int8 quantizes the graph (detector/deploy/quantize.py) on --calibration-count images of --calibration
 DIR (default: the images the training run's training json lists, not every file of its folder);
 calibration images that are val images are counted and warned about (the cost measured on them
 is optimistic). The parity check is then that of the fp32 graph it was made from, and the
@@ -72,12 +72,13 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from detector import export, quantize, runtime, runtimes  # noqa: E402
+from detector.core.images import ImageDecodeError  # noqa: E402
 from detector.data.coco import DatasetError  # noqa: E402
-from detector.families import family_of_model  # noqa: E402
-from detector.images import ImageDecodeError  # noqa: E402
-from detector.inference import Predictor, load_model  # noqa: E402
-from detector.models import model_input_size  # noqa: E402
+from detector.deploy import export, quantize, runtimes  # noqa: E402
+from detector.inference.predictor import Predictor, load_model  # noqa: E402
+from detector.models.build import model_input_size  # noqa: E402
+from detector.models.family import family_of_model  # noqa: E402
+from detector.train import process as runtime  # noqa: E402
 
 
 def val_samples(checkpoint_cfg: dict, count: int = 4) -> list[str]:
@@ -85,7 +86,7 @@ def val_samples(checkpoint_cfg: dict, count: int = 4) -> list[str]:
     its first ones), as paths under its image folder: never other files of that folder (a
     Roboflow folder holds its _annotations.coco.json too). [] when the val set is not there."""
     from detector.data.coco import CocoIndex
-    from detector.quantize import run_split
+    from detector.deploy.quantize import run_split
 
     split = run_split(checkpoint_cfg, "val")
     if split is None:
@@ -273,7 +274,7 @@ def export_and_check(args, model, label_map, meta: dict, draft: bool, images: li
     }
     masks_ok = True
     if family_of_model(model).masks:  # the mask head is in the graph: compare masks too
-        from detector.mask_export import mask_parity, mask_runner
+        from detector.deploy.mask_parity import mask_parity, mask_runner
 
         info["outputs"]["masks"] = "(n, 1, H, W) probabilities at the given image's size (object where > 0.5)"
         if args.format == "openvino":

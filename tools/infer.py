@@ -55,12 +55,13 @@ if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
 
 
-from detector import runtime, storage  # noqa: E402
+from detector.core import storage  # noqa: E402
 from detector.data.coco import DatasetError, read_json  # noqa: E402
-from detector.inference import Predictor  # noqa: E402
-from detector.slicing import require_supervision, slice_spec  # noqa: E402
-from detector.streaming import ids_by_file_name, infer_images  # noqa: E402
-from detector.video import VIDEO_EXTS, VideoError, infer_video, is_video  # noqa: E402
+from detector.inference.folders import ids_by_file_name, infer_images  # noqa: E402
+from detector.inference.predictor import Predictor  # noqa: E402
+from detector.inference.slicing import require_supervision, slice_spec  # noqa: E402
+from detector.inference.video import VIDEO_EXTS, VideoError, infer_video, is_video  # noqa: E402
+from detector.train import process as runtime  # noqa: E402
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 

@@ -37,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
 
-from detector import runtime  # noqa: E402
 from detector.data.coco import CocoIndex, DatasetError  # noqa: E402
 from detector.data.split import OPTION, merge  # noqa: E402
+from detector.train import process as runtime  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from detector.compare import runs_table, write_table  # after parsing: --help stays fast
-    from detector.plots import compare_runs, plot_run
+    from detector.runs.compare import runs_table, write_table  # after parsing: --help stays fast
+    from detector.runs.plots import compare_runs, plot_run
 
     missing = [r for r in args.runs if not (Path(r) / "metrics.jsonl").is_file()]
     if missing:

@@ -42,9 +42,9 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 
-from detector import runtime  # noqa: E402
 from detector.data.coco import CocoIndex, DatasetError  # noqa: E402
 from detector.data.split import OPTION, assign, group_keys, load, proportions, repairs, subset  # noqa: E402
+from detector.train import process as runtime  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

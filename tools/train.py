@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
 
-from detector import analysis, checkpoint, config, data, engine, lineage, optim, runtime  # noqa: E402
+from detector import config, data  # noqa: E402
 from detector.data.loader import (  # noqa: E402
     EvalBatchSampler,
     TrainBatchSampler,
@@ -32,9 +32,13 @@ from detector.data.loader import (  # noqa: E402
     cap_workers,
     steps_per_epoch,
 )
-from detector.models import build_model, model_input_size  # noqa: E402
-from detector.report import epoch_report  # noqa: E402
-from detector.tracking import RunLogger, summary_table  # noqa: E402
+from detector.evaluation import analysis  # noqa: E402
+from detector.models.build import build_model, model_input_size  # noqa: E402
+from detector.runs import lineage  # noqa: E402
+from detector.runs.report import epoch_report  # noqa: E402
+from detector.runs.tracking import RunLogger, summary_table  # noqa: E402
+from detector.train import checkpoint, engine, optim  # noqa: E402
+from detector.train import process as runtime  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

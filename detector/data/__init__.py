@@ -8,8 +8,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from detector import storage
 from detector.config import Config, DataConfig
+from detector.core import storage
 from detector.data.coco import MAX_LISTED, CocoDetection, CocoIndex, DatasetError, LabelMap
 from detector.data.synthetic import ensure_dataset
 from detector.data.transforms import build_transform
@@ -66,7 +66,7 @@ def check_files(index: CocoIndex, root: Path | str, cfg: DataConfig) -> list[str
 
 def _needs_masks(cfg: Config) -> bool:
     """Whether the model trains on instance masks (only then are they read)."""
-    from detector.families import all_models
+    from detector.models.family import all_models
 
     fam = all_models().get(cfg.model.name)
     return bool(fam is not None and fam.masks)
@@ -75,7 +75,7 @@ def _needs_masks(cfg: Config) -> bool:
 def header_progress(enabled: bool, interval: float = 30.0, desc: str = "reading image headers") -> Callable:
     """A progress wrapper for the start-up header scan (``CocoIndex(progress=...)``): one bar per
     split, on the main process (the scan of an object-store prefix takes a while)."""
-    from detector import runtime
+    from detector.train import process as runtime
 
     def wrap(iterable, total):
         bar = runtime.progress(enabled, total=total, desc=desc, unit="img", interval=interval)

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from PIL import ImageFile
 
-from detector import storage
+from detector.core import storage
+from detector.core.images import ImageDecodeError, decode_size, load_image, scan_images
+from detector.core.labels import LabelMap
 from detector.data.transforms import apply
-from detector.images import ImageDecodeError, decode_size, load_image, scan_images
-from detector.labels import LabelMap
 
 try:  # orjson parses large exports several times faster; json is the fallback
     import orjson

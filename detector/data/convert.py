@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from detector.core.images import header_info
 from detector.data.coco import BOX_TOLERANCE, MAX_LISTED, CocoIndex, DatasetError
-from detector.images import header_info
 
 FORMATS = ("yolo", "voc", "cvat", "labelme")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

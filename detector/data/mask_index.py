@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from detector.data.masks import (
+from detector.core.masks import (
     NO_MASKS_IMAGES,
     NONE,
     REPAIRED,

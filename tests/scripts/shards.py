@@ -10,7 +10,7 @@ from accelerate.utils import gather_object  # noqa: E402
 
 from detector.data.coco import CocoDetection, CocoIndex  # noqa: E402
 from detector.data.loader import TrainBatchSampler, build_loader  # noqa: E402
-from detector.runtime import make_accelerator  # noqa: E402
+from detector.train.process import make_accelerator  # noqa: E402
 
 ann, out = sys.argv[1], sys.argv[2]
 acc = make_accelerator()

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from detector import checkpoint  # noqa: E402
+from detector.train import checkpoint  # noqa: E402
 
 _save_state = checkpoint.save_state
 

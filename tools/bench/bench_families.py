@@ -49,9 +49,9 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from detector import config  # noqa: E402
-from detector.export import export_onnx, onnx_runner  # noqa: E402
-from detector.families import family_of  # noqa: E402
-from detector.models import build_model  # noqa: E402
+from detector.deploy.export import export_onnx, onnx_runner  # noqa: E402
+from detector.models.build import build_model  # noqa: E402
+from detector.models.family import family_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 # name -> (the config whose model is measured, overrides)

@@ -37,9 +37,9 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from detector.export import default_size, export_onnx, onnx_runner  # noqa: E402
-from detector.families import loss_and_detections  # noqa: E402
-from detector.inference import Predictor, load_model  # noqa: E402
+from detector.deploy.export import default_size, export_onnx, onnx_runner  # noqa: E402
+from detector.inference.predictor import Predictor, load_model  # noqa: E402
+from detector.models.family import loss_and_detections  # noqa: E402
 
 
 def _rate(fn, items, repeats=3) -> float:

@@ -4,7 +4,7 @@
         [--n 48] [--threads 2] [--calibration data/demo/train] [--ap] [--output bench.json]
 
 Eager PyTorch, TorchScript, ONNX Runtime fp32 (its default session and the tuned one of
-detector.runtimes), ONNX Runtime int8, OpenVINO fp32 and int8 (and bf16, where the CPU has it),
+detector.deploy.runtimes), ONNX Runtime int8, OpenVINO fp32 and int8 (and bf16, where the CPU has it),
 on the same --n images at their own sizes, one image per call, --threads threads each
 (torch.set_num_threads too). The rounds are interleaved (every runtime once per round) so that
 a change in machine load hits all of them alike; the best round of each counts. The int8 model
@@ -52,9 +52,10 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from detector import export, quantize, runtime, runtimes  # noqa: E402
-from detector.inference import Predictor, load_model  # noqa: E402
-from detector.models import model_input_size  # noqa: E402
+from detector.deploy import export, quantize, runtimes  # noqa: E402
+from detector.inference.predictor import Predictor, load_model  # noqa: E402
+from detector.models.build import model_input_size  # noqa: E402
+from detector.train import process as runtime  # noqa: E402
 
 
 def script_run(path: Path):

@@ -41,8 +41,8 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from detector.inference import Predictor  # noqa: E402
-from detector.streaming import infer_images  # noqa: E402
+from detector.inference.folders import infer_images  # noqa: E402
+from detector.inference.predictor import Predictor  # noqa: E402
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:

@@ -40,9 +40,10 @@ def plain_loop(overrides: list[str]) -> float:
     """The tutorial loop over our loader; returns images/s over one epoch."""
     import torch
 
-    from detector import config, data, optim
+    from detector import config, data
     from detector.data.loader import TrainBatchSampler, build_loader
-    from detector.models import build_model, model_input_size
+    from detector.models.build import build_model, model_input_size
+    from detector.train import optim
 
     cfg = config.load(DEMO, overrides)
     if cfg.train.threads:

@@ -1,0 +1,1 @@
+"""Deployment: export with parity checks, int8 quantization, runtimes and the exported-model predictor."""

@@ -1,0 +1,1 @@
+"""Evaluation: COCO results and COCOeval (boxes and masks), the error analysis; never runs a model."""

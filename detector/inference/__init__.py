@@ -1,0 +1,1 @@
+"""Inference: the Predictor, sliced inference, folders of images and videos."""

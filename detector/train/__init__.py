@@ -1,0 +1,1 @@
+"""Training: the epoch loop and validation pass, the run's process set-up, checkpoints, optimisation."""
