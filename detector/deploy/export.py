@@ -27,7 +27,7 @@ import torch
 
 from detector.core.labels import LabelMap
 from detector.deploy.resize import eager_resize
-from detector.models.family import family_of_model
+from detector.models.zoo import family_of_model
 
 OPSET = 17
 
