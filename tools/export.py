@@ -7,7 +7,7 @@ ONNX graphs take one float RGB image (3, H, W) in [0, 1] of any size (they resiz
 inside) and return boxes in that image's pixels; --size H W only sets the example image the
 graph is traced with. A metadata file FILE.json is written beside the model (class names,
 the decoding steps before the graph and their inverse after it, normalisation);
-detector.deploy.exported.ExportedPredictor runs the model on files like the Predictor. The check runs
+detector.deploy.ExportedPredictor runs the model on files like the Predictor. The check runs
 both models on the sample images at their own sizes and on crops of the one with the most
 detections at three aspect ratios (portrait 3:4, 4:3, 16:9) and two sizes, and fails (exit 1)
 when labels differ or boxes differ by more than --box-tolerance pixels (a Mask R-CNN's graph
