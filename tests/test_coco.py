@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.data.coco import CocoDetection, CocoIndex, DatasetError, LabelMap
+from detector.core.errors import DatasetError
+from detector.data.coco import CocoDetection, CocoIndex, LabelMap
 from detector.evaluation.coco import evaluate_coco
 
 from .conftest import run_tool_in_process, shared_data, write_coco

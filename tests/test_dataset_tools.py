@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.data.coco import CocoIndex, DatasetError
+from detector.core.errors import DatasetError
+from detector.data.coco import CocoIndex
 from detector.evaluation.coco import evaluate_coco
 from tests.conftest import run_tool_in_process, write_coco
 

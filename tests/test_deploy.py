@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+from detector.core.detections import Detections
 from detector.deploy import export
-from detector.inference.predictor import Detections, Predictor, load_model
+from detector.inference.predictor import Predictor, load_model
 
 from .conftest import run_tool_in_process
 

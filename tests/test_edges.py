@@ -21,8 +21,10 @@ import torch
 from PIL import Image
 
 from detector import config
+from detector.core import progress
+from detector.core.errors import DatasetError
 from detector.data import check_files
-from detector.data.coco import CocoDetection, CocoIndex, DatasetError
+from detector.data.coco import CocoDetection, CocoIndex
 from detector.evaluation.coco import detections_to_coco
 from detector.train import checkpoint, engine, optim
 from detector.train import process as runtime
@@ -358,7 +360,7 @@ def test_mixed_precision_has_one_source_of_truth():
 
 
 def test_plain_progress_prints_lines_at_an_interval(capsys):
-    bar = runtime.PlainProgress(total=4, desc="epoch 1/2", interval=3600)
+    bar = progress.PlainProgress(total=4, desc="epoch 1/2", interval=3600)
     bar.set_postfix(loss="0.5")
     for _ in range(4):
         bar.update(1)

@@ -15,10 +15,11 @@ import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 
-from detector.config import ConfigError, ModelConfig, to_dict
+from detector.config import ModelConfig, to_dict
+from detector.core.errors import ConfigError, WeightsError
 from detector.models import weights
-from detector.models.build import WeightsError, build_model
-from detector.models.family import all_models, check_keys, family_of, family_of_model, loss_and_detections
+from detector.models.build import build_model, load_model
+from detector.models.zoo import all_models, check_keys, family_of, family_of_model, loss_and_detections
 from detector.train import checkpoint
 
 from .conftest import ROOT, data_overrides, launch, launch_cmd, read_jsonl, run_tool_in_process, tool_env
@@ -187,7 +188,7 @@ def test_second_fine_tune_from_our_best_pt_keeps_frozen_batchnorm(tmp_path, monk
     for k, v in first.state_dict().items():
         assert torch.equal(second.state_dict()[k], v), k
     # and the Predictor's rebuild is the same model
-    rebuilt, _, meta = weights.load_model(tmp_path / "best.pt")
+    rebuilt, _, meta = load_model(tmp_path / "best.pt")
     assert {n for n, m in rebuilt.named_modules() if isinstance(m, FrozenBatchNorm2d)} == frozen_bn
     assert meta["format"] == weights.FORMAT
 

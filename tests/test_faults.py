@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 
-from detector.config import ConfigError, load
-from detector.data.coco import CocoIndex, DatasetError
+from detector.config import load
+from detector.core import errors
+from detector.core.errors import ConfigError, DatasetError
+from detector.data.coco import CocoIndex
 from detector.models import weights
 from detector.train import checkpoint
 from detector.train import process as runtime
@@ -63,7 +65,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tin
     _wait_for_state(run)
     os.killpg(proc.pid, signal.SIGTERM)  # the process and its workers, as a scheduler does
     out, err = proc.communicate(timeout=600)
-    assert proc.returncode == runtime.EXIT_PREEMPTED, err[-3000:]
+    assert proc.returncode == errors.EXIT_PREEMPTED, err[-3000:]
     assert (run / "PREEMPTED").is_file() and "killed by signal" not in err
     res = subprocess.run(_train_cmd(run, tiny_dataset, *common, "train.resume=auto"), env=tool_env(),
                          capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
@@ -84,7 +86,7 @@ def test_a_killed_worker_stops_the_run_with_its_own_message_and_code(tiny_datase
     assert workers, "no DataLoader workers found"
     os.kill(workers[0].pid, signal.SIGKILL)  # as the out-of-memory killer does
     out, err = proc.communicate(timeout=600)
-    assert proc.returncode == runtime.EXIT_WORKER_DIED, err[-3000:]
+    assert proc.returncode == errors.EXIT_WORKER_DIED, err[-3000:]
     assert "out-of-memory" in err and "data.num_workers" in err and "Traceback" not in err
     res = subprocess.run(_train_cmd(run, tiny_dataset, "train.epochs=2", "train.resume=auto"), env=tool_env(),
                          capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector.config import ConfigError
-from detector.models.weights import WriteError
+from detector.core import errors
+from detector.core.errors import ConfigError, WriteError
 from detector.train import checkpoint
 from detector.train import process as runtime
 
@@ -96,14 +96,14 @@ def test_a_write_error_of_one_process_only_is_said_by_that_process(monkeypatch, 
     def main() -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/metrics.jsonl")
 
-    assert runtime.run_main(main) == runtime.EXIT_WRITE_FAILED
+    assert errors.run_main(main) == errors.EXIT_WRITE_FAILED
     err = capsys.readouterr().err
     assert "error: cannot write /runs/x/metrics.jsonl: No space left on device" in err
 
     def agreed() -> int:
         raise WriteError("cannot write /runs/x/best.pt: No space left on device")
 
-    assert runtime.run_main(agreed) == runtime.EXIT_WRITE_FAILED
+    assert errors.run_main(agreed) == errors.EXIT_WRITE_FAILED
     assert capsys.readouterr().err == ""  # rank 0 says it for everyone
 
 

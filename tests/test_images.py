@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from detector.core.errors import DatasetError
 from detector.core.images import ImageDecodeError, load_image, oriented_size, scan_images
-from detector.data.coco import CocoDetection, CocoIndex, DatasetError
+from detector.data.coco import CocoDetection, CocoIndex
 
 from .conftest import one_image_coco
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from detector.inference.predictor import Detections, Predictor, load_model
+from detector.core.detections import Detections
+from detector.inference.predictor import Predictor, load_model
 
 from .conftest import run_tool
 

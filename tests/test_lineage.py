@@ -267,7 +267,7 @@ def test_evaluate_logs_to_the_training_run(wandb_run, tiny_dataset, tmp_path):
     code = run_tool_in_process("evaluate.py", "--checkpoint", tmp_path / "old.pt", "--annotations",
                                tiny_dataset["val"], "--images", tiny_dataset["root"] / "val", "--wandb")  # fmt: skip
     assert code == 2
-    from detector.models.weights import load_model
+    from detector.models.build import load_model
 
     load_model(tmp_path / "old.pt")  # the old format without a fingerprint still loads
 

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from detector.config import BboxConfig, ConfigError
+from detector.config import BboxConfig
+from detector.core.errors import ConfigError
 from detector.data.coco import CocoDetection, CocoIndex
 from detector.data.loader import EvalBatchSampler, TrainBatchSampler, cap_workers, collate
 from detector.data.transforms import apply, build_transform

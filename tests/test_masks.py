@@ -13,11 +13,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from detector.config import BboxConfig
+from detector.core.errors import DatasetError
 from detector.core.masks import NO_MASKS_IMAGES, POLYGON, REPAIRED, RLE, encode, rasterize
-from detector.data.coco import CocoDetection, CocoIndex, DatasetError
+from detector.data.coco import CocoDetection, CocoIndex
 from detector.data.transforms import build_transform
-from detector.evaluation.coco import detections_to_coco, evaluate_coco
-from detector.evaluation.segm import segm_metrics
+from detector.evaluation.coco import detections_to_coco, evaluate_coco, segm_metrics
 
 W, H = 64, 48
 
@@ -273,8 +273,8 @@ def test_reduced_scale_decoding_scales_masks(tmp_path):
 
 
 def test_plots_and_wandb_images_show_masks():
+    from detector.core.drawing import draw_detections
     from detector.evaluation.segm import class_index_map
-    from detector.runs.plots import draw_detections
     from detector.runs.tracking import wandb_boxes
 
     image = torch.zeros(3, H, W, dtype=torch.uint8)
@@ -308,7 +308,7 @@ def test_segm_best_metric_needs_a_mask_model(tiny_dataset):
 def test_replaced_head_predicts_masks_for_k_classes():
     from detector.config import ModelConfig
     from detector.models.build import build_model
-    from detector.models.family import family_of
+    from detector.models.zoo import family_of
 
     cfg = ModelConfig(name="maskrcnn_resnet18_fpn", weights=None, min_size=64, max_size=64, returned_layers=[3, 4],
                       fpn_channels=16, representation_size=32)  # fmt: skip

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from detector.config import ModelConfig
-from detector.models.build import WeightsError, build_model
-from detector.models.family import all_models, family_of
+from detector.core.errors import WeightsError
+from detector.models.build import build_model
+from detector.models.zoo import all_models, family_of
 
 
 def outputs(model: torch.nn.Module) -> int:
@@ -104,7 +105,7 @@ def test_weights_of_another_architecture_refused(tmp_path):
 def test_bf16_boxes_are_float32_and_precise():
     """Pitfall 12: under bf16 autocast, box decoding must stay float32 (bf16 would snap ~600 px
     coordinates to multiples of 4 px)."""
-    from detector.models.family import loss_and_detections
+    from detector.models.zoo import loss_and_detections
 
     torch.manual_seed(0)
     model = build_model(replace(_small(), min_size=640, max_size=800, box_score_thresh=0.0), 2).eval()

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from detector.data.coco import CocoIndex, DatasetError
+from detector.core.errors import DatasetError
+from detector.data.coco import CocoIndex
 
 from .conftest import (
     TINY,

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector.models.build import WeightsError, read_checkpoint
+from detector.core.errors import WeightsError
+from detector.models.build import read_checkpoint
 from detector.train import checkpoint
 
 from .conftest import (

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector.config import ConfigError
+from detector.core.errors import ConfigError
 from detector.deploy import export, quantize, runtimes
 from detector.inference.predictor import Predictor
 from detector.models import weights

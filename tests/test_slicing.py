@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import box_iou
 
-from detector.inference.slicing import SliceSpec, detect_sliced, tile_grid
+from detector.core.grid import tile_grid
+from detector.inference.slicing import SliceSpec, detect_sliced
 from tests.conftest import TINY, run_tool, run_tool_in_process, write_coco
 
 # -- a detector whose sight depends on scale, as a real one's does -------------------------------

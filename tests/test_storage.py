@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from detector.core import storage
+from detector.core.errors import DatasetError
 from detector.core.images import load_image
-from detector.data.coco import CocoIndex, DatasetError
+from detector.data.coco import CocoIndex
 from tests.conftest import (
     TINY,
     data_overrides,

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from detector.core.detections import Detections
 from detector.inference import video
 from detector.inference.folders import ImageFiles, RowSpool, detection_rows, draw, write_json
-from detector.inference.predictor import Detections, Predictor
+from detector.inference.predictor import Predictor
 from detector.inference.video import VideoError, VideoInfo, frames, infer_video, probe
 
 from .conftest import run_tool_in_process

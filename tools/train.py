@@ -11,7 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from detector import cli  # noqa: E402
+from detector import cli
+from detector.core import errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,26 +25,29 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
 
-from detector import config, data  # noqa: E402
-from detector.data.loader import (  # noqa: E402
+from detector import config, data
+from detector.core import progress
+from detector.data.loader import (
     EvalBatchSampler,
     TrainBatchSampler,
     build_loader,
     cap_workers,
     steps_per_epoch,
 )
-from detector.evaluation import analysis  # noqa: E402
-from detector.models.build import build_model, model_input_size  # noqa: E402
-from detector.runs import lineage  # noqa: E402
-from detector.runs.report import epoch_report  # noqa: E402
-from detector.runs.tracking import RunLogger, summary_table  # noqa: E402
-from detector.train import checkpoint, engine, optim  # noqa: E402
-from detector.train import process as runtime  # noqa: E402
+from detector.evaluation import analysis
+from detector.models.build import build_model, model_input_size
+from detector.models.zoo import check_keys
+from detector.runs import lineage
+from detector.runs.report import epoch_report
+from detector.runs.tracking import RunLogger, summary_table
+from detector.train import checkpoint, engine, optim
+from detector.train import process as runtime
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config.load(args.config, args.overrides)
+    check_keys(cfg.model)  # the model.* keys its family takes (the schema alone cannot tell)
 
     # -- setup -----------------------------------------------------------------------------------
     accelerator = runtime.build_accelerator(cfg.train)
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics: dict = {}
     for epoch in range(pos["epoch"], cfg.train.epochs):
         train_sampler.set_epoch(epoch, pos["batch"])
-        bar = runtime.progress(
+        bar = progress.progress(
             main_proc and cfg.logging.progress, total=len(train_sampler), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
             interval=cfg.logging.progress_interval_s,
         )  # fmt: skip
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         except engine.NonFiniteLossError as exc:
             save_weights("last.pt", metrics, epoch)
             log(f"error: {exc}. {run_dir / 'last.pt'} holds the last good weights.")
-            return runtime.EXIT_NONFINITE
+            return errors.EXIT_NONFINITE
         finally:
             bar.close()
         pos["nonfinite_in_row"] = stats.pop("nonfinite_in_row")
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = {"epoch": epoch + 1, **stats}
         stop_early, coco = False, None
         if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
-            bar = runtime.progress(
+            bar = progress.progress(
                 main_proc and cfg.logging.progress, total=len(val_sampler), desc="evaluate", leave=False,
                 interval=cfg.logging.progress_interval_s,
             )  # fmt: skip
@@ -231,4 +235,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(runtime.run_main(main))
+    sys.exit(errors.run_main(main))

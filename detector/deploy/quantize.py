@@ -53,7 +53,7 @@ def folder_images(folder: str | Path) -> list[Path]:
     Raises:
         DatasetError: no folder, or no image in it.
     """
-    from detector.data.coco import DatasetError
+    from detector.core.errors import DatasetError
 
     root = Path(folder)
     if not root.is_dir():
@@ -72,7 +72,9 @@ def annotated_images(annotations: str | Path, images: str | Path) -> list[Path]:
     Raises:
         DatasetError: the json cannot be read, or lists no image.
     """
-    from detector.data.coco import CocoIndex, DatasetError
+    # only the file names are used: boxes that training clipped or dropped do not matter here
+    from detector.core.errors import DatasetError
+    from detector.data.coco import CocoIndex
 
     # only the file names are used: boxes that training clipped or dropped do not matter here
     index = CocoIndex(annotations, on_invalid="repair")
@@ -110,7 +112,7 @@ def calibration_images(
     Raises:
         DatasetError: no file could be decoded.
     """
-    from detector.data.coco import DatasetError
+    from detector.core.errors import DatasetError
 
     images, problems = [], []
     for f in files:
@@ -176,14 +178,14 @@ def detections_of(
     decoded size (exported graphs take any size), and the boxes mapped back to the json's pixels
     (detector.evaluation.coco.detections_to_coco). Boxes only: masks are not scored here.
     """
+    from detector.core import progress
     from detector.data.coco import CocoDetection, CocoIndex
     from detector.evaluation.coco import detections_to_coco
-    from detector.train import process as runtime
 
     index = CocoIndex(annotations, label_map=label_map, images_root=images)
     data = CocoDetection(index, images, None, model_size)
     rows: list[dict[str, Any]] = []
-    bar = runtime.progress(True, total=len(data), desc=desc)
+    bar = progress.progress(True, total=len(data), desc=desc)
     for i in range(len(data)):
         image, target = data[i]
         out = run(image.float().div_(255))

@@ -15,6 +15,7 @@ import torch
 
 from detector.config import COCO_STATS
 from detector.core.labels import LabelMap
+from detector.evaluation.segm import SEGM_PREFIX, has_masks, mask_rles, segm_rows
 
 STAT_NAMES = COCO_STATS  # the 12 COCOeval stats, in its order
 
@@ -67,8 +68,6 @@ def detections_to_coco(
             for b, c, s in zip(boxes, cats, scores)
         ]
         if "masks" in det:  # Mask R-CNN: compressed RLE at the json's image size
-            from detector.evaluation.segm import mask_rles
-
             size = tgt.get("size") or (det["masks"].shape[-1], det["masks"].shape[-2])
             for row, rle in zip(new, mask_rles(det["masks"], tgt.get("scale", (1.0, 1.0)), size)):
                 row["segmentation"] = rle
@@ -161,3 +160,16 @@ def flat_metrics(result: CocoResult, prefix: str = "val/") -> dict[str, float]:
     out = {f"{prefix}{k}": v for k, v in result.stats.items()}
     out.update({f"{prefix}AP/{k}": v for k, v in result.per_class_ap.items()})
     return out
+
+
+def segm_metrics(gt: Any, results: list[dict[str, Any]], backend: str = "pycocotools", prefix: str = SEGM_PREFIX):
+    """COCOeval segm stats as val/segm/<stat> and val/segm/AP/<class> ({} for box ground truth).
+
+    Returns:
+        (metrics, CocoResult or None).
+    """
+    gt_dict = gt if isinstance(gt, dict) else getattr(gt, "dataset", {})
+    if not has_masks(gt_dict):
+        return {}, None
+    result = evaluate_coco(gt, segm_rows(results), backend, iou_type="segm")
+    return flat_metrics(result, prefix), result
