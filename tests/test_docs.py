@@ -121,7 +121,7 @@ def test_a_documented_command_uses_only_what_its_tool_accepts(page: str, command
 
 
 def _hook():
-    spec = importlib.util.spec_from_file_location("config_keys", ROOT / "docs" / "hooks" / "config_keys.py")
+    spec = importlib.util.spec_from_file_location("generated", ROOT / "docs" / "hooks" / "generated.py")
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
@@ -138,3 +138,31 @@ def test_the_configuration_reference_lists_every_key_with_its_default() -> None:
 
 def test_the_configuration_page_holds_the_marker_the_hook_replaces() -> None:
     assert _hook().MARKER in (ROOT / "docs" / "configuration.md").read_text()
+
+
+def test_the_api_reference_has_every_module() -> None:
+    """A module added to the package is added to its layer's API page (docs/api/<layer>.md)."""
+    shown = set()
+    for page in (ROOT / "docs" / "api").glob("*.md"):
+        shown |= set(re.findall(r"^::: ([\w.]+)", page.read_text(), re.M))
+    for path in (ROOT / "detector").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        assert module in shown, f"{module} is on no page of docs/api/"
+
+
+def test_the_generated_architecture_and_api_tables_follow_the_code() -> None:
+    import detector
+
+    hook = _hook()
+    order, rules = hook._layers(str(ROOT))
+    arch = importlib.util.spec_from_file_location("arch", ROOT / "tests" / "test_architecture.py")
+    module = importlib.util.module_from_spec(arch)  # type: ignore[arg-type]
+    arch.loader.exec_module(module)  # type: ignore[union-attr]
+    assert order.startswith(" < ".join(f"**{name}**" for name in module.LAYERS) + "\n")
+    for stage in module.FORBIDDEN:
+        assert f"| `{stage}` |" in rules
+    pytest.importorskip("griffe")  # mkdocstrings' code reader, in the dev extra
+    api = hook._public_api(str(ROOT))
+    for name in detector.__all__:
+        assert f"| `detector.{name}` |" in api

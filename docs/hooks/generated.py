@@ -1,8 +1,16 @@
-"""MkDocs hook: the configuration reference's key tables, generated from detector/config.py.
+"""MkDocs hook: the tables of the docs that are read from the code when the site is built.
 
-The page holds a marker; at build time it is replaced by one table per config section, read
-from the schema's dataclasses (key, type, default) and the comments beside and above each field
-in the source. Nothing is written by hand, so the page cannot drift from the schema.
+- The configuration reference (``<!-- config-keys -->``): one table per config section, read from
+  the schema's dataclasses in detector/config.py (key, type, default) and the comments beside and
+  above each field in the source.
+- The layers (``<!-- layers -->``, ``<!-- import-rules -->``): the order and the rules
+  tests/test_architecture.py enforces (its ``LAYERS``, ``FORBIDDEN`` and ``EXCEPTIONS``, with
+  their comments).
+- The public API (``<!-- public-api -->``): every name ``detector/__init__.py`` exports, the stage
+  package that holds it, and a link to its API entry (a link that does not resolve fails the
+  strict build).
+
+Nothing in them is written by hand, so the pages cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ from typing import Any
 import yaml
 
 MARKER = "<!-- config-keys -->"
+API_MARKER = "<!-- public-api -->"
+LAYERS_MARKER = "<!-- layers -->"
+RULES_MARKER = "<!-- import-rules -->"
 
 
 def _comments(source: str) -> tuple[dict[int, str], set[int]]:
@@ -112,9 +123,56 @@ def _tables(config_module: Any) -> str:
     return "\n".join(out)
 
 
+def _public_api(root: str) -> str:
+    """The public names, from detector/__init__.py's table, found statically (griffe, as
+    mkdocstrings reads the code): importing the stage packages would import torch."""
+    import griffe
+
+    import detector
+
+    rows = ["| name | also | defined in | what |", "|---|---|---|---|"]
+    for name, package in sorted(detector._PUBLIC.items(), key=lambda kv: kv[0].lower()):
+        obj = griffe.load(package, search_paths=[root])[name]
+        target = obj.target_path if obj.is_alias else obj.path
+        value = str(obj.value) if obj.is_attribute and obj.value is not None else ""
+        if value.isidentifier() and value in obj.parent.members:  # `load_config = load`: what it names
+            target, obj = f"{obj.parent.path}.{value}", obj.parent[value]
+        doc = obj.docstring.value.strip().splitlines()[0] if obj.docstring else ""
+        rows.append(f"| `detector.{name}` | `{package}.{name}` | [`{target}`][{target}] | {_cell(doc)} |")
+    return "\n".join(rows) + "\n"
+
+
+def _layers(root: str) -> tuple[str, str]:
+    """The architecture test's layer order and its rules, read from its source (not imported: it
+    is a test module), with the comments that give each rule's reason."""
+    path = Path(root) / "tests" / "test_architecture.py"
+    source = path.read_text()
+    comments, comment_only = _comments(source)
+    values, lines = {}, {}
+    for node in ast.parse(source).body:
+        name = node.targets[0].id if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) else ""
+        if name in ("LAYERS", "FORBIDDEN", "EXCEPTIONS"):
+            values[name], lines[name] = ast.literal_eval(node.value), node
+    order = " < ".join(f"**{name}**" for name in values["LAYERS"])
+    head = f"{order}\n\n{_field_comment(lines['LAYERS'].lineno, comments, comment_only)}\n"
+    out = [
+        "| stage | must never reach, directly or through what it imports | why |",
+        "|---|---|---|",
+    ]
+    entries = {ast.literal_eval(k): k.lineno for k in lines["FORBIDDEN"].value.keys}
+    for stage, banned in values["FORBIDDEN"].items():
+        why = comments.get(entries[stage], "") if entries[stage] not in comment_only else ""
+        out.append(f"| `{stage}` | {', '.join(f'`{b}`' for b in banned)} | {_cell(why)} |")
+    out += ["", "Exceptions:", "", "| module | may reach | why |", "|---|---|---|"]
+    reason = _field_comment(lines["EXCEPTIONS"].lineno, comments, comment_only)
+    for module, allowed in values["EXCEPTIONS"].items():
+        out.append(f"| `{module}` | {', '.join(f'`{a}`' for a in allowed)} | {_cell(reason)} |")
+    return head, "\n".join(out) + "\n"
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
-    """Replace the marker on the configuration page with the generated tables."""
-    if MARKER not in markdown:
+    """Replace the markers with the generated tables."""
+    if not any(m in markdown for m in (MARKER, API_MARKER, LAYERS_MARKER, RULES_MARKER)):
         return markdown
     import sys
 
@@ -123,4 +181,11 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         sys.path.insert(0, root)
     from detector import config as config_module
 
-    return markdown.replace(MARKER, _tables(config_module))
+    if MARKER in markdown:
+        markdown = markdown.replace(MARKER, _tables(config_module))
+    if API_MARKER in markdown:
+        markdown = markdown.replace(API_MARKER, _public_api(root))
+    if LAYERS_MARKER in markdown or RULES_MARKER in markdown:
+        order, rules = _layers(root)
+        markdown = markdown.replace(LAYERS_MARKER, order).replace(RULES_MARKER, rules)
+    return markdown
