@@ -48,7 +48,7 @@ def _batches(loader: Any) -> Any:
         except StopIteration:
             return
         except DatasetError as exc:
-            from detector.train.process import error_text
+            from detector.core.errors import error_text
 
             yield [], [], 0, error_text(exc)
             return
