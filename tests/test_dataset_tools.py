@@ -13,7 +13,7 @@ from PIL import Image
 
 from detector.core.errors import DatasetError
 from detector.data.coco import CocoIndex
-from detector.evaluation.coco import evaluate_coco
+from detector.evaluation.cocoeval import evaluate_coco
 from tests.conftest import run_tool_in_process, write_coco
 
 pytestmark = [pytest.mark.xdist_group("dataset_tools")]  # its module fixtures are built once, on one xdist worker

@@ -25,7 +25,7 @@ from detector.core import progress
 from detector.core.errors import DatasetError
 from detector.data import check_files
 from detector.data.coco import CocoDetection, CocoIndex
-from detector.evaluation.coco import detections_to_coco
+from detector.evaluation.cocoeval import detections_to_coco
 from detector.train import checkpoint, engine, optim
 from detector.train import process as runtime
 

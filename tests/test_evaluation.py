@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from detector.evaluation.coco import STAT_NAMES, evaluate_coco
+from detector.evaluation.cocoeval import STAT_NAMES, evaluate_coco
 
 from .conftest import shared_data
 

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from detector.core.labels import LabelMap
-from detector.evaluation.coco import detections_to_coco, evaluate_coco
+from detector.evaluation.cocoeval import detections_to_coco, evaluate_coco
 
 # -- detections -> COCO result rows ---------------------------------------------------------------
 

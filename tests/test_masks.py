@@ -17,7 +17,7 @@ from detector.core.errors import DatasetError
 from detector.core.masks import NO_MASKS_IMAGES, POLYGON, REPAIRED, RLE, encode, rasterize
 from detector.data.coco import CocoDetection, CocoIndex
 from detector.data.transforms import build_transform
-from detector.evaluation.coco import detections_to_coco, evaluate_coco, segm_metrics
+from detector.evaluation.cocoeval import detections_to_coco, evaluate_coco, segm_metrics
 
 W, H = 64, 48
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from detector.evaluation.coco import STAT_NAMES
+from detector.evaluation.cocoeval import STAT_NAMES
 
 from .conftest import ROOT, TINY, data_overrides, epoch_records, launch, launch_cmd, read_jsonl, tool_env
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from detector.core.errors import DatasetError
 from detector.core.labels import LabelMap
-from detector.evaluation.coco import CocoResult, detections_to_coco, evaluate_coco, flat_metrics, segm_metrics
+from detector.evaluation.cocoeval import CocoResult, detections_to_coco, evaluate_coco, flat_metrics, segm_metrics
 from detector.models.family import loss_key
 from detector.models.zoo import loss_and_detections
 

@@ -1,4 +1,4 @@
-"""COCO evaluation: detections -> COCO results (dataset ids, xywh) -> COCOeval stats.
+"""COCO evaluation with COCOeval: detections -> COCO results (dataset ids, xywh) -> the 12 stats, for boxes and masks.
 
 pycocotools is the reference; faster-coco-eval is an opt-in backend with the same numbers.
 """
