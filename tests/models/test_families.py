@@ -21,9 +21,8 @@ from detector.models import weights
 from detector.models.build import build_model, load_model
 from detector.models.zoo import all_models, check_keys, family_of, family_of_model, loss_and_detections
 from detector.train import checkpoint
-
-from .conftest import ROOT, data_overrides, launch, launch_cmd, read_jsonl, run_tool_in_process, tool_env
-from .test_deploy import exif_rotated_jpeg, exported_like_predictor, one_thread, shaped_images
+from tests.conftest import ROOT, data_overrides, launch, launch_cmd, read_jsonl, run_tool_in_process, tool_env
+from tests.deploy.test_deploy import exif_rotated_jpeg, exported_like_predictor, one_thread, shaped_images
 
 pytestmark = [pytest.mark.xdist_group("families")]  # its module fixtures are built once, on one xdist worker
 
@@ -155,7 +154,7 @@ def test_default_weights_from_the_cache_for_every_torchvision_model(name, tmp_pa
     torch.save(coco.state_dict(), cache / entry.url.rsplit("/", 1)[1])
     del coco
     model = build_model(ModelConfig(name=name, weights="DEFAULT"), num_classes=3)
-    from .test_models import outputs
+    from tests.models.test_models import outputs
 
     assert outputs(model) == 4
     heads = tuple(m + "." for m in fam.head_modules(model))

@@ -20,8 +20,8 @@ from detector import config
 from detector.runs import lineage
 from detector.runs.compare import runs_table, write_table
 
-from .conftest import ROOT, TINY, data_overrides, launch, run_tool, run_tool_in_process
-from .test_tracking import read_wandb_records
+from tests.conftest import ROOT, TINY, data_overrides, launch, run_tool, run_tool_in_process
+from tests.runs.test_tracking import read_wandb_records
 
 pytestmark = [pytest.mark.xdist_group("lineage")]  # its module fixtures are built once, on one xdist worker
 
@@ -480,7 +480,7 @@ def test_fingerprint_counts_crowd_annotations_apart(tmp_path):
     the fingerprint says how many of the annotations are crowd."""
     from detector.data.coco import CocoIndex
 
-    from .conftest import write_coco
+    from tests.conftest import write_coco
 
     images = [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 64}]
     anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10], "area": 100},

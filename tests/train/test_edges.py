@@ -28,8 +28,7 @@ from detector.data.coco import CocoDetection, CocoIndex
 from detector.evaluation.cocoeval import detections_to_coco
 from detector.train import checkpoint, engine, optim
 from detector.train import process as runtime
-
-from .conftest import (
+from tests.conftest import (
     ROOT,
     TINY,
     data_overrides,

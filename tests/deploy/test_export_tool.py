@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from detector.deploy import export
-
-from .conftest import TINY, run_tool_in_process
+from tests.conftest import TINY, run_tool_in_process
 
 TINY_MASK = TINY.with_name("tiny_mask.yaml")
 
@@ -45,7 +44,7 @@ def test_export_names_the_extra_to_install_before_any_work(monkeypatch, tmp_path
 
 @pytest.mark.parametrize("where", ["under_a_file", "a_folder"])
 def test_export_refuses_an_output_it_cannot_write_before_any_work(tmp_path, capsys, where):
-    """A folder that does not exist is created (tests/test_runtimes.py exports into one); a path
+    """A folder that does not exist is created (tests/deploy/test_runtimes.py exports into one); a path
     under a file, or an existing folder as the file, is refused before the checkpoint is read."""
     (tmp_path / "file").write_text("")
     out = tmp_path / "file" / "model.onnx" if where == "under_a_file" else tmp_path
@@ -59,7 +58,7 @@ def test_export_refuses_an_output_it_cannot_write_before_any_work(tmp_path, caps
 
 def test_only_torchvisions_trace_warnings_are_silenced():
     """The filter around the ONNX trace hides torchvision's own TracerWarnings (see
-    tests/test_runtimes.py: an export shows none) and nothing else."""
+    tests/deploy/test_runtimes.py: an export shows none) and nothing else."""
     tracer = torch.jit.TracerWarning
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -84,8 +83,7 @@ def mask_checkpoint(path: Path, tiny_dataset: dict[str, Path]) -> Path:
     from detector.core.labels import LabelMap
     from detector.models import weights
     from detector.models.build import build_model
-
-    from .conftest import data_overrides
+    from tests.conftest import data_overrides
 
     cfg = config.load(TINY_MASK, [*data_overrides(tiny_dataset), "model.box_score_thresh=0.0",
                                   "model.box_detections_per_img=4"])  # fmt: skip

@@ -293,8 +293,7 @@ def test_plots_and_wandb_images_show_masks():
 
 def test_segm_best_metric_needs_a_mask_model(tiny_dataset):
     from detector import config, data
-
-    from .conftest import TINY, data_overrides
+    from tests.conftest import TINY, data_overrides
 
     cfg = config.load(TINY, [*data_overrides(tiny_dataset), "eval.best_metric=val/segm/mAP"])
     with pytest.raises(config.ConfigError, match="segm.*predicts no masks"):
@@ -452,7 +451,7 @@ def test_results_file_scored_in_the_exif_rotated_frame(tmp_path, capsys):
     is scored at its rotated size when --images is given (as training scores it); without the
     images, masks of another size than the json's are an error naming the image (pycocotools
     scores them 0 silently)."""
-    from .conftest import run_tool_in_process
+    from tests.conftest import run_tool_in_process
 
     exif = Image.Exif()
     exif[0x0112] = 6  # stored W x H (64 x 48), shown rotated: 48 wide, 64 high

@@ -14,8 +14,7 @@ from detector.core.errors import ConfigError
 from detector.data.coco import CocoDetection, CocoIndex
 from detector.data.loader import EvalBatchSampler, TrainBatchSampler, cap_workers, collate
 from detector.data.transforms import apply, build_transform
-
-from .conftest import ROOT, one_image_coco
+from tests.conftest import ROOT, one_image_coco
 
 
 def _ratios(n=23):

@@ -14,9 +14,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from detector.config import COCO_STATS
-
-from .conftest import ROOT, data_overrides, epoch_records, launch, run_tool_in_process
-from .test_deploy import exif_rotated_jpeg, exported_like_predictor, shaped_images
+from tests.conftest import ROOT, data_overrides, epoch_records, launch, run_tool_in_process
+from tests.deploy.test_deploy import exif_rotated_jpeg, exported_like_predictor, shaped_images
 
 TINY_MASK = ROOT / "tests" / "configs" / "tiny_mask.yaml"
 
@@ -56,7 +55,7 @@ def _evaluate(run: Path, ds: dict, out: Path, nproc: int) -> tuple[dict, list]:
 @pytest.mark.slow
 def test_eval_analysis_false_writes_no_analysis(mask_run):
     """eval.analysis=false (this run's): no analysis.json, analysis_best.json or plots/analysis/,
-    while the other plots are written (tests/test_analysis.py checks the default run has them)."""
+    while the other plots are written (tests/evaluation/test_analysis.py checks the default run has them)."""
     assert not (mask_run / "analysis.json").exists() and not (mask_run / "analysis_best.json").exists()
     assert not (mask_run / "plots" / "analysis").exists()
     assert (mask_run / "plots" / "val_predictions.png").is_file()

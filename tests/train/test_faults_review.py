@@ -117,8 +117,7 @@ def test_resume_after_an_image_vanished_mid_window_is_exact(tiny_dataset, tmp_pa
     from detector.config import load
     from detector.data.coco import CocoIndex
     from detector.data.loader import TrainBatchSampler
-
-    from .conftest import ROOT, TINY, assert_same_weights, data_overrides, tool_env
+    from tests.conftest import ROOT, TINY, assert_same_weights, data_overrides, tool_env
 
     def train(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(ROOT / script), *common, *args], env=tool_env(env), cwd=ROOT,
@@ -190,7 +189,7 @@ def test_wandb_start_failure_message_carries_no_secret(tmp_path, monkeypatch):
 def test_check_dataset_decode_reads_images_from_a_url_root(tiny_dataset, capsys):
     """--decode joins the file names to the images root as training does: a URL root (here a
     web server on 127.0.0.1) must not become 'http:/host/...' (every image undecodable)."""
-    from .conftest import http_server, run_tool_in_process
+    from tests.conftest import http_server, run_tool_in_process
 
     with http_server(tiny_dataset["root"]) as url:
         code = run_tool_in_process("check_dataset.py", tiny_dataset["val"], f"{url}/val", "--decode", "--workers", "2")
@@ -201,7 +200,7 @@ def test_check_dataset_decode_reads_images_from_a_url_root(tiny_dataset, capsys)
 def test_slurm_script_does_not_requeue_on_a_marker_an_earlier_run_left(tmp_path):
     """A requeued job that fails before the trainer starts (rendezvous, a bad node) must not find
     the PREEMPTED of its earlier run and requeue itself again, forever."""
-    from .conftest import ROOT, TINY
+    from tests.conftest import ROOT, TINY
 
     bin_dir, log, run = tmp_path / "bin", tmp_path / "scontrol.log", tmp_path / "run"
     bin_dir.mkdir()
@@ -252,8 +251,7 @@ def test_a_validation_image_vanishing_in_the_last_epoch_is_validated_on_resume(t
     validate that epoch (and write last.pt, best.pt and its metrics), also when it is the last."""
     from detector.models import weights
     from detector.runs import tracking
-
-    from .conftest import ROOT, TINY, data_overrides, tool_env, vanishing_dataset
+    from tests.conftest import ROOT, TINY, data_overrides, tool_env, vanishing_dataset
 
     ds, names, gone, env = vanishing_dataset(tiny_dataset, tmp_path, "val")
     root = ds["root"]

@@ -9,8 +9,7 @@ from PIL import Image
 
 from detector.data.coco import CocoIndex
 from detector.data.synthetic import ensure_dataset, make_dataset
-
-from .conftest import run_tool_in_process
+from tests.conftest import run_tool_in_process
 
 
 def _digest(root):

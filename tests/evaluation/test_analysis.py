@@ -12,8 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from detector.evaluation.analysis import CAPTION_PX, _best_f1, analyze, gallery, report, write_json, write_plots
-
-from .conftest import launch, run_tool_in_process
+from tests.conftest import launch, run_tool_in_process
 
 CATS = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "bird"}]
 A, B, C = [10, 10, 20, 20], [50, 50, 20, 20], [10, 60, 20, 20]  # image 1: cat, dog, bird
@@ -194,8 +193,7 @@ def test_wandb_gets_the_tables_and_pictures(tmp_path, monkeypatch):
     from detector.config import WandbConfig
     from detector.evaluation.analysis import log_wandb
     from detector.runs.tracking import RunLogger
-
-    from .test_tracking import _summarise
+    from tests.runs.test_tracking import _summarise
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     gt, dets = hand_case()

@@ -18,8 +18,7 @@ from detector.core.errors import ConfigError
 from detector.deploy import export, quantize, runtimes
 from detector.inference.predictor import Predictor
 from detector.models import weights
-
-from .conftest import run_tool_in_process, write_coco
+from tests.conftest import run_tool_in_process, write_coco
 
 
 @pytest.fixture(autouse=True)
@@ -216,7 +215,7 @@ def test_int8_calibrates_on_the_training_jsons_images_not_their_shared_folder(in
 @pytest.mark.slow
 def test_export_shows_no_tracer_warning(int8_default):
     """torchvision's own TracerWarnings under the ONNX trace (about ten, torch hides most of
-    them by default; all are recorded here) are silenced; see tests/test_export_tool.py for the
+    them by default; all are recorded here) are silenced; see tests/deploy/test_export_tool.py for the
     filter keeping every other warning."""
     tracer = [f"{w.filename}:{w.lineno}: {w.message}" for w in int8_default["warnings"]
               if issubclass(w.category, torch.jit.TracerWarning)]  # fmt: skip

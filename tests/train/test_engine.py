@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from detector.train.engine import train_one_epoch
-
-from .conftest import dummy_batches
+from tests.conftest import dummy_batches
 
 PIXELS = [[255, 0, 51], [102, 204, 0], [0, 153, 255], [51, 51, 51], [204, 102, 153]]
 W0 = [0.5, -0.25, 1.0]

@@ -9,8 +9,7 @@ from torch import nn
 from detector.config import OptimConfig
 from detector.train.checkpoint import is_better
 from detector.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups, scaled_lr
-
-from .conftest import dummy_batches
+from tests.conftest import dummy_batches
 
 
 def test_no_weight_decay_on_norms_and_biases():

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from .conftest import epoch_records, launch, step_records, train
+from tests.conftest import epoch_records, launch, step_records, train
 
 pytestmark = [
     pytest.mark.slow,

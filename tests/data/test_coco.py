@@ -12,8 +12,7 @@ from PIL import Image
 from detector.core.errors import DatasetError
 from detector.data.coco import CocoDetection, CocoIndex, LabelMap
 from detector.evaluation.cocoeval import evaluate_coco
-
-from .conftest import run_tool_in_process, shared_data, write_coco
+from tests.conftest import run_tool_in_process, shared_data, write_coco
 
 CATS = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
 

@@ -17,8 +17,7 @@ import torch
 from detector.core.errors import WeightsError
 from detector.models.build import read_checkpoint
 from detector.train import checkpoint
-
-from .conftest import (
+from tests.conftest import (
     ROOT,
     TINY,
     TWO_PROCESS_RESUME,
@@ -361,8 +360,7 @@ def test_a_finished_runs_message_names_what_stopped_it(tmp_path):
     patience then, not advise raising the epochs (which cannot help)."""
     from detector.config import load
     from detector.train.process import finished_message
-
-    from .conftest import TINY
+    from tests.conftest import TINY
 
     cfg = load(TINY, ["train.epochs=6", "eval.early_stop_patience=2", "data.synthetic.enabled=true"])
     early = finished_message({"epoch": 3, "evals_since_best": 2, "best": None}, cfg, tmp_path, early_stopped=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TINY, data_overrides, launch
+from tests.conftest import TINY, data_overrides, launch
 
 pytestmark = pytest.mark.slow
 SECRET = "local-0123456789abcdef0123456789abcdef01234567"

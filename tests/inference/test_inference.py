@@ -1,5 +1,5 @@
 """The trained tiny checkpoint through the Predictor and the exported models: the score threshold,
-every input type, and TorchScript outputs compared with eager PyTorch (ONNX: tests/test_deploy.py)."""
+every input type, and TorchScript outputs compared with eager PyTorch (ONNX: tests/deploy/test_deploy.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from PIL import Image
 
 from detector.core.detections import Detections
 from detector.inference.predictor import Predictor, load_model
-
-from .conftest import run_tool
+from tests.conftest import run_tool
 
 pytestmark = pytest.mark.slow  # every test here needs the trained checkpoint
 
@@ -87,7 +86,7 @@ def _above(d: dict[str, np.ndarray], t: float) -> dict[str, np.ndarray]:
     return {k: v[keep] for k, v in d.items()}
 
 
-# ONNX export: tests/test_deploy.py (any input size, ExportedPredictor on files)
+# ONNX export: tests/deploy/test_deploy.py (any input size, ExportedPredictor on files)
 
 
 def test_torchscript_export_runs_as_eager_and_failing_parity_exits_1(trained_run, tiny_dataset, tmp_path):

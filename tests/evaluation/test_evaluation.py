@@ -7,8 +7,7 @@ import json
 import pytest
 
 from detector.evaluation.cocoeval import STAT_NAMES, evaluate_coco
-
-from .conftest import shared_data
+from tests.conftest import shared_data
 
 CASES = {
     "cocoapi_val2014_100": ("instances_val2014_100.json", "instances_val2014_fakebbox100_results.json", 1e-9),

@@ -9,8 +9,7 @@ from PIL import Image
 from detector.core.errors import DatasetError
 from detector.core.images import ImageDecodeError, load_image, oriented_size, scan_images
 from detector.data.coco import CocoDetection, CocoIndex
-
-from .conftest import one_image_coco
+from tests.conftest import one_image_coco
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "LA", "1"])

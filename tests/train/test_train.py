@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 
 from detector.evaluation.cocoeval import STAT_NAMES
-
-from .conftest import ROOT, TINY, data_overrides, epoch_records, launch, launch_cmd, read_jsonl, tool_env
+from tests.conftest import ROOT, TINY, data_overrides, epoch_records, launch, launch_cmd, read_jsonl, tool_env
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """Exported ONNX graphs take images of any size: parity with eager PyTorch on three aspect ratios
 at two sizes, and ExportedPredictor on files (EXIF orientation, reduced-scale decoding) giving the
 Predictor's detections. The trained tiny Faster R-CNN here; the other families reuse
-``exported_like_predictor`` with their own runs (tests/test_families.py, tests/test_masks_run.py)."""
+``exported_like_predictor`` with their own runs (tests/models/test_families.py, tests/train/test_masks_run.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ from PIL import Image
 from detector.core.detections import Detections
 from detector.deploy import export
 from detector.inference.predictor import Predictor, load_model
-
-from .conftest import run_tool_in_process
+from tests.conftest import run_tool_in_process
 
 # (height, width): portrait 3:4, 4:3 and 16:9, each at two sizes (the tiny models resize to 96..128)
 SHAPES = [(128, 96), (96, 128), (90, 160), (256, 192), (192, 256), (180, 320)]
@@ -234,7 +233,7 @@ def test_check_parity_fails_a_graph_that_drops_each_images_weakest_detection(tra
 def _export_tool():
     import importlib.util
 
-    from .conftest import ROOT
+    from tests.conftest import ROOT
 
     spec = importlib.util.spec_from_file_location("tool_export_samples", ROOT / "tools" / "export.py")
     assert spec is not None and spec.loader is not None

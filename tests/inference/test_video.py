@@ -21,8 +21,7 @@ from detector.inference import video
 from detector.inference.folders import ImageFiles, RowSpool, detection_rows, draw, write_json
 from detector.inference.predictor import Predictor
 from detector.inference.video import VideoError, VideoInfo, frames, infer_video, probe
-
-from .conftest import run_tool_in_process
+from tests.conftest import run_tool_in_process
 
 FPS, SIZE = 7.5, (96, 64)  # (width, height)
 

@@ -22,8 +22,7 @@ from detector.data.coco import CocoIndex
 from detector.models import weights
 from detector.train import checkpoint
 from detector.train import process as runtime
-
-from .conftest import (
+from tests.conftest import (
     ROOT,
     TINY,
     TWO_PROCESS_RESUME,
@@ -374,7 +373,7 @@ def test_slurm_script_requeues_a_preempted_job_which_then_resumes(tiny_dataset, 
     script (SLURM's early warning) saves a state, the script requeues the job and exits 0; the
     requeued job resumes and finishes without asking for another requeue, with the weights of
     a run that was never stopped."""
-    from .conftest import _free_port
+    from tests.conftest import _free_port
 
     bin_dir, log, run = tmp_path / "bin", tmp_path / "scontrol.log", tmp_path / "run"
     bin_dir.mkdir()

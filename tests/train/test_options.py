@@ -16,8 +16,7 @@ import torch
 
 from detector.core.errors import DatasetError
 from detector.data.coco import CocoIndex
-
-from .conftest import (
+from tests.conftest import (
     TINY,
     assert_same_weights,
     data_overrides,
