@@ -224,3 +224,22 @@ def test_the_public_api_is_importable_from_the_top_and_from_each_stage():
     assert (
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout.strip() == "False"
     )
+
+
+def test_no_two_modules_have_names_a_letter_apart():
+    """runtime.py beside runtimes.py was one letter from the other module; a name used in two
+    packages (data/coco.py, evaluation/coco.py) is as easy to confuse."""
+    names = sorted({n.rpartition(".")[2] for n in modules() if n.count(".") >= 1 and not n.endswith("__init__")})
+
+    def near(a: str, b: str) -> bool:  # edit distance <= 1
+        if abs(len(a) - len(b)) > 1:
+            return False
+        i = 0
+        while i < min(len(a), len(b)) and a[i] == b[i]:
+            i += 1
+        return a[i + 1 :] == b[i + 1 :] or a[i:] == b[i + 1 :] or a[i + 1 :] == b[i:]
+
+    stems = [n.rpartition(".")[2] for n in modules() if n != "detector"]
+    twice = sorted({s for s in stems if stems.count(s) > 1} - set(LAYERS))
+    assert twice == [], f"module names used in two packages: {twice}"
+    assert [(a, b) for i, a in enumerate(names) for b in names[i + 1 :] if near(a, b)] == []

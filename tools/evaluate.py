@@ -72,7 +72,7 @@ from detector.core import progress, storage
 from detector.core.errors import DatasetError
 from detector.data import check_files
 from detector.data.coco import CocoDetection, CocoIndex, read_json
-from detector.evaluation.coco import CocoResult, evaluate_coco, flat_metrics, segm_metrics
+from detector.evaluation.cocoeval import CocoResult, evaluate_coco, flat_metrics, segm_metrics
 from detector.inference.folders import ids_by_file_name
 from detector.inference.slicing import require_supervision, slice_spec, sliced_detect
 from detector.train import process as runtime

@@ -215,7 +215,7 @@ def known_trace_warnings_silenced() -> Iterator[None]:
         warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean", tracer, r"torch\Z")
         warnings.filterwarnings("ignore", "torch.tensor results are registered", tracer, r"torch\.nn\.functional\Z")
         # export_resize's min_size/max_size are the model's settings: constants in the graph by design
-        warnings.filterwarnings("ignore", "torch.tensor results are registered", tracer, r"detector\.export_resize\Z")
+        warnings.filterwarnings("ignore", "torch.tensor results are registered", tracer, r"detector\.deploy\.resize\Z")
         yield
 
 

@@ -13,7 +13,7 @@ node ... in NNCFGraph"). ONNX Runtime's pre-processing step (symbolic shape infe
 skipped: it takes minutes on a detection graph and changes nothing the quantizer needs here.
 
 The accuracy cost is measured, not assumed: :func:`evaluate_runner` scores any runner's
-detections on a COCO val set with the project's COCOeval path (detector.evaluation.coco).
+detections on a COCO val set with the project's COCOeval path (detector.evaluation.cocoeval).
 """
 
 from __future__ import annotations
@@ -176,11 +176,11 @@ def detections_of(
     The images are decoded as evaluation decodes them (CocoDetection: EXIF orientation, JPEGs
     larger than the model's input at reduced scale when ``model_size`` is given), run at their
     decoded size (exported graphs take any size), and the boxes mapped back to the json's pixels
-    (detector.evaluation.coco.detections_to_coco). Boxes only: masks are not scored here.
+    (detector.evaluation.cocoeval.detections_to_coco). Boxes only: masks are not scored here.
     """
     from detector.core import progress
     from detector.data.coco import CocoDetection, CocoIndex
-    from detector.evaluation.coco import detections_to_coco
+    from detector.evaluation.cocoeval import detections_to_coco
 
     index = CocoIndex(annotations, label_map=label_map, images_root=images)
     data = CocoDetection(index, images, None, model_size)
@@ -205,8 +205,8 @@ def evaluate_runner(
     desc: str = "evaluate",
 ) -> dict[str, float]:
     """COCO box stats (mAP, mAP50, ...) and the number of detections of a runner on a val set,
-    scored by detector.evaluation.coco.evaluate_coco (pycocotools); see :func:`detections_of`."""
-    from detector.evaluation.coco import evaluate_coco
+    scored by detector.evaluation.cocoeval.evaluate_coco (pycocotools); see :func:`detections_of`."""
+    from detector.evaluation.cocoeval import evaluate_coco
 
     rows, gt = detections_of(run, annotations, images, label_map, model_size, desc)
     result = evaluate_coco(gt, rows)

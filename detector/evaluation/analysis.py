@@ -215,7 +215,7 @@ def analyze(
     """
     from pycocotools import mask as mask_utils
 
-    from detector.evaluation.coco import coco_gt
+    from detector.evaluation.cocoeval import coco_gt
 
     if not 0 < iou_threshold <= 1:
         raise ValueError(f"IoU threshold {iou_threshold} is not in (0, 1]")

@@ -16,7 +16,7 @@ from PIL import Image  # noqa: E402
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid  # noqa: E402
 
 from detector.core.drawing import draw_detections, save_figure  # noqa: E402
-from detector.evaluation.coco import CocoResult  # noqa: E402
+from detector.evaluation.cocoeval import CocoResult  # noqa: E402
 from detector.runs.tracking import epoch_rows, read_metrics  # noqa: E402
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from detector.core.errors import DatasetError
 from detector.core.labels import LabelMap
-from detector.evaluation.coco import CocoResult, detections_to_coco, evaluate_coco, flat_metrics, segm_metrics
+from detector.evaluation.cocoeval import CocoResult, detections_to_coco, evaluate_coco, flat_metrics, segm_metrics
 from detector.models.family import loss_key
 from detector.models.zoo import loss_and_detections
 
@@ -48,7 +48,7 @@ def _batches(loader: Any) -> Any:
         except StopIteration:
             return
         except DatasetError as exc:
-            from detector.train.process import error_text
+            from detector.core.errors import error_text
 
             yield [], [], 0, error_text(exc)
             return
