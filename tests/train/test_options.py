@@ -264,7 +264,7 @@ def test_evaluate_on_invalid_repair(tiny_dataset, tmp_path, capsys):
 
 
 def test_shared_data_helper_fails_under_ci(monkeypatch, tmp_path):
-    from . import conftest
+    from tests import conftest
 
     monkeypatch.setattr(conftest, "SHARED_DATA", tmp_path / "absent")
     monkeypatch.delenv("CI", raising=False)
