@@ -28,8 +28,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from detector.core import storage
 from detector.config import Config, to_dict
+from detector.core import storage
 from detector.core.errors import ConfigError
 
 LINEAGE_FILE = "lineage.json"

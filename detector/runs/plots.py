@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
 
 from detector.core.drawing import draw_detections, save_figure  # noqa: E402
 from detector.evaluation.cocoeval import CocoResult  # noqa: E402

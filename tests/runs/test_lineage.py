@@ -19,7 +19,6 @@ import yaml
 from detector import config
 from detector.runs import lineage
 from detector.runs.compare import runs_table, write_table
-
 from tests.conftest import ROOT, TINY, data_overrides, launch, run_tool, run_tool_in_process
 from tests.runs.test_tracking import read_wandb_records
 
@@ -479,7 +478,6 @@ def test_fingerprint_counts_crowd_annotations_apart(tmp_path):
     """Training leaves crowd annotations out of its targets (COCOeval uses them as ignore regions):
     the fingerprint says how many of the annotations are crowd."""
     from detector.data.coco import CocoIndex
-
     from tests.conftest import write_coco
 
     images = [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 64}]
