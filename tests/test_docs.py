@@ -170,7 +170,7 @@ def test_the_generated_architecture_and_api_tables_follow_the_code() -> None:
 
 def test_every_file_the_docs_name_exists() -> None:
     """Modules, tests, configs and tools named in the pages (the move renamed many)."""
-    named = re.compile(r"(?<![\w/.])((?:detector|tests|tools|configs|launch)/[\w/]*\w(?:\.(?:py|yaml|sh))?/?)")
+    named = re.compile(r"(?<![\w/.])((?:detector|tests|tools|configs|launch)/[\w/]*\w(?:\.(?:py|yaml|sh|json))?/?)")
     found = [(page, path) for page in PAGES for path in named.findall(page.read_text())]
     assert len(found) > 100  # the pattern finds them (not a vacuous pass)
     assert [f"{page.relative_to(ROOT)}: {path}" for page, path in found if not (ROOT / path).exists()] == []
