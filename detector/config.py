@@ -170,7 +170,8 @@ class TrainConfig:
 class EvalConfig:
     every_epochs: int = 1
     batch_size: int = 4  # per process
-    backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
+    # auto: faster-coco-eval (the same 12 statistics, several times faster) where it imports, else pycocotools
+    backend: Literal["auto", "pycocotools", "faster_coco_eval"] = "auto"
     best_metric: str = "val/mAP"  # val/loss, val/loss_<part>, val/<COCO stat> or val/AP/<class name>
     best_mode: Literal["max", "min"] | None = None  # null: min for losses, max for the rest
     early_stop_patience: int = 0  # stop after this many evaluations without a better best_metric (0: off)

@@ -46,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--num-workers", dest="workers", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )  # the earlier spelling
-    ap.add_argument("--backend", choices=["pycocotools", "faster_coco_eval"], default="pycocotools")
+    ap.add_argument(
+        "--backend",
+        choices=["auto", "pycocotools", "faster_coco_eval"],
+        default="auto",
+        help="COCOeval implementation; auto: faster_coco_eval where installed, else pycocotools",
+    )
     ap.add_argument("--on-invalid", choices=cli.ON_INVALID, default="clip",
                     help="as data.on_invalid; the ground truth is scored as written in every mode")  # fmt: skip
     ap.add_argument("--on-corrupt-image", choices=["error", "skip"], default="error")

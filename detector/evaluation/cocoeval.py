@@ -1,6 +1,7 @@
 """COCO evaluation with COCOeval: detections -> COCO results (dataset ids, xywh) -> the 12 stats, for boxes and masks.
 
-pycocotools is the reference; faster-coco-eval is an opt-in backend with the same numbers.
+pycocotools is the reference; faster-coco-eval, the default where it is installed (``eval.backend=auto``), gives
+the same numbers faster. The error analysis keeps pycocotools' matches (``coco_gt``'s default).
 """
 
 from __future__ import annotations
@@ -75,7 +76,21 @@ def detections_to_coco(
     return rows
 
 
+def resolve_backend(name: str) -> str:
+    """The COCOeval implementation ``name`` means: "auto" is faster-coco-eval where it imports
+    (the same 12 statistics as pycocotools, several times faster: tools/bench/bench_eval.py),
+    else pycocotools, the reference."""
+    if name != "auto":
+        return name
+    try:
+        import faster_coco_eval  # noqa: F401
+    except ImportError:
+        return "pycocotools"
+    return "faster_coco_eval"
+
+
 def _backend(name: str):
+    name = resolve_backend(name)
     if name == "faster_coco_eval":
         try:
             from faster_coco_eval import COCO, COCOeval_faster
@@ -101,14 +116,14 @@ def coco_gt(gt: dict[str, Any], backend: str = "pycocotools") -> Any:
 
 
 def evaluate_coco(
-    gt: dict[str, Any] | Any, results: list[dict[str, Any]], backend: str = "pycocotools", iou_type: str = "bbox"
+    gt: dict[str, Any] | Any, results: list[dict[str, Any]], backend: str = "auto", iou_type: str = "bbox"
 ) -> CocoResult:
     """Score COCO result rows against ground truth with COCOeval (bbox, or segm: see detector.evaluation.segm).
 
     Args:
         gt: a COCO ground-truth dict (e.g. CocoIndex.to_coco_gt()) or a COCO object.
         results: COCO result rows (image_id, category_id, bbox xywh, score).
-        backend: "pycocotools" (reference) or "faster_coco_eval".
+        backend: "auto" (faster_coco_eval where installed), "pycocotools" (reference) or "faster_coco_eval".
         iou_type: "bbox" or "segm" (rows with a ``segmentation``).
 
     Returns:
@@ -162,7 +177,7 @@ def flat_metrics(result: CocoResult, prefix: str = "val/") -> dict[str, float]:
     return out
 
 
-def segm_metrics(gt: Any, results: list[dict[str, Any]], backend: str = "pycocotools", prefix: str = SEGM_PREFIX):
+def segm_metrics(gt: Any, results: list[dict[str, Any]], backend: str = "auto", prefix: str = SEGM_PREFIX):
     """COCOeval segm stats as val/segm/<stat> and val/segm/AP/<class> ({} for box ground truth).
 
     Returns:

@@ -351,7 +351,7 @@ def evaluate(
     label_map: LabelMap,
     gt: dict[str, Any],
     *,
-    backend: str = "pycocotools",
+    backend: str = "auto",
     seed: int = 0,
     progress: Any = None,
     detect: Callable[[nn.Module, list[torch.Tensor]], list[dict[str, Any]]] | None = None,
@@ -365,7 +365,7 @@ def evaluate(
         accelerator: for autocast, gathering and broadcasting.
         label_map: labels -> dataset category ids.
         gt: the COCO ground truth (CocoIndex.to_coco_gt()).
-        backend: "pycocotools" or "faster_coco_eval".
+        backend: "auto" (faster_coco_eval where installed), "pycocotools" or "faster_coco_eval".
         seed: seeds the loss's anchor/proposal sampling per batch (reproducible, and the
             training RNG stream is left untouched).
         progress: optional tqdm bar.

@@ -65,3 +65,19 @@ def test_empty_predictions_give_zero_not_crash():
     for backend in ("pycocotools", "faster_coco_eval"):
         res = evaluate_coco(gt, [], backend)
         assert res.stats["mAP"] == 0.0 and res.per_class_ap == {"a": 0.0}
+
+
+def test_the_default_backend_is_faster_coco_eval_where_installed_with_pycocotools_statistics(monkeypatch):
+    import sys
+
+    from detector.config import EvalConfig
+    from detector.evaluation.cocoeval import resolve_backend
+
+    assert EvalConfig().backend == "auto" and resolve_backend("auto") == "faster_coco_eval"  # installed here
+    gt, dt, _ = _load("cocoapi_val2014_100", *CASES["cocoapi_val2014_100"][:2])
+    default, reference = evaluate_coco(gt, dt), evaluate_coco(gt, dt, "pycocotools")
+    assert default.stats == pytest.approx(reference.stats, abs=1e-12)
+    assert default.per_class_ap == pytest.approx(reference.per_class_ap, abs=1e-12)
+    monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # not installed: auto is pycocotools
+    assert resolve_backend("auto") == "pycocotools" and resolve_backend("faster_coco_eval") == "faster_coco_eval"
+    assert evaluate_coco(gt, dt).stats == reference.stats
