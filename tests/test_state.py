@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+import torch
+
+from detector.train import checkpoint
 from detector.train.state import RunState
 
 LAYOUT = {"world_size": 2, "batch_size": 4, "grad_accum_steps": 1}
@@ -27,7 +31,7 @@ def test_the_dict_round_trip_keeps_every_value():
     assert "trained" not in state.to_dict() and RunState.from_dict(state.to_dict()) == state
 
 
-def test_a_state_of_an_earlier_version_takes_the_missing_keys_from_this_runs():
+def test_a_state_of_an_earlier_version_takes_the_missing_keys_from_this_runs(tmp_path, cpu_accelerator):
     """The position the first versions saved (checkpoint.save_state's "position": epoch, batch,
     step, best, W&B id, non-finite count; no best epoch, patience count or layout) still resumes:
     the missing keys are this run's fresh values, as the dict merge before RunState gave them."""
@@ -39,6 +43,34 @@ def test_a_state_of_an_earlier_version_takes_the_missing_keys_from_this_runs():
     assert state.to_dict() == {**fresh.to_dict(), **old}
     with pytest.raises(ValueError, match="world_size, batch_size, grad_accum_steps"):
         RunState.from_dict(old)
+
+    # the same through the files: a state.pt whose position is the old dict, read with weights_only
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state_dir = checkpoint.save_state(tmp_path, cpu_accelerator, model, opt, sched, state, keep=2)
+    saved = torch.load(state_dir / "state.pt", weights_only=True)
+    assert saved["position"] == state.to_dict()
+    saved["position"] = old
+    torch.save(saved, state_dir / "state.pt")
+    resumed = checkpoint.resume("auto", tmp_path, cpu_accelerator, model, opt, sched, lambda m: None, fresh=fresh)
+    assert resumed == state
+
+
+def test_a_new_state_is_plain_data_in_its_files(tmp_path, cpu_accelerator):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state = RunState(epoch=2, batch=0, step=16, best=0.5, best_epoch=2, **LAYOUT, trained={"train/loss": 0.75})
+    state_dir = checkpoint.save_state(tmp_path, cpu_accelerator, model, opt, sched, state, keep=2)
+    position = torch.load(state_dir / "state.pt", weights_only=True)["position"]
+    assert type(position) is dict and position == state.to_dict()
+    meta = json.loads((state_dir / checkpoint.COMPLETE).read_text())
+    assert {k: meta[k] for k in state.to_dict() if k != "trained"} == {
+        k: v for k, v in state.to_dict().items() if k != "trained"
+    }
+    assert "trained" not in meta  # JSON holds the scalar keys only
+    assert checkpoint.resume("auto", tmp_path, cpu_accelerator, model, opt, sched, lambda m: None) == state
 
 
 def test_validation_bookkeeping():
