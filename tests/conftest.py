@@ -136,13 +136,13 @@ def run_tool_in_process(name: str, *args: Any) -> int:
     (known input errors -> 2); much faster than a subprocess for the tools that need no launcher."""
     import importlib.util
 
-    from detector.train import process as runtime
+    from detector.core import errors
 
     spec = importlib.util.spec_from_file_location(f"tool_{Path(name).stem}", ROOT / "tools" / name)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return runtime.run_main(lambda: module.main([str(a) for a in args]))
+    return errors.run_main(lambda: module.main([str(a) for a in args]))
 
 
 def train(out: Path, ds: dict[str, Path], *overrides: str, script: str = "train.py", **kw: Any) -> str:

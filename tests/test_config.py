@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from detector import config
-from detector.config import ConfigError
+from detector.core.errors import ConfigError
 
 from .conftest import ROOT
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector import cli  # noqa: E402
+from detector import cli
+from detector.core import errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,16 +45,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     parse()  # --help and a mistyped flag answer before torch is imported
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-from detector.config import DataConfig  # noqa: E402
-from detector.core import storage  # noqa: E402
-from detector.data import header_progress  # noqa: E402
-from detector.data.coco import CocoDetection, CocoIndex, DatasetError  # noqa: E402
-from detector.runs.plots import draw_detections  # noqa: E402
-from detector.train import process as runtime  # noqa: E402
+from detector.config import DataConfig
+from detector.core import progress, storage
+from detector.core.drawing import draw_detections
+from detector.core.errors import DatasetError
+from detector.data import header_progress
+from detector.data.coco import CocoDetection, CocoIndex
+from detector.train import process as runtime
 
 
 def box_stats(index: CocoIndex) -> list[str]:
@@ -163,7 +165,7 @@ def decode_all(index: CocoIndex, images: str, skip: set[int], workers: int) -> l
         return None
 
     todo = [i for i in range(len(index)) if i not in skip]
-    bar = runtime.progress(True, total=len(todo), desc="decoding images", unit="img")
+    bar = progress.progress(True, total=len(todo), desc="decoding images", unit="img")
     failures = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for failure in pool.map(decode, todo):
@@ -176,4 +178,4 @@ def decode_all(index: CocoIndex, images: str, skip: set[int], workers: int) -> l
 
 
 if __name__ == "__main__":
-    sys.exit(runtime.run_main(main))
+    sys.exit(errors.run_main(main))

@@ -29,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector import cli  # noqa: E402
+from detector import cli
+from detector.core import errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,15 +67,15 @@ if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
 
 
-from detector.config import DataConfig  # noqa: E402
-from detector.core import storage  # noqa: E402
-from detector.data import check_files  # noqa: E402
-from detector.data.coco import CocoDetection, CocoIndex, DatasetError, read_json  # noqa: E402
-from detector.evaluation.coco import CocoResult, evaluate_coco, flat_metrics  # noqa: E402
-from detector.evaluation.segm import segm_metrics  # noqa: E402
-from detector.inference.folders import ids_by_file_name  # noqa: E402
-from detector.inference.slicing import require_supervision, slice_spec, sliced_detect  # noqa: E402
-from detector.train import process as runtime  # noqa: E402
+from detector.config import DataConfig
+from detector.core import progress, storage
+from detector.core.errors import DatasetError
+from detector.data import check_files
+from detector.data.coco import CocoDetection, CocoIndex, read_json
+from detector.evaluation.cocoeval import CocoResult, evaluate_coco, flat_metrics, segm_metrics
+from detector.inference.folders import ids_by_file_name
+from detector.inference.slicing import require_supervision, slice_spec, sliced_detect
+from detector.train import process as runtime
 
 # the training config's settings that the dataset code's errors name -> this tool's flags
 FLAGS = {"data.on_invalid=": "--on-invalid ", "data.on_corrupt_image=": "--on-corrupt-image "}
@@ -86,7 +87,7 @@ def own_flags() -> Iterator[None]:
     try:
         yield
     except DatasetError as exc:
-        text = original = runtime.error_text(exc)
+        text = original = errors.error_text(exc)
         for setting, flag in FLAGS.items():
             text = text.replace(setting, flag)
         if text == original:
@@ -171,7 +172,7 @@ def evaluate_checkpoint(args) -> dict | None:
     accelerator = runtime.make_accelerator()
     overrides = {"box_score_thresh": args.score_threshold} if args.score_threshold is not None else {}
     model, label_map, meta = load_model(args.checkpoint, **overrides)
-    from detector.models.family import family_of_model
+    from detector.models.zoo import family_of_model
 
     masks = family_of_model(model).masks  # Mask R-CNN: the masks are read and scored (segm) too
     trained_on = meta.get("config", {}).get("data", {}).get("train", {}).get("annotations") or "its training json"
@@ -196,7 +197,7 @@ def evaluate_checkpoint(args) -> dict | None:
     )
     loader = build_loader(ds, sampler, args.workers)
     model = model.to(accelerator.device)
-    bar = runtime.progress(accelerator.is_main_process, total=len(sampler), desc="evaluate")
+    bar = progress.progress(accelerator.is_main_process, total=len(sampler), desc="evaluate")
     metrics, result, rows = evaluate(
         model,
         loader,
@@ -281,4 +282,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(runtime.run_main(main))
+    sys.exit(errors.run_main(main))

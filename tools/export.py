@@ -7,7 +7,7 @@ ONNX graphs take one float RGB image (3, H, W) in [0, 1] of any size (they resiz
 inside) and return boxes in that image's pixels; --size H W only sets the example image the
 graph is traced with. A metadata file FILE.json is written beside the model (class names,
 the decoding steps before the graph and their inverse after it, normalisation);
-detector.deploy.exported.ExportedPredictor runs the model on files like the Predictor. The check runs
+detector.deploy.ExportedPredictor runs the model on files like the Predictor. The check runs
 both models on the sample images at their own sizes and on crops of the one with the most
 detections at three aspect ratios (portrait 3:4, 4:3, 16:9) and two sizes, and fails (exit 1)
 when labels differ or boxes differ by more than --box-tolerance pixels (a Mask R-CNN's graph
@@ -37,7 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector import cli  # noqa: E402
+from detector import cli
+from detector.core import errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,15 +71,17 @@ if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
 
 
-import torch  # noqa: E402
+import torch
 
-from detector.core.images import ImageDecodeError  # noqa: E402
-from detector.data.coco import DatasetError  # noqa: E402
-from detector.deploy import export, quantize, runtimes  # noqa: E402
-from detector.inference.predictor import Predictor, load_model  # noqa: E402
-from detector.models.build import model_input_size  # noqa: E402
-from detector.models.family import family_of_model  # noqa: E402
-from detector.train import process as runtime  # noqa: E402
+from detector.core.errors import DatasetError
+from detector.core.images import ImageDecodeError
+from detector.deploy import export, quantize, runtimes
+from detector.inference.predictor import Predictor
+from detector.models.build import (
+    load_model,
+    model_input_size,
+)
+from detector.models.zoo import family_of_model
 
 
 def val_samples(checkpoint_cfg: dict, count: int = 4) -> list[str]:
@@ -333,4 +336,4 @@ def export_and_check(args, model, label_map, meta: dict, draft: bool, images: li
 
 
 if __name__ == "__main__":
-    sys.exit(runtime.run_main(main))
+    sys.exit(errors.run_main(main))

@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector import cli  # noqa: E402
+from detector import cli
+from detector.core import errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,13 +56,13 @@ if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
 
 
-from detector.core import storage  # noqa: E402
-from detector.data.coco import DatasetError, read_json  # noqa: E402
-from detector.inference.folders import ids_by_file_name, infer_images  # noqa: E402
-from detector.inference.predictor import Predictor  # noqa: E402
-from detector.inference.slicing import require_supervision, slice_spec  # noqa: E402
-from detector.inference.video import VIDEO_EXTS, VideoError, infer_video, is_video  # noqa: E402
-from detector.train import process as runtime  # noqa: E402
+from detector.core import progress, storage
+from detector.core.errors import DatasetError
+from detector.data.coco import read_json
+from detector.inference.folders import ids_by_file_name, infer_images
+from detector.inference.predictor import Predictor
+from detector.inference.slicing import require_supervision, slice_spec
+from detector.inference.video import VIDEO_EXTS, VideoError, infer_video, is_video
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[str] = []
     done = 0
     if files:
-        bar = runtime.progress(True, total=len(files), desc="infer", unit="img")
+        bar = progress.progress(True, total=len(files), desc="infer", unit="img")
         summary = infer_images(predictor, files, out, not args.no_draw, args.workers, bar, image_ids=image_ids)
         bar.close()
         failed += summary.failed
@@ -181,4 +182,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(runtime.run_main(main))
+    sys.exit(errors.run_main(main))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector import cli  # noqa: E402
+from detector import cli
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector import cli  # noqa: E402
+from detector import cli
+from detector.core import errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,11 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from detector.data.coco import CocoIndex, DatasetError  # noqa: E402
-from detector.data.split import OPTION, assign, group_keys, load, proportions, repairs, subset  # noqa: E402
-from detector.train import process as runtime  # noqa: E402
+from detector.core.errors import DatasetError
+from detector.data.coco import CocoIndex
+from detector.data.split import OPTION, assign, group_keys, load, proportions, repairs, subset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,4 +103,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(runtime.run_main(main))
+    sys.exit(errors.run_main(main))

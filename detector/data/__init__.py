@@ -10,7 +10,8 @@ from PIL import Image
 
 from detector.config import Config, DataConfig
 from detector.core import storage
-from detector.data.coco import MAX_LISTED, CocoDetection, CocoIndex, DatasetError, LabelMap
+from detector.core.errors import MAX_LISTED, DatasetError
+from detector.data.coco import CocoDetection, CocoIndex, LabelMap
 from detector.data.synthetic import ensure_dataset
 from detector.data.transforms import build_transform
 
@@ -66,7 +67,7 @@ def check_files(index: CocoIndex, root: Path | str, cfg: DataConfig) -> list[str
 
 def _needs_masks(cfg: Config) -> bool:
     """Whether the model trains on instance masks (only then are they read)."""
-    from detector.models.family import all_models
+    from detector.models.zoo import all_models
 
     fam = all_models().get(cfg.model.name)
     return bool(fam is not None and fam.masks)
@@ -75,10 +76,10 @@ def _needs_masks(cfg: Config) -> bool:
 def header_progress(enabled: bool, interval: float = 30.0, desc: str = "reading image headers") -> Callable:
     """A progress wrapper for the start-up header scan (``CocoIndex(progress=...)``): one bar per
     split, on the main process (the scan of an object-store prefix takes a while)."""
-    from detector.train import process as runtime
+    from detector.core import progress
 
     def wrap(iterable, total):
-        bar = runtime.progress(enabled, total=total, desc=desc, unit="img", interval=interval)
+        bar = progress.progress(enabled, total=total, desc=desc, unit="img", interval=interval)
         try:
             for item in iterable:
                 bar.update(1)
@@ -105,7 +106,7 @@ def load_splits(cfg: Config, log: Callable[[str], None] = print, progress: Calla
         train_root, val_root = storage.local_or_url(d.train.images), storage.local_or_url(d.val.images)  # type: ignore[arg-type]
     masks = _needs_masks(cfg)
     if cfg.eval.best_metric.startswith("val/segm/") and not masks:
-        from detector.config import ConfigError
+        from detector.core.errors import ConfigError
 
         raise ConfigError(
             f"eval.best_metric={cfg.eval.best_metric} is a mask (segm) stat, but model.name={cfg.model.name} "

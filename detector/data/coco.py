@@ -23,6 +23,7 @@ import torch
 from PIL import ImageFile
 
 from detector.core import storage
+from detector.core.errors import MAX_LISTED, DatasetError
 from detector.core.images import ImageDecodeError, decode_size, load_image, scan_images
 from detector.core.labels import LabelMap
 from detector.data.transforms import apply
@@ -59,15 +60,6 @@ EXIF_SWAPPED = (
 )
 AREA_FILLED = "annotations without a positive 'area': w*h of the box used"
 UNMATCHED = -1  # match_categories: a category whose annotations repair mode drops
-MAX_LISTED = 20  # problems spelled out in an error message; all are counted
-
-
-class DatasetError(ValueError):
-    """Bad dataset input, with the file and the json location or image at fault."""
-
-    def __init__(self, message: str, problems: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.problems = problems or []
 
 
 @dataclass

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from detector.core.errors import MAX_LISTED, DatasetError
 from detector.core.images import header_info
-from detector.data.coco import BOX_TOLERANCE, MAX_LISTED, CocoIndex, DatasetError
+from detector.data.coco import BOX_TOLERANCE, CocoIndex
 
 FORMATS = ("yolo", "voc", "cvat", "labelme")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

@@ -39,7 +39,7 @@ def parse_masks(
     Returns:
         the rows (as the box parsers return them) without the dropped annotations, and the store.
     """
-    from detector.data.coco import DatasetError
+    from detector.core.errors import DatasetError
 
     img, *_, src = rows
     builder = MaskBuilder()

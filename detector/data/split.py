@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from detector.data.coco import MAX_LISTED, CocoIndex, DatasetError, read_json
+from detector.core.errors import MAX_LISTED, DatasetError
+from detector.data.coco import CocoIndex, read_json
 
 RATIO_ROUNDING = 0.011  # |sum(ratios) - 1| accepted: shares rounded to two decimals (0.33 0.33 0.33)
 MAX_SWAPS = 16  # swap partners tried per group and split in the local search

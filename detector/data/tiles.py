@@ -1,7 +1,7 @@
 """Training on tiles: overlapping crops of large images (``data.tile``), so that small objects are
 seen at their real pixel size rather than shrunk by the model's resize.
 
-The tiles are the grid sliced inference uses (detector.inference.slicing.tile_grid). The index stays flat
+The tiles are the grid sliced inference uses (detector.core.grid.tile_grid). The index stays flat
 numpy arrays, one row per tile (image position, x0, y0, x1, y1), never a dict per tile. A box is
 clipped to each tile it overlaps; a box that a tile's edge cuts to less than ``min_visibility``
 of its area is dropped from that tile: counted at start-up for the whole grid (``summary()``) and
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from detector.core.grid import tile_grid
 from detector.data.coco import CocoDetection, CocoIndex
 from detector.data.transforms import apply
-from detector.inference.slicing import tile_grid
 
 
 def _visibility(boxes: np.ndarray, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,8 @@ import albumentations as A
 import numpy as np
 from albumentations.core.serialization import SERIALIZABLE_REGISTRY
 
-from detector.config import BboxConfig, ConfigError
+from detector.config import BboxConfig
+from detector.core.errors import ConfigError
 
 
 def _to_album_dict(spec: Any, where: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ probabilities at the input's size. Every family of the zoo exports so (Faster an
 RetinaNet, FCOS, SSD/SSDlite, which stretches to its fixed square inside, as in eager). The
 parity check compares it with eager PyTorch on images of several sizes and aspect ratios
 (``parity_shapes``), so that a size frozen into the graph at export cannot pass.
-``detector.deploy.exported.ExportedPredictor`` runs it on files like the Predictor. TorchScript keeps
+``detector.deploy.ExportedPredictor`` runs it on files like the Predictor. TorchScript keeps
 the eager model's interface (a list of images of any size in, ``(losses, detections)`` out).
 """
 
@@ -27,7 +27,7 @@ import torch
 
 from detector.core.labels import LabelMap
 from detector.deploy.resize import eager_resize
-from detector.models.family import family_of_model
+from detector.models.zoo import family_of_model
 
 OPSET = 17
 
@@ -215,7 +215,7 @@ def known_trace_warnings_silenced() -> Iterator[None]:
         warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean", tracer, r"torch\Z")
         warnings.filterwarnings("ignore", "torch.tensor results are registered", tracer, r"torch\.nn\.functional\Z")
         # export_resize's min_size/max_size are the model's settings: constants in the graph by design
-        warnings.filterwarnings("ignore", "torch.tensor results are registered", tracer, r"detector\.export_resize\Z")
+        warnings.filterwarnings("ignore", "torch.tensor results are registered", tracer, r"detector\.deploy\.resize\Z")
         yield
 
 

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from detector.core.detections import Detections, ImageInput, decode, image_list, to_detections
 from detector.core.labels import LabelMap
-from detector.inference.predictor import Detections, ImageInput, decode, image_list, to_detections
 
 __all__ = ["METADATA_FORMAT", "ExportedPredictor", "RunGraph", "onnx_run", "onnx_session", "read_metadata"]
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from detector.evaluation.segm import MASK_THRESHOLD
+from detector.core.masks import MASK_THRESHOLD
 
 MaskRunner = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 

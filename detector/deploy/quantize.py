@@ -13,7 +13,7 @@ node ... in NNCFGraph"). ONNX Runtime's pre-processing step (symbolic shape infe
 skipped: it takes minutes on a detection graph and changes nothing the quantizer needs here.
 
 The accuracy cost is measured, not assumed: :func:`evaluate_runner` scores any runner's
-detections on a COCO val set with the project's COCOeval path (detector.evaluation.coco).
+detections on a COCO val set with the project's COCOeval path (detector.evaluation.cocoeval).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def folder_images(folder: str | Path) -> list[Path]:
     Raises:
         DatasetError: no folder, or no image in it.
     """
-    from detector.data.coco import DatasetError
+    from detector.core.errors import DatasetError
 
     root = Path(folder)
     if not root.is_dir():
@@ -72,7 +72,9 @@ def annotated_images(annotations: str | Path, images: str | Path) -> list[Path]:
     Raises:
         DatasetError: the json cannot be read, or lists no image.
     """
-    from detector.data.coco import CocoIndex, DatasetError
+    # only the file names are used: boxes that training clipped or dropped do not matter here
+    from detector.core.errors import DatasetError
+    from detector.data.coco import CocoIndex
 
     # only the file names are used: boxes that training clipped or dropped do not matter here
     index = CocoIndex(annotations, on_invalid="repair")
@@ -110,7 +112,7 @@ def calibration_images(
     Raises:
         DatasetError: no file could be decoded.
     """
-    from detector.data.coco import DatasetError
+    from detector.core.errors import DatasetError
 
     images, problems = [], []
     for f in files:
@@ -174,16 +176,16 @@ def detections_of(
     The images are decoded as evaluation decodes them (CocoDetection: EXIF orientation, JPEGs
     larger than the model's input at reduced scale when ``model_size`` is given), run at their
     decoded size (exported graphs take any size), and the boxes mapped back to the json's pixels
-    (detector.evaluation.coco.detections_to_coco). Boxes only: masks are not scored here.
+    (detector.evaluation.cocoeval.detections_to_coco). Boxes only: masks are not scored here.
     """
+    from detector.core import progress
     from detector.data.coco import CocoDetection, CocoIndex
-    from detector.evaluation.coco import detections_to_coco
-    from detector.train import process as runtime
+    from detector.evaluation.cocoeval import detections_to_coco
 
     index = CocoIndex(annotations, label_map=label_map, images_root=images)
     data = CocoDetection(index, images, None, model_size)
     rows: list[dict[str, Any]] = []
-    bar = runtime.progress(True, total=len(data), desc=desc)
+    bar = progress.progress(True, total=len(data), desc=desc)
     for i in range(len(data)):
         image, target = data[i]
         out = run(image.float().div_(255))
@@ -203,8 +205,8 @@ def evaluate_runner(
     desc: str = "evaluate",
 ) -> dict[str, float]:
     """COCO box stats (mAP, mAP50, ...) and the number of detections of a runner on a val set,
-    scored by detector.evaluation.coco.evaluate_coco (pycocotools); see :func:`detections_of`."""
-    from detector.evaluation.coco import evaluate_coco
+    scored by detector.evaluation.cocoeval.evaluate_coco (pycocotools); see :func:`detections_of`."""
+    from detector.evaluation.cocoeval import evaluate_coco
 
     rows, gt = detections_of(run, annotations, images, label_map, model_size, desc)
     result = evaluate_coco(gt, rows)

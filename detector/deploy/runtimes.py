@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from detector.config import ConfigError
+from detector.core.errors import ConfigError
 
 Runner = Callable[[np.ndarray | torch.Tensor], dict[str, np.ndarray]]
 

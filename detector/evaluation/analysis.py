@@ -215,7 +215,7 @@ def analyze(
     """
     from pycocotools import mask as mask_utils
 
-    from detector.evaluation.coco import coco_gt
+    from detector.evaluation.cocoeval import coco_gt
 
     if not 0 < iou_threshold <= 1:
         raise ValueError(f"IoU threshold {iou_threshold} is not in (0, 1]")
@@ -385,7 +385,9 @@ def write_json(analysis: Analysis, path: Path) -> Path:
 
 def plot_confusion(analysis: Analysis, path: Path) -> Path:
     """Counts and row-normalised confusion matrix side by side."""
-    from detector.runs.plots import _save, plt
+    from detector.core.drawing import pyplot, save_figure
+
+    plt = pyplot()
 
     labels = analysis.labels
     n = len(labels)
@@ -410,12 +412,14 @@ def plot_confusion(analysis: Analysis, path: Path) -> Path:
                     if data[i, j]:
                         ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", fontsize=7,
                                 color="white" if data[i, j] > top / 2 else "black")  # fmt: skip
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_per_class_prf(analysis: Analysis, path: Path) -> Path:
     """Precision, recall and F1 per class at each class's best-F1 threshold (written beside the bars)."""
-    from detector.runs.plots import _save, plt
+    from detector.core.drawing import pyplot, save_figure
+
+    plt = pyplot()
 
     names = analysis.class_names
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.5))
@@ -432,12 +436,14 @@ def plot_per_class_prf(analysis: Analysis, path: Path) -> Path:
     ax.set_title(f"best-F1 operating point per class (IoU {analysis.iou_threshold:g})")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3, axis="x")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_ap_by_size(analysis: Analysis, path: Path) -> Path:
     """AP@[.5:.95] per class for small, medium and large objects (no bar: no object of that size)."""
-    from detector.runs.plots import _save, plt
+    from detector.core.drawing import pyplot, save_figure
+
+    plt = pyplot()
 
     names = analysis.class_names
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2), 4))
@@ -451,7 +457,7 @@ def plot_ap_by_size(analysis: Analysis, path: Path) -> Path:
     ax.set_title("AP by object size (COCO: small < 32², medium < 96² px area)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 CAPTION_PX = 14  # the strip under each gallery tile: file name and counts

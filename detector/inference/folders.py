@@ -22,9 +22,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from detector.core.detections import Detections, decode
+from detector.core.drawing import draw_detections
 from detector.core.images import ImageDecodeError, load_image
-from detector.inference.predictor import Detections, Predictor, decode
-from detector.runs.plots import draw_detections
+from detector.inference.predictor import Predictor
 
 Prepared = tuple[torch.Tensor, float, tuple[int, int]]
 

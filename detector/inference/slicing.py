@@ -33,7 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SliceSpec", "detect_sliced", "tile_grid"]
+from detector.core.grid import EXTRA_HINT, _sv
+
+__all__ = ["SliceSpec", "detect_sliced"]
 
 # images -> per image boxes (xyxy in that image's pixels), labels, scores (and masks (n, 1, h, w))
 DetectFn = Callable[[list[torch.Tensor]], list[dict[str, torch.Tensor]]]
@@ -78,21 +80,6 @@ class SliceSpec:
         return round(self.size * self.overlap)
 
 
-EXTRA_HINT = "pip install 'detector[slicing]' (or pip install -e '.[slicing]' in a checkout)"
-
-
-def _sv() -> Any:
-    """supervision, or an error saying how to get it (it is the ``slicing`` extra)."""
-    try:
-        import supervision
-    except ImportError:
-        raise RuntimeError(
-            "sliced inference (--slice, Predictor(slicing=...)) and data.tile need the optional extra "
-            f"supervision: {EXTRA_HINT}"
-        ) from None
-    return supervision
-
-
 def require_supervision() -> None:
     """For the tools, before any work: without supervision, one ``error:`` line naming the extra
     to install and exit code 2 (not a library traceback after the model is loaded)."""
@@ -102,20 +89,6 @@ def require_supervision() -> None:
         print(f"error: --slice needs the optional extra supervision, which is not installed: {EXTRA_HINT}",
               file=sys.stderr)  # fmt: skip
         raise SystemExit(2) from exc
-
-
-def tile_grid(width: int, height: int, size: int, overlap: float) -> np.ndarray:
-    """The tiles covering a width x height image: int64 (n, 4) xyxy, row by row.
-
-    supervision's grid (the one InferenceSlicer uses, so training tiles and inference tiles are
-    the same): tiles step by ``size - overlap`` and the last one in a row or column is moved back
-    to end at the image's edge, so every tile is size x size unless the image is smaller.
-    """
-    sv = _sv()
-    ov = round(size * overlap)
-    # InferenceSlicer's own grid function (a static method): the tiles it slices at inference
-    grid = sv.InferenceSlicer._generate_offset((int(width), int(height)), (size, size), (ov, ov))
-    return np.asarray(grid, dtype=np.int64).reshape(-1, 4)
 
 
 class CompactProbabilities:
@@ -159,7 +132,7 @@ def _to_sv(
     scores = det["scores"].detach().float().cpu().numpy().astype(np.float32)
     mask = None
     if "masks" in det:
-        from detector.evaluation.segm import CHUNK, to_original_size
+        from detector.core.masks import CHUNK, to_original_size
 
         parts = [
             CompactMask.from_dense(
@@ -331,9 +304,9 @@ def predict_sliced(predictor: Any, prepared: Sequence[tuple[torch.Tensor, float,
     Returns:
         Detections (detector.inference.predictor) per image; a Mask R-CNN's masks are bool (n, H, W).
     """
-    from detector.inference.predictor import to_detections
+    from detector.core.detections import to_detections
     from detector.models.build import model_input_size
-    from detector.models.family import family_of_model, loss_and_detections
+    from detector.models.zoo import family_of_model, loss_and_detections
 
     model, spec = predictor.model, predictor.slicing
     has_masks = family_of_model(model).masks
@@ -374,7 +347,7 @@ def sliced_detect(
     (their tiles never mix), so the detections of an image do not depend on the batches or the
     number of processes, and the gathered metrics stay the same for 1 and N processes."""
     from detector.models.build import model_input_size
-    from detector.models.family import loss_and_detections
+    from detector.models.zoo import loss_and_detections
 
     def detect(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, Any]]:
         run = lambda ims: loss_and_detections(model, ims, None, autocast)[1]  # noqa: E731

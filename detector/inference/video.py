@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from detector.core.detections import iter_batches
+from detector.core.progress import progress as progress_bar
 from detector.inference.folders import RowSpool, categories, detection_rows, draw, write_json
-from detector.inference.predictor import Predictor, iter_batches
-from detector.train import process as runtime
+from detector.inference.predictor import Predictor
 
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 OUTPUT_FOURCC = "mp4v"
@@ -222,7 +223,7 @@ def infer_video(
         VideoError: naming the video (unreadable, corrupt, no frames, cannot write the output).
     """
     info = probe(path)
-    bar = runtime.progress(progress, total=info.frame_count, desc=name, unit="frame")
+    bar = progress_bar(progress, total=info.frame_count, desc=name, unit="frame")
     fps = info.fps if info.fps > 0 else 30.0
     video_path = out / f"{name}.mp4" if draw_frames else None
     writer = AnnotatedVideoWriter(video_path, fps) if video_path is not None else None

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 from torchvision.models._api import WeightsEnum
 
-from detector.config import ConfigError, ModelConfig
-from detector.models.family import check_keys, family_of, family_of_model
-from detector.models.weights import WeightsError, apply_structure, read
+from detector.config import ModelConfig
+from detector.core.errors import ConfigError, WeightsError
+from detector.models.weights import apply_structure, is_ours, read
+from detector.models.zoo import applicable, check_keys, family_of, family_of_model
 
-__all__ = ["WeightsError", "build_model", "model_input_size", "read_checkpoint"]
+__all__ = ["build_model", "load_model", "model_input_size", "read_checkpoint"]
 
 read_checkpoint = read  # the weights module reads every weights file
 
@@ -165,3 +166,30 @@ def describe(model: nn.Module) -> dict[str, Any]:
     n = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"family": family_of_model(model).name, "parameters": n, "trainable": trainable}
+
+
+def load_model(path: str | Path, **model_overrides: Any):
+    """Rebuild the model of one of our weights files (best.pt / last.pt) the way it was trained.
+
+    Args:
+        path: the weights file.
+        model_overrides: model.* settings to change (e.g. box_score_thresh).
+
+    Returns:
+        (model in eval mode, LabelMap, the file's data without the weights).
+    """
+    from detector.config import from_dict
+    from detector.core.labels import LabelMap
+
+    data = read(path)
+    if not is_ours(data):
+        raise WeightsError(f"{path} is not a detector weights file (no label map); use one written by tools/train.py")
+    label_map = LabelMap.from_dict(data["label_map"])
+    cfg = applicable(from_dict({"model": data.get("model_config", {})}).model)
+    cfg = dataclasses.replace(cfg, weights=None, weights_backbone=None, **model_overrides)
+    model = build_model(cfg, label_map.num_classes, list(label_map.names))
+    if "structure" in data:
+        apply_structure(model, data["structure"])
+    model.load_state_dict(data["model"])
+    model.eval()
+    return model, label_map, {k: v for k, v in data.items() if k != "model"}

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from detector.config import ConfigError
+from detector.core.errors import ConfigError
 from detector.models.backbones import resnet_fpn
 from detector.models.family import float32, loss_key
 

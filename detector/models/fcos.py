@@ -10,7 +10,8 @@ from torchvision.models import detection as D
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
 
-from detector.config import ConfigError, ModelConfig
+from detector.config import ModelConfig
+from detector.core.errors import ConfigError
 from detector.models.backbones import stage_strides
 from detector.models.dense import (
     KEYS,

@@ -15,7 +15,8 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from detector.config import ConfigError, ModelConfig
+from detector.config import ModelConfig
+from detector.core.errors import ConfigError
 from detector.models.backbones import resnet_fpn
 from detector.models.family import Family, float32, set_keys
 

@@ -11,7 +11,8 @@ from torchvision.models import detection as D
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
 
-from detector.config import ConfigError, ModelConfig
+from detector.config import ModelConfig
+from detector.core.errors import ConfigError
 from detector.models.backbones import stage_strides
 from detector.models.dense import (
     KEYS,

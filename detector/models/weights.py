@@ -1,4 +1,4 @@
-"""Our weights file (best.pt / last.pt): written and read here, and the model rebuilt from it.
+"""Our weights file (best.pt / last.pt): written and read here (``build.load_model`` rebuilds the model).
 
 The file holds plain data only (``torch.load(path, weights_only=True)`` reads it): the state
 dict without ``module.``, the resolved config, the label map, input-size settings, metrics,
@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,10 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from detector.core.errors import WeightsError, write_error
+
 FORMAT = "detector.weights/2"
 READABLE = ("detector.weights/1", FORMAT)
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights that cannot be had, read or fitted to the model."""
 
 
 def versions() -> dict[str, str]:
@@ -102,35 +99,6 @@ def payload(
     }
 
 
-class WriteError(RuntimeError):
-    """A file of the run could not be written (disk full, quota, I/O error, read-only)."""
-
-
-def free_space(folder: str | Path) -> str:
-    """The free space of the file system holding ``folder``, for error messages."""
-    import shutil
-
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return "unknown free space"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if free < 1024 or unit == "GiB":
-            return f"{free:.0f} {unit} free" if unit == "B" else f"{free:.1f} {unit} free"
-        free /= 1024
-    return ""
-
-
-def write_error(path: str | Path, exc: BaseException) -> WriteError:
-    """A WriteError naming the file, the reason and the free space where it was written."""
-    path = Path(path)
-    text = str(exc).strip()
-    reason = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)
-    folder = next((p for p in (path.parent, *path.parents) if p.exists()), Path("."))
-    return WriteError(f"cannot write {path}: {reason} ({free_space(folder)} on {folder}); the file it would have "
-                      "replaced and the saved states are intact")  # fmt: skip
-
-
 def save(obj: dict[str, Any], path: str | Path) -> None:
     """Write atomically: a temporary file, flushed and fsynced, renamed over ``path``.
 
@@ -181,32 +149,3 @@ def read(path: str | Path) -> dict[str, Any]:
 
 def is_ours(data: dict[str, Any]) -> bool:
     return data.get("format") in READABLE and "label_map" in data and "model" in data
-
-
-def load_model(path: str | Path, **model_overrides: Any):
-    """Rebuild the model of one of our weights files (best.pt / last.pt) the way it was trained.
-
-    Args:
-        path: the weights file.
-        model_overrides: model.* settings to change (e.g. box_score_thresh).
-
-    Returns:
-        (model in eval mode, LabelMap, the file's data without the weights).
-    """
-    from detector.config import from_dict
-    from detector.core.labels import LabelMap
-    from detector.models.build import build_model
-    from detector.models.family import applicable
-
-    data = read(path)
-    if not is_ours(data):
-        raise WeightsError(f"{path} is not a detector weights file (no label map); use one written by tools/train.py")
-    label_map = LabelMap.from_dict(data["label_map"])
-    cfg = applicable(from_dict({"model": data.get("model_config", {})}).model)
-    cfg = replace(cfg, weights=None, weights_backbone=None, **model_overrides)
-    model = build_model(cfg, label_map.num_classes, list(label_map.names))
-    if "structure" in data:
-        apply_structure(model, data["structure"])
-    model.load_state_dict(data["model"])
-    model.eval()
-    return model, label_map, {k: v for k, v in data.items() if k != "model"}

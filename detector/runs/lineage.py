@@ -28,8 +28,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from detector.config import Config, to_dict
 from detector.core import storage
-from detector.config import Config, ConfigError, to_dict
+from detector.core.errors import ConfigError
 
 LINEAGE_FILE = "lineage.json"
 PACKAGES = ("detector", "torch", "torchvision", "accelerate", "albumentations", "pycocotools", "numpy", "pillow",

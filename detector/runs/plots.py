@@ -13,19 +13,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
 
-from detector.evaluation.coco import CocoResult  # noqa: E402
+from detector.core.drawing import draw_detections, save_figure  # noqa: E402
+from detector.evaluation.cocoeval import CocoResult  # noqa: E402
 from detector.runs.tracking import epoch_rows, read_metrics  # noqa: E402
-
-
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
 
 
 def plot_losses(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
@@ -47,7 +39,7 @@ def plot_losses(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_map(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
@@ -65,7 +57,7 @@ def plot_map(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pr(result: CocoResult, path: Path) -> Path:
@@ -81,7 +73,7 @@ def plot_pr(result: CocoResult, path: Path) -> Path:
     ax.set_title(f"PR @ IoU 0.5 (mAP50 {result.stats.get('mAP50', 0):.3f})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_per_class_ap(result: CocoResult, path: Path) -> Path:
@@ -96,32 +88,7 @@ def plot_per_class_ap(result: CocoResult, path: Path) -> Path:
     ax.invert_yaxis()
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="x")
-    return _save(fig, path)
-
-
-def draw_detections(
-    image: torch.Tensor,
-    boxes: torch.Tensor,
-    labels: Sequence[int],
-    class_names: Sequence[str],
-    scores: Sequence[float] | None = None,
-    color: str | None = None,
-    width: int = 2,
-    masks: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Boxes with class names (and scores) drawn on a uint8 CHW image (torchvision's drawing);
-    ``masks`` (n, H, W), when given, are filled in the boxes' colours under them."""
-    if len(boxes) == 0:
-        return image
-    text = [
-        class_names[int(lab) - 1] + (f" {float(scores[i]):.2f}" if scores is not None else "")
-        for i, lab in enumerate(labels)
-    ]
-    palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
-    colors = color or [palette[(int(lab) - 1) % len(palette)] for lab in labels]
-    if masks is not None and len(masks):
-        image = draw_segmentation_masks(image, masks.bool().cpu(), alpha=0.45, colors=colors)
-    return draw_bounding_boxes(image, boxes.float(), labels=text, colors=colors, width=width)
+    return save_figure(fig, path)
 
 
 def prediction_grid(samples: list[dict[str, Any]], class_names: Sequence[str], path: Path, ncol: int = 4) -> Path:

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from detector.data.coco import CocoDetection
-from detector.evaluation.coco import CocoResult
-from detector.models.family import loss_and_detections
+from detector.evaluation.cocoeval import CocoResult
+from detector.models.zoo import loss_and_detections
 from detector.runs.plots import plot_per_class_ap, plot_pr, plot_run, prediction_grid
 from detector.runs.tracking import RunLogger, wandb_boxes
 

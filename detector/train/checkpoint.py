@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from detector.core.errors import CheckpointError, WriteError
 from detector.models import weights
-from detector.models.weights import WriteError
 from detector.train.state import LAYOUT_KEYS, RunState
 from detector.train.state import is_better as is_better  # the best-score rule, where its callers found it
 
@@ -231,10 +231,6 @@ def list_states(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / COMPLETE).is_file())
-
-
-class CheckpointError(RuntimeError):
-    """A resumable state that cannot be used."""
 
 
 def load_state_files(state_dir: str | Path, process_index: int) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -20,11 +20,11 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 
+from detector.core.errors import DatasetError
 from detector.core.labels import LabelMap
-from detector.data.coco import DatasetError
-from detector.evaluation.coco import CocoResult, detections_to_coco, evaluate_coco, flat_metrics
-from detector.evaluation.segm import segm_metrics
-from detector.models.family import loss_and_detections, loss_key
+from detector.evaluation.cocoeval import CocoResult, detections_to_coco, evaluate_coco, flat_metrics, segm_metrics
+from detector.models.family import loss_key
+from detector.models.zoo import loss_and_detections
 
 
 class DataFailure(DatasetError):
@@ -48,7 +48,7 @@ def _batches(loader: Any) -> Any:
         except StopIteration:
             return
         except DatasetError as exc:
-            from detector.train.process import error_text
+            from detector.core.errors import error_text
 
             yield [], [], 0, error_text(exc)
             return

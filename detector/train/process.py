@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,14 +12,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from detector.config import Config, ConfigError, TrainConfig, save_yaml
+from detector.config import Config, TrainConfig, save_yaml
+from detector.core.errors import EXIT_PREEMPTED, ConfigError
 from detector.train.state import RunState
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a resumable state
-EXIT_NONFINITE = 3  # stopped after too many non-finite losses in a row
-EXIT_WORKER_DIED = 76  # a DataLoader worker was killed (usually out of memory)
-EXIT_PEER_LOST = 77  # a collective failed: another training process died or hangs
-EXIT_WRITE_FAILED = 74  # EX_IOERR: a checkpoint or weights file could not be written (disk full...)
 PREEMPTED_MARKER = "PREEMPTED"  # written in the run directory (accelerate launch maps exit codes to 1)
 
 
@@ -269,62 +263,6 @@ class StopFlag:
         return "time limit"
 
 
-def progress(enabled: bool, interval: float = 30.0, **kwargs: Any) -> Any:
-    """A progress bar on the main process (a no-op object elsewhere).
-
-    On a terminal it is a tqdm bar. Where stderr is not a terminal (SLURM, CI, ``> train.log``)
-    a redrawn bar would write carriage-return frames into the log, so a plain line is printed
-    every ``interval`` seconds instead, and once at the end.
-    """
-    from tqdm.auto import tqdm
-
-    if enabled and not sys.stderr.isatty():
-        return PlainProgress(interval=interval, **kwargs)
-    return tqdm(disable=not enabled, dynamic_ncols=True, file=sys.stderr, **kwargs)
-
-
-class PlainProgress:
-    """The part of tqdm's interface the tools use, as plain log lines at a fixed interval."""
-
-    def __init__(self, total: int | None = None, desc: str = "", interval: float = 30.0, unit: str = "it",
-                 **_: Any) -> None:  # fmt: skip
-        self.total, self.desc, self.interval, self.unit = total, desc, interval, unit
-        self.n = 0
-        self.postfix = ""
-        self.start = self.last = time.monotonic()
-        self.closed = False
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        now = time.monotonic()
-        if now - self.last >= self.interval:
-            self.last = now
-            self._print()
-
-    def set_postfix(self, **kwargs: Any) -> None:
-        self.postfix = ", ".join(f"{k}={v}" for k, v in kwargs.items())
-
-    def reset(self, total: int | None = None) -> None:
-        self.total, self.n = total, 0
-        self.start = self.last = time.monotonic()
-
-    def refresh(self) -> None:
-        pass
-
-    def _print(self) -> None:
-        elapsed = time.monotonic() - self.start
-        done = f"{self.n}/{self.total}" if self.total else str(self.n)
-        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
-        rate = f"{self.n / elapsed:.2f} {self.unit}/s" if elapsed > 0 else ""
-        extra = f", {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {done}{pct}, {rate}, {elapsed:.0f} s{extra}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._print()
-
-
 def world_info(accelerator: Accelerator) -> str:
     return (
         f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
@@ -399,81 +337,3 @@ def summary_rows(m: dict[str, Any], state: RunState, cfg: Config, run_dir: Path)
     rows.append(("best weights", str(best_file) if written else f"none written (no finite {cfg.eval.best_metric})"))
     rows.append(("metrics", str(run_dir / "metrics.jsonl")))
     return rows
-
-
-def run_main(main) -> int:
-    """Run a tool's main(); known input errors become one clear message (no stack trace)."""
-    from detector.config import ConfigError
-    from detector.data.coco import DatasetError
-    from detector.models.build import WeightsError
-    from detector.models.weights import WriteError, write_error
-    from detector.train.checkpoint import CheckpointError
-
-    try:
-        return main()
-    except (ConfigError, DatasetError, WeightsError, CheckpointError) as exc:
-        if os.environ.get("RANK", "0") == "0" or _from_worker(exc):  # a worker's error is its process's alone
-            print(f"error: {error_text(exc)}", file=sys.stderr)
-        return 2
-    except (WriteError, OSError) as exc:
-        if isinstance(exc, OSError) and exc.errno not in _WRITE_ERRNOS:
-            raise
-        # every process raises the same WriteError (checkpoint.agree); a raw OSError is this process's alone
-        if os.environ.get("RANK", "0") == "0" or not isinstance(exc, WriteError):
-            error = exc if isinstance(exc, WriteError) else write_error(exc.filename or "a file of the run", exc)
-            print(f"error: {error}. Free some space (or choose another output_dir) and resume with "
-                  "train.resume=auto.", file=sys.stderr)  # fmt: skip
-        return EXIT_WRITE_FAILED
-    except RuntimeError as exc:
-        text = str(exc)
-        if _peer_lost(exc):
-            print(
-                f"error: a collective operation with the other processes failed ({_first_line(text)}). Another "
-                "process died or hangs (its own log says why: out of memory, a data error, a lost node); a process "
-                "waits train.dist_timeout_minutes for its peers. Fix the cause and resume with train.resume=auto.",
-                file=sys.stderr,
-            )
-            return EXIT_PEER_LOST
-        if "DataLoader worker (pid" not in text:
-            raise
-        print(
-            f"error: {text.splitlines()[0].rstrip('. ')}. A DataLoader worker is usually killed by the out-of-memory killer: "
-            "lower data.num_workers or train.batch_size, or give the job more memory; then resume with "
-            "train.resume=auto (the last saved state is intact).",
-            file=sys.stderr,
-        )
-        return EXIT_WORKER_DIED
-
-
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
-_PEER_SIGNS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
-               "collective operation timeout", "NCCL communicator was aborted")  # fmt: skip
-
-
-def _peer_lost(exc: BaseException) -> bool:
-    """Did a collective fail because another process died or hangs (gloo or NCCL)?"""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return False
-    return isinstance(exc, getattr(dist, "DistError", ())) or any(s in str(exc) for s in _PEER_SIGNS)
-
-
-def _first_line(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else "no message"
-    return line.split("] ", 1)[-1] if line.startswith("[") else line  # gloo prefixes its source location
-
-
-def _from_worker(exc: BaseException) -> bool:
-    return str(exc).startswith("Caught ") and "Original Traceback" in str(exc)
-
-
-def error_text(exc: BaseException) -> str:
-    """The error's own message; an error raised in a DataLoader worker arrives wrapped in the
-    worker's whole traceback, of which only its last line says anything to a user."""
-    text = str(exc)
-    if not _from_worker(exc):
-        return text
-    last = [line for line in text.splitlines() if line.strip()][-1]
-    _, sep, rest = last.partition(": ")
-    return rest if sep and "." in last.split(":")[0] else last

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from detector import cli  # noqa: E402
+from detector import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,13 +44,13 @@ if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
 
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
-from detector.config import DataConfig  # noqa: E402
-from detector.data.coco import CocoDetection, CocoIndex  # noqa: E402
-from detector.data.loader import collate  # noqa: E402
-from detector.data.transforms import build_transform  # noqa: E402
+from detector.config import DataConfig
+from detector.data.coco import CocoDetection, CocoIndex
+from detector.data.loader import collate
+from detector.data.transforms import build_transform
 
 
 def _photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:

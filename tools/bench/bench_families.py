@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from detector import cli  # noqa: E402
+from detector import cli
 
 MODELS = {
     "fasterrcnn_resnet18_fpn (demo)": ("demo.yaml", []),
@@ -46,12 +46,12 @@ if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
 
 
-import torch  # noqa: E402
+import torch
 
-from detector import config  # noqa: E402
-from detector.deploy.export import export_onnx, onnx_runner  # noqa: E402
-from detector.models.build import build_model  # noqa: E402
-from detector.models.family import family_of  # noqa: E402
+from detector import config
+from detector.deploy.export import export_onnx, onnx_runner
+from detector.models.build import build_model
+from detector.models.zoo import family_of
 
 ROOT = Path(__file__).resolve().parents[2]
 # name -> (the config whose model is measured, overrides)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from detector import cli  # noqa: E402
+from detector import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,11 +35,12 @@ if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
 
 
-import torch  # noqa: E402
+import torch
 
-from detector.deploy.export import default_size, export_onnx, onnx_runner  # noqa: E402
-from detector.inference.predictor import Predictor, load_model  # noqa: E402
-from detector.models.family import loss_and_detections  # noqa: E402
+from detector.deploy.export import default_size, export_onnx, onnx_runner
+from detector.inference.predictor import Predictor
+from detector.models.build import load_model
+from detector.models.zoo import loss_and_detections
 
 
 def _rate(fn, items, repeats=3) -> float:

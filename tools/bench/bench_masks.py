@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from detector import cli  # noqa: E402
+from detector import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,14 +39,14 @@ if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
 
 
-import numpy as np  # noqa: E402
-from pycocotools import mask as mask_utils  # noqa: E402
+import numpy as np
+from pycocotools import mask as mask_utils
 
-from detector.data.coco import CocoIndex  # noqa: E402
-from detector.data.mask_index import item_masks  # noqa: E402
+from detector.data.coco import CocoIndex
+from detector.data.mask_index import item_masks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_data import worker_growth  # noqa: E402
+from bench_data import worker_growth
 
 SIZE = 96
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from detector import cli  # noqa: E402
+from detector import cli
+from detector.core import errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,13 +50,16 @@ if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
 
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from detector.deploy import export, quantize, runtimes  # noqa: E402
-from detector.inference.predictor import Predictor, load_model  # noqa: E402
-from detector.models.build import model_input_size  # noqa: E402
-from detector.train import process as runtime  # noqa: E402
+from detector.core import progress
+from detector.deploy import export, quantize, runtimes
+from detector.inference.predictor import Predictor
+from detector.models.build import (
+    load_model,
+    model_input_size,
+)
 
 
 def script_run(path: Path):
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             for img in warm + warm:
                 run(img)
         best = dict.fromkeys(runners, 0.0)
-        bar = runtime.progress(True, total=args.rounds * len(runners), desc="timing")
+        bar = progress.progress(True, total=args.rounds * len(runners), desc="timing")
         for _ in range(args.rounds):
             for name, run in runners.items():
                 start = time.perf_counter()
@@ -180,4 +184,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(runtime.run_main(main))
+    sys.exit(errors.run_main(main))

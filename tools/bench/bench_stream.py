@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from detector import cli  # noqa: E402
+from detector import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,12 +37,12 @@ if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
 
 
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+import numpy as np
+import psutil
+from PIL import Image, ImageDraw
 
-from detector.inference.folders import infer_images  # noqa: E402
-from detector.inference.predictor import Predictor  # noqa: E402
+from detector.inference.folders import infer_images
+from detector.inference.predictor import Predictor
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:

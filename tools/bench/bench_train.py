@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from detector import cli  # noqa: E402
+from detector import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
