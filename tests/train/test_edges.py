@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from detector.data.coco import CocoDetection, CocoIndex
 from detector.evaluation.cocoeval import detections_to_coco
 from detector.train import checkpoint, engine, optim
 from detector.train import process as runtime
+from detector.train.state import RunState
 from tests.conftest import (
     ROOT,
     TINY,
@@ -204,11 +206,11 @@ def test_mid_epoch_state_with_another_batch_size_is_refused():
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    pos = {"epoch": 1, "batch": 3, "step": 11, "world_size": 2, "batch_size": 4, "grad_accum_steps": 1}
+    pos = RunState(epoch=1, batch=3, step=11, world_size=2, batch_size=4, grad_accum_steps=1)
     with pytest.raises(checkpoint.CheckpointError, match="batch_size 4 -> 8"):
         checkpoint.adapt_position(pos, {"world_size": 2, "batch_size": 8, "grad_accum_steps": 1}, 5, 0.1, opt, sched)
     with pytest.raises(checkpoint.CheckpointError, match="do not divide among 2 processes"):
-        checkpoint.adapt_position(pos | {"world_size": 1}, {"world_size": 2, "batch_size": 4, "grad_accum_steps": 1},
+        checkpoint.adapt_position(replace(pos, world_size=1), {"world_size": 2, "batch_size": 4, "grad_accum_steps": 1},
                                   5, 0.1, opt, sched)  # fmt: skip
 
 
@@ -220,11 +222,11 @@ def test_end_of_epoch_state_takes_the_new_global_batch_lr():
     for _ in range(10):
         opt.step()
         sched.step()
-    pos = {"epoch": 1, "batch": 0, "step": 10, "world_size": 2, "batch_size": 4, "grad_accum_steps": 1}
+    pos = RunState(epoch=1, batch=0, step=10, world_size=2, batch_size=4, grad_accum_steps=1)
     new = checkpoint.adapt_position(pos, {"world_size": 1, "batch_size": 4, "grad_accum_steps": 1}, 20, 0.2, opt,
                                     sched, lambda _: None)  # fmt: skip
     # 1 process: 20 steps per epoch; after one epoch the schedule is at step 20 of 2 x 20
-    assert new["world_size"] == 1 and sched.last_epoch == 20
+    assert new.world_size == 1 and sched.last_epoch == 20
     assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * optim.lr_factor(20, 40, cfg))
 
 
@@ -427,7 +429,8 @@ def test_best_mode_follows_the_metric_and_names_are_checked():
 
 def test_summary_does_not_promise_a_best_pt_that_was_never_written(tmp_path):
     cfg = config.load(TINY, ["data.synthetic.enabled=true"])
-    rows = dict(runtime.summary_rows({"epoch": 2}, {"best": None}, cfg, tmp_path))
+    rows = dict(runtime.summary_rows({"epoch": 2}, RunState(world_size=1, batch_size=4, grad_accum_steps=1), cfg,
+                                     tmp_path))  # fmt: skip
     assert rows["best weights"].startswith("none written")
 
 

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 from detector.core.errors import WeightsError
 from detector.models.build import read_checkpoint
 from detector.train import checkpoint
+from detector.train.state import RunState
 from tests.conftest import (
     ROOT,
     TINY,
@@ -107,7 +109,7 @@ def _fake_state(run: Path, step: int, accelerator) -> Path:
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    pos = {"epoch": 0, "batch": step, "step": step, "best": None, "wandb_id": None, "nonfinite_in_row": 0}
+    pos = RunState(epoch=0, batch=step, step=step, world_size=1, batch_size=4, grad_accum_steps=1)
     return checkpoint.save_state(run, accelerator, model, opt, sched, pos, keep=5)
 
 
@@ -195,7 +197,7 @@ def _objects(seed: int = 0):
 
 def _saved_run(run: Path, accelerator, trained_on: dict | None) -> Path:
     model, opt, sched = _objects(0)
-    pos = {"epoch": 1, "batch": 0, "step": 8, "best": 0.06, "wandb_id": None, "nonfinite_in_row": 0}
+    pos = RunState(epoch=1, batch=0, step=8, best=0.06, world_size=1, batch_size=4, grad_accum_steps=1)
     return checkpoint.save_state(run, accelerator, model, opt, sched, pos, keep=5, trained_on=trained_on)
 
 
@@ -239,7 +241,7 @@ def test_the_same_classes_under_other_category_ids_resume_with_a_warning(tmp_pat
     model, opt, sched = _objects(1)
     pos = checkpoint.resume("auto", tmp_path, cpu_accelerator, model, opt, sched, said.append,
                             trained_on={**SHAPES, "category_ids": [1, 2, 3]})  # fmt: skip
-    assert pos["step"] == 8
+    assert pos is not None and pos.step == 8
     assert any(m.startswith("warning: the classes' category ids changed") and "[3, 7, 12] -> [1, 2, 3]" in m
                for m in said), said  # fmt: skip
     said.clear()
@@ -363,10 +365,11 @@ def test_a_finished_runs_message_names_what_stopped_it(tmp_path):
     from tests.conftest import TINY
 
     cfg = load(TINY, ["train.epochs=6", "eval.early_stop_patience=2", "data.synthetic.enabled=true"])
-    early = finished_message({"epoch": 3, "evals_since_best": 2, "best": None}, cfg, tmp_path, early_stopped=True)
+    layout = {"world_size": 1, "batch_size": 4, "grad_accum_steps": 1}
+    early = finished_message(RunState(epoch=3, evals_since_best=2, **layout), cfg, tmp_path, early_stopped=True)
     assert "eval.early_stop_patience=2" in early and "raise eval.early_stop_patience" in early
     assert "train.epochs" not in early
-    done = finished_message({"epoch": 6, "evals_since_best": 0, "best": None}, cfg, tmp_path, early_stopped=False)
+    done = finished_message(RunState(epoch=6, **layout), cfg, tmp_path, early_stopped=False)
     assert "train.epochs=6 reached" in done and "raise train.epochs to train longer" in done
     assert "early_stop" not in done
 
@@ -380,9 +383,9 @@ def test_every_process_resumes_from_the_main_processs_state_or_all_refuse(tmp_pa
     import accelerate.utils
 
     model, opt, sched = _objects(0)
-    pos = {"epoch": 1, "batch": 0, "step": 8, "best": None, "wandb_id": None, "nonfinite_in_row": 0}
+    pos = RunState(epoch=1, batch=0, step=8, world_size=1, batch_size=4, grad_accum_steps=1)
     older = checkpoint.save_state(tmp_path, cpu_accelerator, model, opt, sched, pos, keep=5)
-    newer = checkpoint.save_state(tmp_path, cpu_accelerator, model, opt, sched, {**pos, "step": 16}, keep=5)
+    newer = checkpoint.save_state(tmp_path, cpu_accelerator, model, opt, sched, replace(pos, step=16), keep=5)
     rank1 = SimpleNamespace(num_processes=2, process_index=1)
     gathered = []
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda x: gathered.extend([None, *x]) or gathered)
