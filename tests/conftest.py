@@ -3,9 +3,11 @@ tools, dummy batches for the training loop, and the reference data beside the ch
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +22,117 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 
 sys.path.insert(0, str(ROOT))
+
+
+# -- what the suite launches: a count that does not depend on the machine's speed ----------------
+
+# Every subprocess the tests start (subprocess.Popen, under subprocess.run too) by kind and script,
+# and every in-process tool call; printed in the terminal summary (under xdist each worker sends its
+# counts to the controller, which sums them).
+LAUNCHES: collections.Counter[str] = collections.Counter()
+
+# the scripts that run the trainer: tools/train.py, its test wrappers, and launch/slurm.sh (which
+# launches it on the processes of its launch config)
+TRAINERS = ("tools/train.py", "tests/scripts/train_spy.py", "tests/scripts/vanish.py", "tests/scripts/disk_full.py",
+            "launch/slurm.sh")  # fmt: skip
+
+
+def _script_name(arg: str) -> str:
+    """A script's path relative to the checkout (tools/train.py, tests/scripts/vanish.py)."""
+    path = Path(arg)
+    if not path.is_absolute():
+        path = ROOT / path
+    with contextlib.suppress(ValueError):
+        return path.resolve().relative_to(ROOT).as_posix()
+    return arg
+
+
+def launch_kind(argv: list[str]) -> str:
+    """What a command line starts: 'accelerate xN <script>', 'python <script>', 'bash <script>',
+    'python -c' or 'other <program>'."""
+    if not argv:
+        return "other"
+    if "accelerate.commands.launch" in argv or Path(argv[0]).name == "accelerate":
+        nproc, config_file, script = None, None, "?"
+        for i, arg in enumerate(argv):
+            if arg == "--num_processes" and i + 1 < len(argv):
+                nproc = int(argv[i + 1])
+            elif arg == "--config_file" and i + 1 < len(argv):
+                config_file = argv[i + 1]
+            elif arg.endswith(".py") and argv[i - 1] not in ("--config_file", "--config"):
+                script = _script_name(arg)
+                break
+        if nproc is None and config_file is not None:  # the launch config's own count
+            found = re.search(r"^num_processes:\s*(\d+)", Path(config_file).read_text(), re.MULTILINE)
+            nproc = int(found.group(1)) if found else 1
+        return f"accelerate x{nproc or 1} {script}"
+    program = Path(argv[0]).name
+    if program.startswith("python") or argv[0] == sys.executable:
+        if len(argv) > 1 and argv[1] == "-c":
+            return "python -c"
+        script = next((a for a in argv[1:] if a.endswith(".py")), None)  # after options such as -X importtime
+        return f"python {_script_name(script)}" if script else "python"
+    if program in ("bash", "sh") and len(argv) > 1:
+        return f"bash {argv[1]}"
+    return f"other {program}"
+
+
+_popen_init = subprocess.Popen.__init__
+_WORKER_COUNTS = pytest.StashKey[list]()  # xdist's controller: the counts each worker sent
+
+
+def _counting_popen_init(self: subprocess.Popen, args: Any, *rest: Any, **kw: Any) -> None:
+    argv = [str(os.fspath(a)) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
+    LAUNCHES[launch_kind(argv) + (" --help" if "--help" in argv else "")] += 1  # a --help trains nothing
+    _popen_init(self, args, *rest, **kw)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    subprocess.Popen.__init__ = _counting_popen_init  # type: ignore[method-assign]
+    config.stash[_WORKER_COUNTS] = []
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    subprocess.Popen.__init__ = _popen_init  # type: ignore[method-assign]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: its counts go to the controller
+        session.config.workeroutput["launch_counts"] = dict(LAUNCHES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist's controller: one worker's counts (none if it went down without finishing)."""
+    node.config.stash[_WORKER_COUNTS].append(getattr(node, "workeroutput", {}).get("launch_counts"))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    workers = config.stash.get(_WORKER_COUNTS, [])
+    total: collections.Counter[str] = collections.Counter()
+    if workers:  # the controller of xdist workers: the tests ran there
+        for counts in workers:
+            total.update(counts or {})
+    else:
+        total.update(LAUNCHES)
+    if not total:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.write_sep("-", "launches (subprocesses and in-process tool calls)")
+    trainings = {k: n for k, n in total.items() if k.split(" ")[-1] in TRAINERS}
+    by_nproc: collections.Counter[str] = collections.Counter()
+    for kind, n in trainings.items():
+        by_nproc[kind.split(" ")[0] + (" " + kind.split(" ")[1] if kind.startswith("accelerate") else "")] += n
+    write(f"training runs: {sum(trainings.values())} (" + ", ".join(f"{k}: {n}" for k, n in sorted(by_nproc.items()))
+          + ")")  # fmt: skip
+    tools = sum(n for k, n in total.items() if k not in trainings and not k.startswith(("in-process", "other")))
+    write(f"other subprocesses of python, accelerate or bash: {tools}; in-process tool calls: "
+          f"{sum(n for k, n in total.items() if k.startswith('in-process'))}")  # fmt: skip
+    for kind, n in sorted(total.items()):
+        write(f"  {n:4d}  {kind}")
+    missing = sum(1 for counts in workers if counts is None)
+    if missing:
+        write(f"({missing} xdist worker(s) went down without sending their counts)")
 
 
 # -- reference data beside the checkout -----------------------------------------------------------
@@ -142,6 +255,7 @@ def run_tool_in_process(name: str, *args: Any) -> int:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    LAUNCHES[f"in-process {name}"] += 1
     return runtime.run_main(lambda: module.main([str(a) for a in args]))
 
 
