@@ -295,29 +295,64 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def trained_run(tiny_dataset, tmp_path_factory) -> Path:
-    """One tiny training run (1 process, 6 epochs: a model that finds some objects) shared by
-    the tests that need a checkpoint; under pytest-xdist, one run shared by all workers (the
-    first to need it trains it, the others wait for it)."""
+def shared_run(
+    name: str, tiny_dataset: dict[str, Path], tmp_path_factory, *overrides: str, nproc: int = 1
+) -> tuple[Path, str]:
+    """A tiny training run (tiny.yaml + the dataset + overrides on nproc processes) trained once
+    per session: (its run directory, its stdout). Under pytest-xdist, one run shared by all
+    workers: the first to need it trains it (on a copy of the dataset in the session's shared
+    folder, since each worker writes its own), the others wait for it. The run directory holds
+    only what training wrote."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):  # one process
-        out = tmp_path_factory.mktemp("run")
-        train(out, tiny_dataset, "train.epochs=6")
-        return out
+        out = tmp_path_factory.mktemp(name)
+        return out, train(out, tiny_dataset, *overrides, nproc=nproc)
     from filelock import FileLock
 
     shared = tmp_path_factory.getbasetemp().parent
-    out = shared / "trained_run"
-    with FileLock(str(shared / "trained_run.lock")):
-        if not (out / "DONE").is_file():
+    out, stdout, done = shared / name, shared / f"{name}.stdout", shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.is_file():
             shutil.rmtree(out, ignore_errors=True)
-            ds = {k: shared / "trained_run_data" / v for k, v in (("root", "."), ("train", "train.json"),
-                                                                   ("val", "val.json"))}  # fmt: skip
-            if not ds["train"].is_file():
-                shutil.copytree(tiny_dataset["root"], ds["root"], dirs_exist_ok=True)
-            train(out, ds, "train.epochs=6")
-            (out / "DONE").touch()
-    return out
+            stdout.write_text(train(out, _shared_dataset(tiny_dataset, shared), *overrides, nproc=nproc))
+            done.touch()
+    return out, stdout.read_text()
+
+
+def _shared_dataset(tiny_dataset: dict[str, Path], shared: Path) -> dict[str, Path]:
+    """The tiny dataset copied once into the xdist session's shared folder (the same files)."""
+    from filelock import FileLock
+
+    root = shared / "trained_run_data"
+    with FileLock(str(shared / "trained_run_data.lock")):
+        if not (shared / "trained_run_data.done").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.copytree(tiny_dataset["root"], root)
+            (shared / "trained_run_data.done").touch()
+    return {"root": root, "train": root / "train.json", "val": root / "val.json"}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_dataset, tmp_path_factory) -> Path:
+    """One tiny training run (1 process, 6 epochs: a model that finds some objects) shared by
+    the tests that need a checkpoint (once per session, see shared_run)."""
+    return shared_run("trained_run", tiny_dataset, tmp_path_factory, "train.epochs=6")[0]
+
+
+# One plain 2-process run of one epoch (16 images, batch 2 per process: global batch 4, 4 steps;
+# plots on), shared by the tests that check such a run: its run directory (test_train), validation
+# scoring the saved model (test_edges: evaluate.py --batch-size 2 must use the run's eval batches),
+# and the local twin of the run that reads the dataset from S3 (test_storage: the loader in the
+# main process). eval.batch_size=2 and data.num_workers=0 are tiny.yaml's own, said for the tests
+# that rely on them; the plots are drawn after the epoch's metrics and weights are written.
+TWO_PROCESS_RUN = ["train.epochs=1", "eval.batch_size=2", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tiny_dataset, tmp_path_factory) -> dict[str, Any]:
+    """The 2-process run of TWO_PROCESS_RUN, trained once per session: {"run": its directory,
+    "stdout": what training printed}."""
+    run, stdout = shared_run("two_process_run", tiny_dataset, tmp_path_factory, *TWO_PROCESS_RUN, nproc=2)
+    return {"run": run, "stdout": stdout}
 
 
 # The configuration whose 2-process runs are interrupted (SIGTERM, SLURM's SIGUSR1) and resumed

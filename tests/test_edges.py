@@ -36,7 +36,6 @@ from .conftest import (
     read_jsonl,
     run_tool,
     tool_env,
-    train,
     write_coco,
 )
 
@@ -308,11 +307,11 @@ def test_evaluate_checkpoint_refuses_resized_images(trained_run, tiny_dataset, t
 
 
 @pytest.mark.slow
-def test_two_process_validation_scores_the_saved_model(tiny_dataset, tmp_path):
+def test_two_process_validation_scores_the_saved_model(two_process_run, tiny_dataset, tmp_path):
     """Trainable BatchNorm on 2 processes: the val loss logged in training equals evaluate.py's on
-    last.pt (1 process), so validation scored the model that was saved."""
-    run = tmp_path / "run"
-    train(run, tiny_dataset, "train.epochs=1", "logging.plots=false", "eval.batch_size=2", nproc=2)
+    last.pt (1 process), so validation scored the model that was saved. (The 1-epoch run with
+    eval.batch_size=2 shared with test_train and test_storage.)"""
+    run = two_process_run["run"]
     logged = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"][-1]
     res = launch("evaluate.py", ["--checkpoint", run / "last.pt", "--annotations", tiny_dataset["val"],
                                  "--images", tiny_dataset["root"] / "val", "--batch-size", "2",

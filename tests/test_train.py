@@ -85,17 +85,11 @@ def test_two_process_shards_disjoint_and_complete(tiny_dataset, tmp_path):
     assert shards["epoch0"] != shards["epoch1"]  # reshuffled per epoch
 
 
-def test_two_process_training_run(tiny_dataset, tmp_path):
-    out = tmp_path / "run2"
-    res = launch(
-        "train.py",
-        ["--config", str(TINY), f"output_dir={out}", "train.epochs=1", *data_overrides(tiny_dataset)],
-        nproc=2,
-    )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+def test_two_process_training_run(two_process_run):
+    out = two_process_run["run"]  # 1 epoch on 2 processes (shared with test_edges and test_storage)
     rec = epoch_records(out)
     assert rec[-1]["val/images"] == 7
-    assert "global batch 4" in res.stdout  # 2 processes x batch 2
+    assert "global batch 4" in two_process_run["stdout"]  # 2 processes x batch 2
     for png in ("loss.png", "map.png"):  # a 1-epoch run has its curves (of one point)
         assert (out / "plots" / png).is_file(), png
     torch.load(out / "best.pt", weights_only=True)
