@@ -263,11 +263,14 @@ def test_family_trains_evaluates_identically_on_two_processes_and_exports(family
     assert losses and all(f"train/{k[4:]}" in records[-1] for k in losses)
     stats, rows = {}, {}
     for n in (1, 2):
-        res = launch("evaluate.py", ["--checkpoint", run / "best.pt", "--annotations", tiny_dataset["val"],
-                                     "--images", tiny_dataset["root"] / "val", "--batch-size", "2",
-                                     "--num-workers", "0", "--output", tmp_path / f"{n}.json",
-                                     "--results", tmp_path / f"{n}_rows.json"], nproc=n)  # fmt: skip
-        assert res.returncode == 0, res.stderr[-3000:]
+        args = ["--checkpoint", run / "best.pt", "--annotations", tiny_dataset["val"], "--images",
+                tiny_dataset["root"] / "val", "--batch-size", "2", "--num-workers", "0", "--output",
+                tmp_path / f"{n}.json", "--results", tmp_path / f"{n}_rows.json"]  # fmt: skip
+        if n == 1:  # in this process, on one thread like a launched process: no launcher needed
+            assert run_tool_in_process("evaluate.py", *args, threads=1) == 0
+        else:
+            res = launch("evaluate.py", args, nproc=n)
+            assert res.returncode == 0, res.stderr[-3000:]
         stats[n] = json.loads((tmp_path / f"{n}.json").read_text())
         rows[n] = json.loads((tmp_path / f"{n}_rows.json").read_text())
     # detections were made and the losses are not zero: the comparison is not one of empty sets

@@ -13,7 +13,17 @@ from PIL import Image
 
 from detector.evaluation.coco import STAT_NAMES
 
-from .conftest import ROOT, TINY, data_overrides, epoch_records, launch, launch_cmd, read_jsonl, tool_env
+from .conftest import (
+    ROOT,
+    TINY,
+    data_overrides,
+    epoch_records,
+    launch,
+    launch_cmd,
+    read_jsonl,
+    run_tool_in_process,
+    tool_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -46,15 +56,15 @@ def test_run_directory(trained_run):
 
 
 def _evaluate(ckpt, ds, nproc, out, batch_size):
-    res = launch(
-        "evaluate.py",
-        [
-            "--checkpoint", str(ckpt), "--annotations", str(ds["val"]), "--images", str(ds["root"] / "val"),
-            "--batch-size", str(batch_size), "--score-threshold", "0.001", "--num-workers", "0", "--output", str(out),
-        ],
-        nproc=nproc,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    args = [
+        "--checkpoint", str(ckpt), "--annotations", str(ds["val"]), "--images", str(ds["root"] / "val"),
+        "--batch-size", str(batch_size), "--score-threshold", "0.001", "--num-workers", "0", "--output", str(out),
+    ]  # fmt: skip
+    if nproc == 1:  # in this process, on one thread like a launched process: no launcher needed
+        assert run_tool_in_process("evaluate.py", *args, threads=1) == 0
+    else:
+        res = launch("evaluate.py", args, nproc=nproc)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return json.loads(out.read_text())
 
 
