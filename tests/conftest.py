@@ -372,11 +372,24 @@ TWO_PROCESS_RESUME = ["train.epochs=2", "train.checkpoint_every_steps=2", "loggi
 @pytest.fixture(scope="session")
 def two_process_reference(tiny_dataset, tmp_path_factory) -> Path:
     """An uninterrupted 2-process run of TWO_PROCESS_RESUME: the weights an interrupted and
-    resumed run of it must end with, bitwise. (The tests that use it are in the xdist group
-    "two_process_reference", so that it is trained once.)"""
-    out = tmp_path_factory.mktemp("two_process_reference")
-    train(out, tiny_dataset, *TWO_PROCESS_RESUME, nproc=2)
-    return out
+    resumed run of it must end with, bitwise (trained once per session, see shared_run)."""
+    return shared_run("two_process_reference", tiny_dataset, tmp_path_factory, *TWO_PROCESS_RESUME, nproc=2)[0]
+
+
+# The configuration whose 1-process runs are killed (SIGKILL: test_resume) or preempted (SIGTERM to
+# the process group, DataLoader workers included: test_faults) and resumed: 16 images, batch 2,
+# 8 steps per epoch, a state every 3 steps (3, 6, 8 at the end of epoch 1, then 9, 12 and 15 in
+# epoch 2), all of them kept, two DataLoader workers.
+ONE_PROCESS_RESUME = ["train.epochs=2", "train.checkpoint_every_steps=3", "train.keep_checkpoints=10",
+                      "logging.plots=false", "data.num_workers=2"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def one_process_reference(tiny_dataset, tmp_path_factory) -> Path:
+    """An uninterrupted 1-process run of ONE_PROCESS_RESUME (under accelerate launch): the
+    weights an interrupted and resumed run of it must end with, bitwise, whether that run is
+    launched by accelerate or by plain python (trained once per session, see shared_run)."""
+    return shared_run("one_process_reference", tiny_dataset, tmp_path_factory, *ONE_PROCESS_RESUME)[0]
 
 
 # -- the training loop without a detector -------------------------------------------------------
