@@ -304,16 +304,21 @@ def _free_port() -> int:
 
 
 def shared_run(
-    name: str, tiny_dataset: dict[str, Path], tmp_path_factory, *overrides: str, nproc: int = 1
+    name: str,
+    tiny_dataset: dict[str, Path],
+    tmp_path_factory,
+    *overrides: str,
+    nproc: int = 1,
+    env: dict[str, str | None] | None = None,
 ) -> tuple[Path, str]:
-    """A tiny training run (tiny.yaml + the dataset + overrides on nproc processes) trained once
-    per session: (its run directory, its stdout). Under pytest-xdist, one run shared by all
-    workers: the first to need it trains it (on a copy of the dataset in the session's shared
-    folder, since each worker writes its own), the others wait for it. The run directory holds
-    only what training wrote."""
+    """A tiny training run (tiny.yaml + the dataset + overrides on nproc processes, in tool_env(env))
+    trained once per session: (its run directory, its stdout). Under pytest-xdist, one run shared
+    by all workers: the first to need it trains it (on a copy of the dataset in the session's
+    shared folder, since each worker writes its own), the others wait for it. The run directory
+    holds only what training wrote; a test that changes it works on a copy."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):  # one process
         out = tmp_path_factory.mktemp(name)
-        return out, train(out, tiny_dataset, *overrides, nproc=nproc)
+        return out, train(out, tiny_dataset, *overrides, nproc=nproc, env=env)
     from filelock import FileLock
 
     shared = tmp_path_factory.getbasetemp().parent
@@ -321,7 +326,7 @@ def shared_run(
     with FileLock(str(shared / f"{name}.lock")):
         if not done.is_file():
             shutil.rmtree(out, ignore_errors=True)
-            stdout.write_text(train(out, _shared_dataset(tiny_dataset, shared), *overrides, nproc=nproc))
+            stdout.write_text(train(out, _shared_dataset(tiny_dataset, shared), *overrides, nproc=nproc, env=env))
             done.touch()
     return out, stdout.read_text()
 
@@ -390,6 +395,30 @@ def one_process_reference(tiny_dataset, tmp_path_factory) -> Path:
     weights an interrupted and resumed run of it must end with, bitwise, whether that run is
     launched by accelerate or by plain python (trained once per session, see shared_run)."""
     return shared_run("one_process_reference", tiny_dataset, tmp_path_factory, *ONE_PROCESS_RESUME)[0]
+
+
+# W&B's API key in the environment of the W&B runs (a fake one): it must appear in no output or file.
+WANDB_TEST_KEY = "local-0123456789abcdef0123456789abcdef01234567"
+
+# One 1-epoch run logging to W&B offline (plots on: the image panel and tables), with the checkpoint
+# and the dataset as artifacts, shared by test_tracking (which resumes a copy of it) and test_lineage.
+WANDB_RUN = ["train.epochs=1", "logging.wandb.enabled=true", "logging.wandb.mode=offline", "logging.wandb.tags=[test]",
+             "logging.wandb.log_checkpoint=true", "logging.wandb.dataset_artifact=tiny-shapes"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def wandb_offline_run(tiny_dataset, tmp_path_factory) -> dict[str, Any]:
+    """The run of WANDB_RUN (W&B's own WANDB_MODE unset, WANDB_TEST_KEY set), trained once per
+    session: {"run": its directory, untouched: copy it to resume or evaluate into it, "stdout"}."""
+    run, stdout = shared_run("wandb_offline_run", tiny_dataset, tmp_path_factory, *WANDB_RUN,
+                             env={"WANDB_MODE": None, "WANDB_API_KEY": WANDB_TEST_KEY})  # fmt: skip
+    return {"run": run, "stdout": stdout}
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of a shared run directory, for a test that resumes it or adds to it."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("RUNNING.lock"))
+    return dest
 
 
 # -- the training loop without a detector -------------------------------------------------------
