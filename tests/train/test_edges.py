@@ -37,9 +37,8 @@ from tests.conftest import (
     launch,
     launch_cmd,
     read_jsonl,
-    run_tool,
+    run_tool_in_process,
     tool_env,
-    train,
     write_coco,
 )
 
@@ -95,16 +94,16 @@ def test_json_area_kept_in_error_mode_too(tmp_path):
     assert gt[0]["area"] == 777.0 and gt[0]["bbox"] == [600.5, 10, 40, 20]
 
 
-def test_evaluate_predictions_scores_overhanging_ground_truth(tmp_path):
+def test_evaluate_predictions_scores_overhanging_ground_truth(tmp_path, capsys):
     path = _cvat_like(tmp_path)
     rows = [
         {"image_id": 1, "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
         for a in json.loads(path.read_text())["annotations"]
     ]
     (tmp_path / "res.json").write_text(json.dumps(rows))
-    res = run_tool("evaluate.py", "--predictions", tmp_path / "res.json", "--annotations", path,
-                   "--output", tmp_path / "m.json")  # fmt: skip
-    assert res.returncode == 0, res.stderr
+    code = run_tool_in_process("evaluate.py", "--predictions", tmp_path / "res.json", "--annotations", path,
+                               "--output", tmp_path / "m.json")  # fmt: skip
+    assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "m.json").read_text())["mAP"] == pytest.approx(1.0)
 
 
@@ -152,12 +151,12 @@ def test_evaluate_checkpoint_on_a_renumbered_val_json(trained_run, tiny_dataset,
     renum = tmp_path / "val_renumbered.json"
     renum.write_text(json.dumps(data))
     out = {}
-    for name, ann in (("orig", tiny_dataset["val"]), ("renum", renum)):
-        res = launch("evaluate.py", ["--checkpoint", trained_run / "best.pt", "--annotations", ann,
-                                     "--images", tiny_dataset["root"] / "val", "--score-threshold", "0.01",
-                                     "--num-workers", "0", "--output", tmp_path / f"{name}.json",
-                                     "--results", tmp_path / f"{name}_res.json"])  # fmt: skip
-        assert res.returncode == 0, res.stderr[-3000:]
+    for name, ann in (("orig", tiny_dataset["val"]), ("renum", renum)):  # 1 process: no launcher needed
+        code = run_tool_in_process("evaluate.py", "--checkpoint", trained_run / "best.pt", "--annotations", ann,
+                                   "--images", tiny_dataset["root"] / "val", "--score-threshold", "0.01",
+                                   "--num-workers", "0", "--output", tmp_path / f"{name}.json",
+                                   "--results", tmp_path / f"{name}_res.json", threads=1)  # fmt: skip
+        assert code == 0
         out[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert out["orig"]["mAP50"] > 0  # a comparison of real detections
     for k in ("mAP", "mAP50", "AR100"):
@@ -175,10 +174,11 @@ def test_evaluate_checkpoint_on_a_renumbered_val_json(trained_run, tiny_dataset,
 def test_predictor_detections_equal_evaluate_detections(trained_run, tiny_dataset, tmp_path):
     from detector.inference.predictor import Predictor
 
-    res = launch("evaluate.py", ["--checkpoint", trained_run / "best.pt", "--annotations", tiny_dataset["val"],
-                                 "--images", tiny_dataset["root"] / "val", "--score-threshold", "0.05", "--batch-size", "1",
-                                 "--num-workers", "0", "--results", tmp_path / "res.json"])  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    code = run_tool_in_process("evaluate.py", "--checkpoint", trained_run / "best.pt", "--annotations",
+                               tiny_dataset["val"], "--images", tiny_dataset["root"] / "val", "--score-threshold",
+                               "0.05", "--batch-size", "1", "--num-workers", "0", "--results", tmp_path / "res.json",
+                               threads=1)  # fmt: skip
+    assert code == 0
     evaluated = json.loads((tmp_path / "res.json").read_text())
     val = json.loads(Path(tiny_dataset["val"]).read_text())
     big = [im for im in val["images"] if max(im["width"], im["height"]) >= 2 * 128]
@@ -293,7 +293,7 @@ def test_two_processes_killed_mid_epoch_resume_on_one(tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_checkpoint_refuses_resized_images(trained_run, tiny_dataset, tmp_path):
+def test_evaluate_checkpoint_refuses_resized_images(trained_run, tiny_dataset, tmp_path, capsys):
     import shutil
 
     images = tmp_path / "val"
@@ -301,26 +301,28 @@ def test_evaluate_checkpoint_refuses_resized_images(trained_run, tiny_dataset, t
     first = json.loads(Path(tiny_dataset["val"]).read_text())["images"][0]["file_name"]
     with Image.open(images / first) as im:
         im.resize((im.width // 2, im.height // 2)).save(images / first)  # resized after labelling
-    res = launch("evaluate.py", ["--checkpoint", trained_run / "best.pt", "--annotations", tiny_dataset["val"],
-                                 "--images", images, "--num-workers", "0"])  # fmt: skip
-    assert res.returncode != 0  # (accelerate launch reports the tool's exit code 2 as 1)
-    assert first in res.stderr and "differs from the json" in res.stderr
+    capsys.readouterr()
+    code = run_tool_in_process("evaluate.py", "--checkpoint", trained_run / "best.pt", "--annotations",
+                               tiny_dataset["val"], "--images", images, "--num-workers", "0")  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]  # the tool's own exit code (accelerate launch reported it as 1)
+    assert first in err and "differs from the json" in err
 
 
 # -- 7: the scored model is the saved model; 11: mixed precision from the launcher; 14: plain progress -------
 
 
 @pytest.mark.slow
-def test_two_process_validation_scores_the_saved_model(tiny_dataset, tmp_path):
+def test_two_process_validation_scores_the_saved_model(two_process_run, tiny_dataset, tmp_path):
     """Trainable BatchNorm on 2 processes: the val loss logged in training equals evaluate.py's on
-    last.pt (1 process), so validation scored the model that was saved."""
-    run = tmp_path / "run"
-    train(run, tiny_dataset, "train.epochs=1", "logging.plots=false", "eval.batch_size=2", nproc=2)
+    last.pt (1 process), so validation scored the model that was saved. (The 1-epoch run with
+    eval.batch_size=2 shared with test_train and test_storage.)"""
+    run = two_process_run["run"]
     logged = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"][-1]
-    res = launch("evaluate.py", ["--checkpoint", run / "last.pt", "--annotations", tiny_dataset["val"],
-                                 "--images", tiny_dataset["root"] / "val", "--batch-size", "2",
-                                 "--num-workers", "0", "--output", tmp_path / "m.json"])  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    code = run_tool_in_process("evaluate.py", "--checkpoint", run / "last.pt", "--annotations", tiny_dataset["val"],
+                               "--images", tiny_dataset["root"] / "val", "--batch-size", "2",
+                               "--num-workers", "0", "--output", tmp_path / "m.json", threads=1)  # fmt: skip
+    assert code == 0
     scored = json.loads((tmp_path / "m.json").read_text())
     assert torch.load(run / "last.pt", weights_only=True)["model"]["backbone.body.bn1.running_mean"].abs().sum() > 0
     assert scored["loss"] == pytest.approx(logged["val/loss"], abs=1e-9)

@@ -20,6 +20,7 @@ from detector.models.build import read_checkpoint
 from detector.train import checkpoint
 from detector.train.state import RunState
 from tests.conftest import (
+    ONE_PROCESS_RESUME,
     ROOT,
     TINY,
     TWO_PROCESS_RESUME,
@@ -43,13 +44,8 @@ def _states(run: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_is_exact(tiny_dataset, tmp_path):
-    common = ["train.epochs=2", "train.checkpoint_every_steps=3", "train.keep_checkpoints=10",
-              "logging.plots=false", *data_overrides(tiny_dataset)]  # fmt: skip
-    ref = tmp_path / "ref"
-    res = subprocess.run(_cmd(1, [f"output_dir={ref}", *common]), env=ENV, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-
+def test_sigkill_mid_epoch_then_resume_is_exact(tiny_dataset, tmp_path, one_process_reference):
+    common = [*ONE_PROCESS_RESUME, *data_overrides(tiny_dataset)]  # the reference: shared with test_faults
     run = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(1, [f"output_dir={run}", *common]), env=ENV, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -69,11 +65,10 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tiny_dataset, tmp_path):
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout
-    assert_same_weights(ref / "last.pt", run / "last.pt")
+    assert_same_weights(one_process_reference / "last.pt", run / "last.pt")
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two_process_reference")
 def test_sigterm_two_processes_saves_and_resumes_exactly(tiny_dataset, tmp_path, two_process_reference):
     run = tmp_path / "run"
     args = [f"output_dir={run}", *TWO_PROCESS_RESUME, "data.num_workers=2", *data_overrides(tiny_dataset)]
