@@ -3,9 +3,11 @@ tools, dummy batches for the training loop, and the reference data beside the ch
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +22,117 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 
 sys.path.insert(0, str(ROOT))
+
+
+# -- what the suite launches: a count that does not depend on the machine's speed ----------------
+
+# Every subprocess the tests start (subprocess.Popen, under subprocess.run too) by kind and script,
+# and every in-process tool call; printed in the terminal summary (under xdist each worker sends its
+# counts to the controller, which sums them).
+LAUNCHES: collections.Counter[str] = collections.Counter()
+
+# the scripts that run the trainer: tools/train.py, its test wrappers, and launch/slurm.sh (which
+# launches it on the processes of its launch config)
+TRAINERS = ("tools/train.py", "tests/scripts/train_spy.py", "tests/scripts/vanish.py", "tests/scripts/disk_full.py",
+            "launch/slurm.sh")  # fmt: skip
+
+
+def _script_name(arg: str) -> str:
+    """A script's path relative to the checkout (tools/train.py, tests/scripts/vanish.py)."""
+    path = Path(arg)
+    if not path.is_absolute():
+        path = ROOT / path
+    with contextlib.suppress(ValueError):
+        return path.resolve().relative_to(ROOT).as_posix()
+    return arg
+
+
+def launch_kind(argv: list[str]) -> str:
+    """What a command line starts: 'accelerate xN <script>', 'python <script>', 'bash <script>',
+    'python -c' or 'other <program>'."""
+    if not argv:
+        return "other"
+    if "accelerate.commands.launch" in argv or Path(argv[0]).name == "accelerate":
+        nproc, config_file, script = None, None, "?"
+        for i, arg in enumerate(argv):
+            if arg == "--num_processes" and i + 1 < len(argv):
+                nproc = int(argv[i + 1])
+            elif arg == "--config_file" and i + 1 < len(argv):
+                config_file = argv[i + 1]
+            elif arg.endswith(".py") and argv[i - 1] not in ("--config_file", "--config"):
+                script = _script_name(arg)
+                break
+        if nproc is None and config_file is not None:  # the launch config's own count
+            found = re.search(r"^num_processes:\s*(\d+)", Path(config_file).read_text(), re.MULTILINE)
+            nproc = int(found.group(1)) if found else 1
+        return f"accelerate x{nproc or 1} {script}"
+    program = Path(argv[0]).name
+    if program.startswith("python") or argv[0] == sys.executable:
+        if len(argv) > 1 and argv[1] == "-c":
+            return "python -c"
+        script = next((a for a in argv[1:] if a.endswith(".py")), None)  # after options such as -X importtime
+        return f"python {_script_name(script)}" if script else "python"
+    if program in ("bash", "sh") and len(argv) > 1:
+        return f"bash {argv[1]}"
+    return f"other {program}"
+
+
+_popen_init = subprocess.Popen.__init__
+_WORKER_COUNTS = pytest.StashKey[list]()  # xdist's controller: the counts each worker sent
+
+
+def _counting_popen_init(self: subprocess.Popen, args: Any, *rest: Any, **kw: Any) -> None:
+    argv = [str(os.fspath(a)) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
+    LAUNCHES[launch_kind(argv) + (" --help" if "--help" in argv else "")] += 1  # a --help trains nothing
+    _popen_init(self, args, *rest, **kw)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    subprocess.Popen.__init__ = _counting_popen_init  # type: ignore[method-assign]
+    config.stash[_WORKER_COUNTS] = []
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    subprocess.Popen.__init__ = _popen_init  # type: ignore[method-assign]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: its counts go to the controller
+        session.config.workeroutput["launch_counts"] = dict(LAUNCHES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist's controller: one worker's counts (none if it went down without finishing)."""
+    node.config.stash[_WORKER_COUNTS].append(getattr(node, "workeroutput", {}).get("launch_counts"))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    workers = config.stash.get(_WORKER_COUNTS, [])
+    total: collections.Counter[str] = collections.Counter()
+    if workers:  # the controller of xdist workers: the tests ran there
+        for counts in workers:
+            total.update(counts or {})
+    else:
+        total.update(LAUNCHES)
+    if not total:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.write_sep("-", "launches (subprocesses and in-process tool calls)")
+    trainings = {k: n for k, n in total.items() if k.split(" ")[-1] in TRAINERS}
+    by_nproc: collections.Counter[str] = collections.Counter()
+    for kind, n in trainings.items():
+        by_nproc[kind.split(" ")[0] + (" " + kind.split(" ")[1] if kind.startswith("accelerate") else "")] += n
+    write(f"training runs: {sum(trainings.values())} (" + ", ".join(f"{k}: {n}" for k, n in sorted(by_nproc.items()))
+          + ")")  # fmt: skip
+    tools = sum(n for k, n in total.items() if k not in trainings and not k.startswith(("in-process", "other")))
+    write(f"other subprocesses of python, accelerate or bash: {tools}; in-process tool calls: "
+          f"{sum(n for k, n in total.items() if k.startswith('in-process'))}")  # fmt: skip
+    for kind, n in sorted(total.items()):
+        write(f"  {n:4d}  {kind}")
+    missing = sum(1 for counts in workers if counts is None)
+    if missing:
+        write(f"({missing} xdist worker(s) went down without sending their counts)")
 
 
 # -- reference data beside the checkout -----------------------------------------------------------
@@ -131,9 +244,11 @@ def run_tool(name: str, *args: Any, env: dict[str, str | None] | None = None) ->
     )
 
 
-def run_tool_in_process(name: str, *args: Any) -> int:
+def run_tool_in_process(name: str, *args: Any, threads: int | None = None) -> int:
     """tools/<name>'s main() in this process, with the exit code its command line would give
-    (known input errors -> 2); much faster than a subprocess for the tools that need no launcher."""
+    (known input errors -> 2); much faster than a subprocess for the tools that need no launcher.
+    threads=1: torch on one thread meanwhile, like a launched process (OMP_NUM_THREADS=1), for
+    numbers compared exactly with a launched run's (the reductions' order follows the threads)."""
     import importlib.util
 
     from detector.core import errors
@@ -142,7 +257,14 @@ def run_tool_in_process(name: str, *args: Any) -> int:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return errors.run_main(lambda: module.main([str(a) for a in args]))
+    LAUNCHES[f"in-process {name}"] += 1
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return errors.run_main(lambda: module.main([str(a) for a in args]))
+    finally:
+        torch.set_num_threads(before)
 
 
 def train(out: Path, ds: dict[str, Path], *overrides: str, script: str = "train.py", **kw: Any) -> str:
@@ -181,29 +303,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def trained_run(tiny_dataset, tmp_path_factory) -> Path:
-    """One tiny training run (1 process, 6 epochs: a model that finds some objects) shared by
-    the tests that need a checkpoint; under pytest-xdist, one run shared by all workers (the
-    first to need it trains it, the others wait for it)."""
+def shared_run(
+    name: str,
+    tiny_dataset: dict[str, Path],
+    tmp_path_factory,
+    *overrides: str,
+    nproc: int = 1,
+    env: dict[str, str | None] | None = None,
+) -> tuple[Path, str]:
+    """A tiny training run (tiny.yaml + the dataset + overrides on nproc processes, in tool_env(env))
+    trained once per session: (its run directory, its stdout). Under pytest-xdist, one run shared
+    by all workers: the first to need it trains it (on a copy of the dataset in the session's
+    shared folder, since each worker writes its own), the others wait for it. The run directory
+    holds only what training wrote; a test that changes it works on a copy."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):  # one process
-        out = tmp_path_factory.mktemp("run")
-        train(out, tiny_dataset, "train.epochs=6")
-        return out
+        out = tmp_path_factory.mktemp(name)
+        return out, train(out, tiny_dataset, *overrides, nproc=nproc, env=env)
     from filelock import FileLock
 
     shared = tmp_path_factory.getbasetemp().parent
-    out = shared / "trained_run"
-    with FileLock(str(shared / "trained_run.lock")):
-        if not (out / "DONE").is_file():
+    out, stdout, done = shared / name, shared / f"{name}.stdout", shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.is_file():
             shutil.rmtree(out, ignore_errors=True)
-            ds = {k: shared / "trained_run_data" / v for k, v in (("root", "."), ("train", "train.json"),
-                                                                   ("val", "val.json"))}  # fmt: skip
-            if not ds["train"].is_file():
-                shutil.copytree(tiny_dataset["root"], ds["root"], dirs_exist_ok=True)
-            train(out, ds, "train.epochs=6")
-            (out / "DONE").touch()
-    return out
+            stdout.write_text(train(out, _shared_dataset(tiny_dataset, shared), *overrides, nproc=nproc, env=env))
+            done.touch()
+    return out, stdout.read_text()
+
+
+def _shared_dataset(tiny_dataset: dict[str, Path], shared: Path) -> dict[str, Path]:
+    """The tiny dataset copied once into the xdist session's shared folder (the same files)."""
+    from filelock import FileLock
+
+    root = shared / "trained_run_data"
+    with FileLock(str(shared / "trained_run_data.lock")):
+        if not (shared / "trained_run_data.done").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.copytree(tiny_dataset["root"], root)
+            (shared / "trained_run_data.done").touch()
+    return {"root": root, "train": root / "train.json", "val": root / "val.json"}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_dataset, tmp_path_factory) -> Path:
+    """One tiny training run (1 process, 6 epochs: a model that finds some objects) shared by
+    the tests that need a checkpoint (once per session, see shared_run)."""
+    return shared_run("trained_run", tiny_dataset, tmp_path_factory, "train.epochs=6")[0]
+
+
+# One plain 2-process run of one epoch (16 images, batch 2 per process: global batch 4, 4 steps;
+# plots on), shared by the tests that check such a run: its run directory (test_train), validation
+# scoring the saved model (test_edges: evaluate.py --batch-size 2 must use the run's eval batches),
+# and the local twin of the run that reads the dataset from S3 (test_storage: the loader in the
+# main process). eval.batch_size=2 and data.num_workers=0 are tiny.yaml's own, said for the tests
+# that rely on them; the plots are drawn after the epoch's metrics and weights are written.
+TWO_PROCESS_RUN = ["train.epochs=1", "eval.batch_size=2", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tiny_dataset, tmp_path_factory) -> dict[str, Any]:
+    """The 2-process run of TWO_PROCESS_RUN, trained once per session: {"run": its directory,
+    "stdout": what training printed}."""
+    run, stdout = shared_run("two_process_run", tiny_dataset, tmp_path_factory, *TWO_PROCESS_RUN, nproc=2)
+    return {"run": run, "stdout": stdout}
 
 
 # The configuration whose 2-process runs are interrupted (SIGTERM, SLURM's SIGUSR1) and resumed
@@ -215,11 +377,48 @@ TWO_PROCESS_RESUME = ["train.epochs=2", "train.checkpoint_every_steps=2", "loggi
 @pytest.fixture(scope="session")
 def two_process_reference(tiny_dataset, tmp_path_factory) -> Path:
     """An uninterrupted 2-process run of TWO_PROCESS_RESUME: the weights an interrupted and
-    resumed run of it must end with, bitwise. (The tests that use it are in the xdist group
-    "two_process_reference", so that it is trained once.)"""
-    out = tmp_path_factory.mktemp("two_process_reference")
-    train(out, tiny_dataset, *TWO_PROCESS_RESUME, nproc=2)
-    return out
+    resumed run of it must end with, bitwise (trained once per session, see shared_run)."""
+    return shared_run("two_process_reference", tiny_dataset, tmp_path_factory, *TWO_PROCESS_RESUME, nproc=2)[0]
+
+
+# The configuration whose 1-process runs are killed (SIGKILL: test_resume) or preempted (SIGTERM to
+# the process group, DataLoader workers included: test_faults) and resumed: 16 images, batch 2,
+# 8 steps per epoch, a state every 3 steps (3, 6, 8 at the end of epoch 1, then 9, 12 and 15 in
+# epoch 2), all of them kept, two DataLoader workers.
+ONE_PROCESS_RESUME = ["train.epochs=2", "train.checkpoint_every_steps=3", "train.keep_checkpoints=10",
+                      "logging.plots=false", "data.num_workers=2"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def one_process_reference(tiny_dataset, tmp_path_factory) -> Path:
+    """An uninterrupted 1-process run of ONE_PROCESS_RESUME (under accelerate launch): the
+    weights an interrupted and resumed run of it must end with, bitwise, whether that run is
+    launched by accelerate or by plain python (trained once per session, see shared_run)."""
+    return shared_run("one_process_reference", tiny_dataset, tmp_path_factory, *ONE_PROCESS_RESUME)[0]
+
+
+# W&B's API key in the environment of the W&B runs (a fake one): it must appear in no output or file.
+WANDB_TEST_KEY = "local-0123456789abcdef0123456789abcdef01234567"
+
+# One 1-epoch run logging to W&B offline (plots on: the image panel and tables), with the checkpoint
+# and the dataset as artifacts, shared by test_tracking (which resumes a copy of it) and test_lineage.
+WANDB_RUN = ["train.epochs=1", "logging.wandb.enabled=true", "logging.wandb.mode=offline", "logging.wandb.tags=[test]",
+             "logging.wandb.log_checkpoint=true", "logging.wandb.dataset_artifact=tiny-shapes"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def wandb_offline_run(tiny_dataset, tmp_path_factory) -> dict[str, Any]:
+    """The run of WANDB_RUN (W&B's own WANDB_MODE unset, WANDB_TEST_KEY set), trained once per
+    session: {"run": its directory, untouched: copy it to resume or evaluate into it, "stdout"}."""
+    run, stdout = shared_run("wandb_offline_run", tiny_dataset, tmp_path_factory, *WANDB_RUN,
+                             env={"WANDB_MODE": None, "WANDB_API_KEY": WANDB_TEST_KEY})  # fmt: skip
+    return {"run": run, "stdout": stdout}
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of a shared run directory, for a test that resumes it or adds to it."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("RUNNING.lock"))
+    return dest
 
 
 # -- the training loop without a detector -------------------------------------------------------

@@ -13,7 +13,7 @@ from PIL import Image
 from detector.data.coco import CocoIndex
 from detector.inference.predictor import Predictor
 
-from .conftest import launch, run_tool, run_tool_in_process
+from .conftest import run_tool_in_process
 
 
 def test_evaluate_predictions_file(tiny_dataset, tmp_path, capsys):
@@ -36,22 +36,26 @@ def test_evaluate_predictions_file(tiny_dataset, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_evaluate_checkpoint_writes_results(trained_run, tiny_dataset, tmp_path):
-    res = launch("evaluate.py", ["--checkpoint", str(trained_run / "best.pt"), "--annotations", str(tiny_dataset["val"]),
-                 "--images", str(tiny_dataset["root"] / "val"), "--results", str(tmp_path / "res.json"),
-                 "--output", str(tmp_path / "m.json"), "--num-workers", "0"])  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "mAP50" in res.stdout and "triangle" in res.stdout
+def test_evaluate_checkpoint_writes_results(trained_run, tiny_dataset, tmp_path, capsys):
+    capsys.readouterr()
+    code = run_tool_in_process("evaluate.py", "--checkpoint", trained_run / "best.pt", "--annotations",
+                               tiny_dataset["val"], "--images", tiny_dataset["root"] / "val", "--results",
+                               tmp_path / "res.json", "--output", tmp_path / "m.json", "--num-workers", "0")  # fmt: skip
+    said = capsys.readouterr()
+    assert code == 0, said.err[-2000:]
+    assert "mAP50" in said.out and "triangle" in said.out
     rows = json.loads((tmp_path / "res.json").read_text())
     assert rows and {r["category_id"] for r in rows} <= {3, 7, 12}
 
 
 @pytest.mark.slow
-def test_infer_tool(trained_run, tiny_dataset, tmp_path):
+def test_infer_tool(trained_run, tiny_dataset, tmp_path, capsys):
     out = tmp_path / "pred"
-    res = run_tool("infer.py", "--checkpoint", trained_run / "best.pt", "--score-threshold", "0.01",
-                   "--output", out, tiny_dataset["root"] / "val", str(tiny_dataset["root"] / "train" / "train_0000*.jpg"))  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
+    # in this process (infer.py decodes in its own process by default: --workers 0)
+    code = run_tool_in_process("infer.py", "--checkpoint", trained_run / "best.pt", "--score-threshold", "0.01",
+                               "--output", out, tiny_dataset["root"] / "val",
+                               str(tiny_dataset["root"] / "train" / "train_0000*.jpg"))  # fmt: skip
+    assert code == 0, capsys.readouterr().err[-2000:]
     listing = json.loads((out / "images.json").read_text())
     images = listing["images"]
     assert len(images) == 7 + 10
@@ -78,8 +82,9 @@ def test_infer_tool(trained_run, tiny_dataset, tmp_path):
     for r, (image_id, c, bbox, s) in zip(results, expected):
         assert (r["image_id"], r["category_id"]) == (image_id, c)
         assert r["bbox"] == pytest.approx(bbox, abs=1e-4) and r["score"] == pytest.approx(s, abs=1e-6)
-    res = run_tool("infer.py", "--checkpoint", trained_run / "best.pt", tmp_path / "nothing_here")
-    assert res.returncode == 2 and "no such file, folder or glob match" in res.stderr
+    capsys.readouterr()
+    code = run_tool_in_process("infer.py", "--checkpoint", trained_run / "best.pt", tmp_path / "nothing_here")
+    assert code == 2 and "no such file, folder or glob match" in capsys.readouterr().err
 
 
 def test_check_dataset_tool(tiny_dataset, tmp_path, capsys):
@@ -101,9 +106,9 @@ def test_check_dataset_tool(tiny_dataset, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_plot_runs_tool(trained_run, tmp_path):
-    res = run_tool("plot_runs.py", trained_run, trained_run, "--output", tmp_path)
-    assert res.returncode == 0, res.stderr
+def test_plot_runs_tool(trained_run, tmp_path, capsys):
+    code = run_tool_in_process("plot_runs.py", trained_run, trained_run, "--output", tmp_path)
+    assert code == 0, capsys.readouterr().err
     assert (tmp_path / "compare_loss.png").is_file() and (tmp_path / "compare_map.png").is_file()
 
 

@@ -15,6 +15,7 @@ previous state intact; ``find_resumable`` skips states that are incomplete or un
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -27,6 +28,8 @@ import torch
 
 from detector.core.errors import CheckpointError, WriteError
 from detector.models import weights
+from detector.train.state import LAYOUT_KEYS, RunState
+from detector.train.state import is_better as is_better  # the best-score rule, where its callers found it
 
 STATE_DIR = "checkpoints"
 COMPLETE = "COMPLETE.json"
@@ -93,7 +96,7 @@ def save_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    position: dict[str, Any],
+    position: RunState,
     keep: int,
     ema: torch.nn.Module | None = None,
     rng: dict[str, Any] | None = None,
@@ -105,7 +108,8 @@ def save_state(
         run_dir: the run directory.
         accelerator: the run's Accelerator (process index, barriers, scaler).
         model, optimizer, scheduler: the training objects.
-        position: epoch, batch (within the epoch), step, best score, W&B id...: plain values.
+        position: the run's state (epoch, batch within the epoch, step, best score, W&B id...),
+            stored as its plain dict.
         keep: how many states to keep (older ones are deleted).
         ema: the weight average (train.ema), saved beside the model.
         rng: this process's RNG states to save (engine.DataFailure.rng); None: the current ones.
@@ -116,7 +120,8 @@ def save_state(
         The state directory (on the main process).
     """
     root = Path(run_dir) / STATE_DIR
-    name = f"step_{int(position['step']):08d}"
+    saved = position.to_dict()
+    name = f"step_{int(position.step):08d}"
     final, tmp = root / name, root / f".tmp-{name}"
     main = accelerator.is_main_process
     error = None
@@ -138,7 +143,7 @@ def save_state(
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "ema": ema.state_dict() if ema is not None else None,
-                    "position": position,
+                    "position": saved,
                     "trained_on": trained_on,
                 },
                 tmp / "state.pt",
@@ -150,7 +155,7 @@ def save_state(
         try:
             files = sorted(p.name for p in tmp.iterdir())
             atomic_write_text(
-                json.dumps({"files": files, "num_processes": accelerator.num_processes, **_jsonable(position)}),
+                json.dumps({"files": files, "num_processes": accelerator.num_processes, **_jsonable(saved)}),
                 tmp / COMPLETE,
             )
             _move_into_place(tmp, final)
@@ -286,7 +291,8 @@ def agreed_resumable(run_dir: str | Path, accelerator: Any, log=print) -> tuple[
 
 def restore(state: dict[str, Any], rng: dict[str, Any], accelerator: Any, model, optimizer, scheduler,
             ema=None) -> dict:  # fmt: skip
-    """Load a state into the training objects; returns the training position.
+    """Load a state into the training objects; returns the training position as saved (a dict:
+    RunState.from_dict reads it).
 
     Raises:
         CheckpointError: the state's weights do not fit the model (another model or number of
@@ -331,15 +337,6 @@ def best_score(val: dict[str, Any], metric: str) -> float | None:
     return score
 
 
-def is_better(value: float | None, best: float | None, mode: str) -> bool:
-    """Does value improve on best (max or min)? NaN and missing values never do."""
-    if value is None or value != value:
-        return False
-    if best is None:
-        return True
-    return value > best if mode == "max" else value < best
-
-
 def save_weights(path: Path, accelerator: Any, model, cfg, label_map, metrics: dict, epoch: int, step: int,
                  extra: dict | None = None) -> None:  # fmt: skip
     """Write a weights file (best.pt / last.pt) from the main process, atomically (see weights.py)."""
@@ -359,18 +356,15 @@ def save_last(run_dir: Path, accelerator: Any, model, cfg, label_map, metrics: d
     save_weights(Path(run_dir) / "last.pt", accelerator, model, cfg, label_map, metrics, epoch, step)
 
 
-LAYOUT_KEYS = ("world_size", "batch_size", "grad_accum_steps")
-
-
 def adapt_position(
-    position: dict[str, Any],
+    position: RunState,
     layout: dict[str, int],
     steps_per_epoch: int,
     lr: float,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     log=print,
-) -> dict[str, Any]:
+) -> RunState:
     """Continue a state saved with another number of processes, batch size or accumulation.
 
     The position in the epoch is kept in global samples: a state saved mid-epoch after b
@@ -393,17 +387,17 @@ def adapt_position(
         CheckpointError: a mid-epoch state whose batch size or accumulation differs, or whose
             consumed batches do not divide among the new processes.
     """
-    old = {k: int(position.get(k, layout[k])) for k in LAYOUT_KEYS}
+    old = {k: int(v) for k, v in position.layout.items()}
     if old == layout:
         return position
     what = ", ".join(f"{k} {old[k]} -> {layout[k]}" for k in LAYOUT_KEYS if old[k] != layout[k])
-    batch = int(position["batch"])
+    batch = int(position.batch)
     consumed = batch * old["world_size"]
     if batch:
         fix = "resume with the settings the state was saved with, or from a state saved at the end of an epoch"
         if old["batch_size"] != layout["batch_size"] or old["grad_accum_steps"] != layout["grad_accum_steps"]:
             raise CheckpointError(
-                f"the state was saved mid-epoch (epoch {position['epoch'] + 1}, batch {batch}) and the run "
+                f"the state was saved mid-epoch (epoch {position.epoch + 1}, batch {batch}) and the run "
                 f"differs ({what}): the rest of that epoch's batches cannot be formed the same way; {fix}"
             )
         if consumed % layout["world_size"]:
@@ -417,7 +411,7 @@ def adapt_position(
                 f"the state was saved mid-epoch after {consumed} global batches: {batch} per process is not a "
                 f"whole number of accumulation windows of {layout['grad_accum_steps']} ({what}); {fix}"
             )
-    sched_step = int(position["epoch"]) * steps_per_epoch + -(-batch // layout["grad_accum_steps"])
+    sched_step = int(position.epoch) * steps_per_epoch + -(-batch // layout["grad_accum_steps"])
     scheduler.base_lrs = [lr] * len(optimizer.param_groups)
     scheduler.last_epoch = sched_step
     for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
@@ -425,10 +419,10 @@ def adapt_position(
         group["lr"] = lr * factor(sched_step)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     log(
-        f"resumed with another layout ({what}): continuing epoch {position['epoch'] + 1} after {consumed} "
+        f"resumed with another layout ({what}): continuing epoch {position.epoch + 1} after {consumed} "
         f"global batches; peak lr {lr:.4g} for the new global batch, now {optimizer.param_groups[0]['lr']:.4g}"
     )
-    return {**position, **layout, "batch": batch}
+    return dataclasses.replace(position, **layout, batch=batch)
 
 
 def check_trained_on(saved: dict[str, Any] | None, current: dict[str, Any], log=print) -> None:
@@ -507,12 +501,16 @@ def set_aside_previous_run(run_dir: str | Path, log=print) -> Path | None:
 
 
 def resume(spec: str, run_dir: Path, accelerator: Any, model, optimizer, scheduler, log=print,
-           ema=None, trained_on: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+           ema=None, trained_on: dict[str, Any] | None = None, fresh: RunState | None = None) -> RunState | None:  # fmt: skip
     """Restore training from ``train.resume``: "auto" (newest valid state in the run directory,
     or a fresh start when there is none) or the path of a state directory.
 
     Before anything is loaded, what the state was trained on is compared with ``trained_on``
     (this run's lineage.trained_on; see check_trained_on).
+
+    Returns:
+        The saved state (keys a state of an earlier version lacks come from ``fresh``, this
+        run's starting state; see RunState.from_dict), or None: nothing to resume, a fresh start.
 
     Raises:
         CheckpointError: an explicit path that cannot be used, or a state of another model or
@@ -522,7 +520,7 @@ def resume(spec: str, run_dir: Path, accelerator: Any, model, optimizer, schedul
         found = agreed_resumable(run_dir, accelerator, log)
         if found is None:
             log(f"train.resume=auto: no saved state in {Path(run_dir) / STATE_DIR}; starting fresh")
-            return {}
+            return None
         state_dir, state, rng = found
     else:
         state_dir = Path(spec)
@@ -541,4 +539,4 @@ def resume(spec: str, run_dir: Path, accelerator: Any, model, optimizer, schedul
             f"{Path(run_dir) / PREVIOUS_DIR}/)"
         ) from None
     log(f"resumed from {state_dir}: epoch {position['epoch'] + 1}, batch {position['batch']}, step {position['step']}")
-    return position
+    return RunState.from_dict(position, fresh)

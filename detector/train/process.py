@@ -14,6 +14,7 @@ from accelerate.utils import set_seed
 
 from detector.config import Config, TrainConfig, save_yaml
 from detector.core.errors import EXIT_PREEMPTED, ConfigError
+from detector.train.state import RunState
 
 PREEMPTED_MARKER = "PREEMPTED"  # written in the run directory (accelerate launch maps exit codes to 1)
 
@@ -296,41 +297,41 @@ def epoch_line(m: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def finished_message(pos: dict[str, Any], cfg: Config, run_dir: Path, early_stopped: bool) -> str:
+def finished_message(state: RunState, cfg: Config, run_dir: Path, early_stopped: bool) -> str:
     """What a resume of a run with nothing left to train says: that it is finished, and where its
     best weights are."""
     why, longer = [], []
-    if pos["epoch"] >= cfg.train.epochs:
+    if state.epoch >= cfg.train.epochs:
         why.append(f"train.epochs={cfg.train.epochs} reached")
         longer.append("train.epochs")
     if early_stopped:  # this also holds after train.epochs was raised: the patience decides then
-        why.append(f"no better {cfg.eval.best_metric} in its last {pos.get('evals_since_best')} evaluation(s) "
+        why.append(f"no better {cfg.eval.best_metric} in its last {state.evals_since_best} evaluation(s) "
                    f"(eval.early_stop_patience={cfg.eval.early_stop_patience})")  # fmt: skip
         longer.append("eval.early_stop_patience (0: never stop early)")
-    best_file, best = run_dir / "best.pt", pos.get("best")
+    best_file, best = run_dir / "best.pt", state.best
     if best is not None and best_file.is_file():
-        where = f"its best weights are {best_file} ({cfg.eval.best_metric} {best:.4f}, epoch {pos.get('best_epoch')})"
+        where = f"its best weights are {best_file} ({cfg.eval.best_metric} {best:.4f}, epoch {state.best_epoch})"
     else:
         where = f"it wrote no best.pt (no finite {cfg.eval.best_metric}); its last weights are {run_dir / 'last.pt'}"
     return (
-        f"the run in {run_dir} is finished: {pos['epoch']} epoch(s) trained, {' and '.join(why)}; {where}. "
+        f"the run in {run_dir} is finished: {state.epoch} epoch(s) trained, {' and '.join(why)}; {where}. "
         f"Nothing to train: raise {' and '.join(longer)} to train longer, or train again from the start with "
         "another output_dir or train.resume=null"
     )
 
 
-def summary_rows(m: dict[str, Any], pos: dict[str, Any], cfg: Config, run_dir: Path) -> list[tuple[str, str]]:
+def summary_rows(m: dict[str, Any], state: RunState, cfg: Config, run_dir: Path) -> list[tuple[str, str]]:
     """The end-of-run table: last metrics, the best score and where it is, early stopping."""
-    best = pos.get("best")
+    best = state.best
     rows = [("epochs", str(m.get("epoch", 0)))]
     if m.get("epoch", 0) < cfg.train.epochs and cfg.eval.early_stop_patience:
-        rows.append(("stopped early", f"no better {cfg.eval.best_metric} in {pos.get('evals_since_best')} evaluations"))
+        rows.append(("stopped early", f"no better {cfg.eval.best_metric} in {state.evals_since_best} evaluations"))
     for key in ("train/loss", "val/loss", "val/mAP", "val/mAP50", "val/mAP75", "val/segm/mAP", "val/segm/mAP50",
                 "val/segm/mAP75"):  # fmt: skip
         if key in m:
             rows.append((f"last {key}", f"{m[key]:.4f}"))
     if best is not None:
-        rows.append((f"best {cfg.eval.best_metric}", f"{best:.4f} (epoch {pos.get('best_epoch')})"))
+        rows.append((f"best {cfg.eval.best_metric}", f"{best:.4f} (epoch {state.best_epoch})"))
     best_file = run_dir / "best.pt"
     written = best_file.is_file() and best is not None
     rows.append(("best weights", str(best_file) if written else f"none written (no finite {cfg.eval.best_metric})"))

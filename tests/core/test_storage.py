@@ -18,12 +18,12 @@ from detector.core.images import load_image
 from detector.data.coco import CocoIndex
 from tests.conftest import (
     TINY,
+    TWO_PROCESS_RUN,
     data_overrides,
     epoch_records,
     http_server,
     launch,
     run_tool_in_process,
-    train,
     write_coco,
 )
 
@@ -171,20 +171,23 @@ def test_the_secret_scan_finds_a_key_in_any_output(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_training_from_s3_matches_the_local_folder(s3, tiny_dataset, tmp_path, capsys):
+def test_two_process_training_from_s3_matches_the_local_folder(s3, two_process_run, tiny_dataset, tmp_path, capsys):
     """1 epoch, 2 processes: the same losses and COCO metrics from S3 as from the local folder
-    (the losses are computed from the pixels read, so a wrong image or box would show)."""
+    (the losses are computed from the pixels read, so a wrong image or box would show). The
+    local run is the session's shared 2-process run (TWO_PROCESS_RUN: plots on, which are drawn
+    after the epoch's numbers)."""
     url = s3["url"]
     remote = {"train": f"{url}/train.json", "val": f"{url}/val.json", "root": url}
-    common = ("train.epochs=1", "logging.plots=false")
     # S3 read inside a DataLoader worker per process; the local run in the main process (the
     # items are a pure function of the index and seed, so this cannot change the metrics)
-    args = ["--config", str(TINY), f"output_dir={tmp_path / 's3'}", *data_overrides(_Remote(remote)), *common,
+    assert "data.num_workers=0" in TWO_PROCESS_RUN
+    args = ["--config", str(TINY), f"output_dir={tmp_path / 's3'}", *data_overrides(_Remote(remote)),
+            *(o for o in TWO_PROCESS_RUN if not o.startswith("data.num_workers=")), "logging.plots=false",
             "data.num_workers=1"]  # fmt: skip
     res = launch("train.py", args, nproc=2, env=s3["env"])  # stdout and stderr both scanned below
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    out_local = train(tmp_path / "local", tiny_dataset, *common, "data.num_workers=0", nproc=2)
-    got, want = epoch_records(tmp_path / "s3")[-1], epoch_records(tmp_path / "local")[-1]
+    out_local = two_process_run["stdout"]
+    got, want = epoch_records(tmp_path / "s3")[-1], epoch_records(two_process_run["run"])[-1]
     keys = [k for k in want if k.startswith(("train/loss", "val/")) and isinstance(want[k], float)]
     assert "val/mAP" in keys and "train/loss" in keys
     assert {k: got[k] for k in keys} == {k: want[k] for k in keys}

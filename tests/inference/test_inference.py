@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from detector.core.detections import Detections
-from detector.inference.predictor import Predictor, load_model
-from tests.conftest import run_tool
+from detector.inference.predictor import Predictor
+from detector.models.build import load_model
+from tests.conftest import run_tool_in_process
 
 pytestmark = pytest.mark.slow  # every test here needs the trained checkpoint
 
@@ -89,13 +90,15 @@ def _above(d: dict[str, np.ndarray], t: float) -> dict[str, np.ndarray]:
 # ONNX export: tests/deploy/test_deploy.py (any input size, ExportedPredictor on files)
 
 
-def test_torchscript_export_runs_as_eager_and_failing_parity_exits_1(trained_run, tiny_dataset, tmp_path):
+def test_torchscript_export_runs_as_eager_and_failing_parity_exits_1(trained_run, tiny_dataset, tmp_path, capsys):
     out = tmp_path / "model.torchscript"
     # a negative box tolerance cannot be met: the check must fail the export (exit 1), saying why
-    res = run_tool("export.py", "--checkpoint", trained_run / "best.pt", "--format", "torchscript", "--output", out,
-                   "--score-threshold", 0.05, "--box-tolerance", -1)  # fmt: skip
-    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
-    assert "disagrees with eager PyTorch" in res.stderr
+    capsys.readouterr()
+    code = run_tool_in_process("export.py", "--checkpoint", trained_run / "best.pt", "--format", "torchscript",
+                               "--output", out, "--score-threshold", 0.05, "--box-tolerance", -1)  # fmt: skip
+    said = capsys.readouterr()
+    assert code == 1, said.out[-2000:] + said.err[-2000:]
+    assert "disagrees with eager PyTorch" in said.err
     meta = json.loads((tmp_path / "model.torchscript.json").read_text())
     assert meta["parity"]["labels_equal"] and 0 <= meta["parity"]["max_box_diff"] <= 1e-3  # only the tolerance failed
     assert meta["parity"]["detections"] > 0

@@ -19,7 +19,7 @@ import yaml
 from detector import config
 from detector.runs import lineage
 from detector.runs.compare import runs_table, write_table
-from tests.conftest import ROOT, TINY, data_overrides, launch, run_tool, run_tool_in_process
+from tests.conftest import ROOT, TINY, WANDB_RUN, copy_run, run_tool, run_tool_in_process
 from tests.runs.test_tracking import read_wandb_records
 
 pytestmark = [pytest.mark.xdist_group("lineage")]  # its module fixtures are built once, on one xdist worker
@@ -186,15 +186,11 @@ def _git(*args: str) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def wandb_run(tiny_dataset, tmp_path_factory) -> Path:
-    """One epoch with W&B offline, the checkpoint and the dataset as artifacts."""
-    out = tmp_path_factory.mktemp("lineage") / "run"
-    args = ["--config", str(TINY), f"output_dir={out}", "train.epochs=1", "logging.plots=false",
-            "logging.wandb.enabled=true", "logging.wandb.mode=offline", "logging.wandb.log_checkpoint=true",
-            "logging.wandb.dataset_artifact=tiny-shapes", *data_overrides(tiny_dataset)]  # fmt: skip
-    res = launch("train.py", args, env={"WANDB_MODE": None})
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return out
+def wandb_run(wandb_offline_run) -> Path:
+    """One epoch with W&B offline, the checkpoint and the dataset as artifacts (the session's
+    WANDB_RUN, shared with test_tracking; not to be changed: copy it)."""
+    assert {"logging.wandb.log_checkpoint=true", "logging.wandb.dataset_artifact=tiny-shapes"} <= set(WANDB_RUN)
+    return wandb_offline_run["run"]
 
 
 @pytest.mark.slow
@@ -242,6 +238,7 @@ def test_lineage_in_run_files_and_best_pt(wandb_run, tiny_dataset):
 
 @pytest.mark.slow
 def test_evaluate_logs_to_the_training_run(wandb_run, tiny_dataset, tmp_path):
+    wandb_run = copy_run(wandb_run, tmp_path / "run")  # the evaluation is logged into its W&B folder
     best = wandb_run / "best.pt"
     res = run_tool("evaluate.py", "--checkpoint", best, "--annotations", tiny_dataset["val"], "--images",
                    tiny_dataset["root"] / "val", "--num-workers", 0, "--output", tmp_path / "m.json", "--wandb",

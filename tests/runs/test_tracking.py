@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, data_overrides, launch
+from tests.conftest import TINY, WANDB_RUN, WANDB_TEST_KEY, copy_run, data_overrides, launch
 
 pytestmark = pytest.mark.slow
-SECRET = "local-0123456789abcdef0123456789abcdef01234567"
+SECRET = WANDB_TEST_KEY
 
 
 def read_wandb_records(path: Path) -> list:
@@ -57,14 +57,15 @@ def _summarise(run_file: Path) -> tuple[set, set, str]:
     return history, config, run_id
 
 
-def test_wandb_offline_logs_and_resumes_same_run(tiny_dataset, tmp_path):
-    out = tmp_path / "run"
-    args = ["--config", str(TINY), f"output_dir={out}", "logging.wandb.enabled=true", "logging.wandb.mode=offline",
-            "logging.wandb.tags=[test]", *data_overrides(tiny_dataset)]  # fmt: skip
+def test_wandb_offline_logs_and_resumes_same_run(wandb_offline_run, tiny_dataset, tmp_path):
+    # the first epoch: the session's W&B run (shared with test_lineage), resumed here in a copy
+    out = copy_run(wandb_offline_run["run"], tmp_path / "run")
+    assert {"logging.wandb.enabled=true", "logging.wandb.mode=offline", "logging.wandb.tags=[test]",
+            "train.epochs=1"} <= set(WANDB_RUN)  # fmt: skip
+    args = ["--config", str(TINY), f"output_dir={out}", *(o for o in WANDB_RUN if not o.startswith("train.epochs=")),
+            *data_overrides(tiny_dataset)]  # fmt: skip
     env = {"WANDB_MODE": None, "WANDB_API_KEY": SECRET}
-    res = launch("train.py", [*args, "train.epochs=1"], env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "wandb sync" in res.stdout  # says how to sync
+    assert "wandb sync" in wandb_offline_run["stdout"]  # says how to sync
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     history, config, run_id = _summarise(next(runs[0].glob("*.wandb")))

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from detector.data.coco import CocoDetection, CocoIndex
 from detector.evaluation.cocoeval import detections_to_coco
 from detector.train import checkpoint, engine, optim
 from detector.train import process as runtime
+from detector.train.state import RunState
 from tests.conftest import (
     ROOT,
     TINY,
@@ -35,9 +37,8 @@ from tests.conftest import (
     launch,
     launch_cmd,
     read_jsonl,
-    run_tool,
+    run_tool_in_process,
     tool_env,
-    train,
     write_coco,
 )
 
@@ -93,16 +94,16 @@ def test_json_area_kept_in_error_mode_too(tmp_path):
     assert gt[0]["area"] == 777.0 and gt[0]["bbox"] == [600.5, 10, 40, 20]
 
 
-def test_evaluate_predictions_scores_overhanging_ground_truth(tmp_path):
+def test_evaluate_predictions_scores_overhanging_ground_truth(tmp_path, capsys):
     path = _cvat_like(tmp_path)
     rows = [
         {"image_id": 1, "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
         for a in json.loads(path.read_text())["annotations"]
     ]
     (tmp_path / "res.json").write_text(json.dumps(rows))
-    res = run_tool("evaluate.py", "--predictions", tmp_path / "res.json", "--annotations", path,
-                   "--output", tmp_path / "m.json")  # fmt: skip
-    assert res.returncode == 0, res.stderr
+    code = run_tool_in_process("evaluate.py", "--predictions", tmp_path / "res.json", "--annotations", path,
+                               "--output", tmp_path / "m.json")  # fmt: skip
+    assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "m.json").read_text())["mAP"] == pytest.approx(1.0)
 
 
@@ -150,12 +151,12 @@ def test_evaluate_checkpoint_on_a_renumbered_val_json(trained_run, tiny_dataset,
     renum = tmp_path / "val_renumbered.json"
     renum.write_text(json.dumps(data))
     out = {}
-    for name, ann in (("orig", tiny_dataset["val"]), ("renum", renum)):
-        res = launch("evaluate.py", ["--checkpoint", trained_run / "best.pt", "--annotations", ann,
-                                     "--images", tiny_dataset["root"] / "val", "--score-threshold", "0.01",
-                                     "--num-workers", "0", "--output", tmp_path / f"{name}.json",
-                                     "--results", tmp_path / f"{name}_res.json"])  # fmt: skip
-        assert res.returncode == 0, res.stderr[-3000:]
+    for name, ann in (("orig", tiny_dataset["val"]), ("renum", renum)):  # 1 process: no launcher needed
+        code = run_tool_in_process("evaluate.py", "--checkpoint", trained_run / "best.pt", "--annotations", ann,
+                                   "--images", tiny_dataset["root"] / "val", "--score-threshold", "0.01",
+                                   "--num-workers", "0", "--output", tmp_path / f"{name}.json",
+                                   "--results", tmp_path / f"{name}_res.json", threads=1)  # fmt: skip
+        assert code == 0
         out[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert out["orig"]["mAP50"] > 0  # a comparison of real detections
     for k in ("mAP", "mAP50", "AR100"):
@@ -173,10 +174,11 @@ def test_evaluate_checkpoint_on_a_renumbered_val_json(trained_run, tiny_dataset,
 def test_predictor_detections_equal_evaluate_detections(trained_run, tiny_dataset, tmp_path):
     from detector.inference.predictor import Predictor
 
-    res = launch("evaluate.py", ["--checkpoint", trained_run / "best.pt", "--annotations", tiny_dataset["val"],
-                                 "--images", tiny_dataset["root"] / "val", "--score-threshold", "0.05", "--batch-size", "1",
-                                 "--num-workers", "0", "--results", tmp_path / "res.json"])  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    code = run_tool_in_process("evaluate.py", "--checkpoint", trained_run / "best.pt", "--annotations",
+                               tiny_dataset["val"], "--images", tiny_dataset["root"] / "val", "--score-threshold",
+                               "0.05", "--batch-size", "1", "--num-workers", "0", "--results", tmp_path / "res.json",
+                               threads=1)  # fmt: skip
+    assert code == 0
     evaluated = json.loads((tmp_path / "res.json").read_text())
     val = json.loads(Path(tiny_dataset["val"]).read_text())
     big = [im for im in val["images"] if max(im["width"], im["height"]) >= 2 * 128]
@@ -204,11 +206,11 @@ def test_mid_epoch_state_with_another_batch_size_is_refused():
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    pos = {"epoch": 1, "batch": 3, "step": 11, "world_size": 2, "batch_size": 4, "grad_accum_steps": 1}
+    pos = RunState(epoch=1, batch=3, step=11, world_size=2, batch_size=4, grad_accum_steps=1)
     with pytest.raises(checkpoint.CheckpointError, match="batch_size 4 -> 8"):
         checkpoint.adapt_position(pos, {"world_size": 2, "batch_size": 8, "grad_accum_steps": 1}, 5, 0.1, opt, sched)
     with pytest.raises(checkpoint.CheckpointError, match="do not divide among 2 processes"):
-        checkpoint.adapt_position(pos | {"world_size": 1}, {"world_size": 2, "batch_size": 4, "grad_accum_steps": 1},
+        checkpoint.adapt_position(replace(pos, world_size=1), {"world_size": 2, "batch_size": 4, "grad_accum_steps": 1},
                                   5, 0.1, opt, sched)  # fmt: skip
 
 
@@ -220,11 +222,11 @@ def test_end_of_epoch_state_takes_the_new_global_batch_lr():
     for _ in range(10):
         opt.step()
         sched.step()
-    pos = {"epoch": 1, "batch": 0, "step": 10, "world_size": 2, "batch_size": 4, "grad_accum_steps": 1}
+    pos = RunState(epoch=1, batch=0, step=10, world_size=2, batch_size=4, grad_accum_steps=1)
     new = checkpoint.adapt_position(pos, {"world_size": 1, "batch_size": 4, "grad_accum_steps": 1}, 20, 0.2, opt,
                                     sched, lambda _: None)  # fmt: skip
     # 1 process: 20 steps per epoch; after one epoch the schedule is at step 20 of 2 x 20
-    assert new["world_size"] == 1 and sched.last_epoch == 20
+    assert new.world_size == 1 and sched.last_epoch == 20
     assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * optim.lr_factor(20, 40, cfg))
 
 
@@ -291,7 +293,7 @@ def test_two_processes_killed_mid_epoch_resume_on_one(tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_checkpoint_refuses_resized_images(trained_run, tiny_dataset, tmp_path):
+def test_evaluate_checkpoint_refuses_resized_images(trained_run, tiny_dataset, tmp_path, capsys):
     import shutil
 
     images = tmp_path / "val"
@@ -299,26 +301,28 @@ def test_evaluate_checkpoint_refuses_resized_images(trained_run, tiny_dataset, t
     first = json.loads(Path(tiny_dataset["val"]).read_text())["images"][0]["file_name"]
     with Image.open(images / first) as im:
         im.resize((im.width // 2, im.height // 2)).save(images / first)  # resized after labelling
-    res = launch("evaluate.py", ["--checkpoint", trained_run / "best.pt", "--annotations", tiny_dataset["val"],
-                                 "--images", images, "--num-workers", "0"])  # fmt: skip
-    assert res.returncode != 0  # (accelerate launch reports the tool's exit code 2 as 1)
-    assert first in res.stderr and "differs from the json" in res.stderr
+    capsys.readouterr()
+    code = run_tool_in_process("evaluate.py", "--checkpoint", trained_run / "best.pt", "--annotations",
+                               tiny_dataset["val"], "--images", images, "--num-workers", "0")  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]  # the tool's own exit code (accelerate launch reported it as 1)
+    assert first in err and "differs from the json" in err
 
 
 # -- 7: the scored model is the saved model; 11: mixed precision from the launcher; 14: plain progress -------
 
 
 @pytest.mark.slow
-def test_two_process_validation_scores_the_saved_model(tiny_dataset, tmp_path):
+def test_two_process_validation_scores_the_saved_model(two_process_run, tiny_dataset, tmp_path):
     """Trainable BatchNorm on 2 processes: the val loss logged in training equals evaluate.py's on
-    last.pt (1 process), so validation scored the model that was saved."""
-    run = tmp_path / "run"
-    train(run, tiny_dataset, "train.epochs=1", "logging.plots=false", "eval.batch_size=2", nproc=2)
+    last.pt (1 process), so validation scored the model that was saved. (The 1-epoch run with
+    eval.batch_size=2 shared with test_train and test_storage.)"""
+    run = two_process_run["run"]
     logged = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"][-1]
-    res = launch("evaluate.py", ["--checkpoint", run / "last.pt", "--annotations", tiny_dataset["val"],
-                                 "--images", tiny_dataset["root"] / "val", "--batch-size", "2",
-                                 "--num-workers", "0", "--output", tmp_path / "m.json"])  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    code = run_tool_in_process("evaluate.py", "--checkpoint", run / "last.pt", "--annotations", tiny_dataset["val"],
+                               "--images", tiny_dataset["root"] / "val", "--batch-size", "2",
+                               "--num-workers", "0", "--output", tmp_path / "m.json", threads=1)  # fmt: skip
+    assert code == 0
     scored = json.loads((tmp_path / "m.json").read_text())
     assert torch.load(run / "last.pt", weights_only=True)["model"]["backbone.body.bn1.running_mean"].abs().sum() > 0
     assert scored["loss"] == pytest.approx(logged["val/loss"], abs=1e-9)
@@ -427,7 +431,8 @@ def test_best_mode_follows_the_metric_and_names_are_checked():
 
 def test_summary_does_not_promise_a_best_pt_that_was_never_written(tmp_path):
     cfg = config.load(TINY, ["data.synthetic.enabled=true"])
-    rows = dict(runtime.summary_rows({"epoch": 2}, {"best": None}, cfg, tmp_path))
+    rows = dict(runtime.summary_rows({"epoch": 2}, RunState(world_size=1, batch_size=4, grad_accum_steps=1), cfg,
+                                     tmp_path))  # fmt: skip
     assert rows["best weights"].startswith("none written")
 
 

@@ -23,6 +23,7 @@ from detector.models import weights
 from detector.train import checkpoint
 from detector.train import process as runtime
 from tests.conftest import (
+    ONE_PROCESS_RESUME,
     ROOT,
     TINY,
     TWO_PROCESS_RESUME,
@@ -50,14 +51,13 @@ def _wait_for_state(run: Path, timeout: float = 600) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tiny_dataset, tmp_path):
+def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(
+    tiny_dataset, tmp_path, one_process_reference
+):
     """SLURM signals every process of the job, DataLoader workers included: the workers must not
-    die of it before the training process has finished its step and saved."""
-    common = ["train.epochs=2", "data.num_workers=2", "train.checkpoint_every_steps=4"]
-    ref = tmp_path / "ref"
-    res = subprocess.run(_train_cmd(ref, tiny_dataset, *common), env=tool_env(), capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    die of it before the training process has finished its step and saved. Plain python (the
+    process group is the trainer's); the uninterrupted reference is shared with test_resume."""
+    common = ONE_PROCESS_RESUME  # two DataLoader workers, a state every 3 steps
     run = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(run, tiny_dataset, *common), env=tool_env(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
@@ -69,7 +69,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tin
     res = subprocess.run(_train_cmd(run, tiny_dataset, *common, "train.resume=auto"), env=tool_env(),
                          capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    assert_same_weights(ref / "last.pt", run / "last.pt")
+    assert_same_weights(one_process_reference / "last.pt", run / "last.pt")
 
 
 @pytest.mark.slow
@@ -367,7 +367,6 @@ if [ "$1" = show ]; then echo 127.0.0.1; else echo "$*" >> "{log}"; fi
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two_process_reference")
 def test_slurm_script_requeues_a_preempted_job_which_then_resumes(tiny_dataset, tmp_path, two_process_reference):
     """launch/slurm.sh with fake srun and scontrol on PATH, 2 processes: SIGUSR1 to the batch
     script (SLURM's early warning) saves a state, the script requeues the job and exits 0; the

@@ -18,6 +18,7 @@ from detector.core import errors
 from detector.core.errors import ConfigError, WriteError
 from detector.train import checkpoint
 from detector.train import process as runtime
+from detector.train.state import RunState
 
 
 def _objects() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -26,8 +27,8 @@ def _objects() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_s
     return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
 
-def _position(step: int, epoch: int, batch: int) -> dict:
-    return {"epoch": epoch, "batch": batch, "step": step, "best": None}
+def _position(step: int, epoch: int, batch: int) -> RunState:
+    return RunState(epoch=epoch, batch=batch, step=step, world_size=1, batch_size=4, grad_accum_steps=1)
 
 
 def test_a_state_saved_again_at_the_same_step_keeps_the_old_one_when_the_write_fails(

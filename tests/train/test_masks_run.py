@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -40,12 +39,7 @@ def _evaluate(run: Path, ds: dict, out: Path, nproc: int) -> tuple[dict, list]:
             "--batch-size", "2", "--num-workers", "0", "--output", out / f"{nproc}.json",
             "--results", out / f"{nproc}_rows.json"]  # fmt: skip
     if nproc == 1:  # in this process, on one thread like each launched process (OMP_NUM_THREADS=1)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            assert run_tool_in_process("evaluate.py", *args) == 0
-        finally:
-            torch.set_num_threads(threads)
+        assert run_tool_in_process("evaluate.py", *args, threads=1) == 0
     else:
         res = launch("evaluate.py", args, nproc=nproc)
         assert res.returncode == 0, res.stderr[-3000:]

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ import torch
 from detector.core.errors import WeightsError
 from detector.models.build import read_checkpoint
 from detector.train import checkpoint
+from detector.train.state import RunState
 from tests.conftest import (
+    ONE_PROCESS_RESUME,
     ROOT,
     TINY,
     TWO_PROCESS_RESUME,
@@ -41,13 +44,8 @@ def _states(run: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_is_exact(tiny_dataset, tmp_path):
-    common = ["train.epochs=2", "train.checkpoint_every_steps=3", "train.keep_checkpoints=10",
-              "logging.plots=false", *data_overrides(tiny_dataset)]  # fmt: skip
-    ref = tmp_path / "ref"
-    res = subprocess.run(_cmd(1, [f"output_dir={ref}", *common]), env=ENV, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-
+def test_sigkill_mid_epoch_then_resume_is_exact(tiny_dataset, tmp_path, one_process_reference):
+    common = [*ONE_PROCESS_RESUME, *data_overrides(tiny_dataset)]  # the reference: shared with test_faults
     run = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(1, [f"output_dir={run}", *common]), env=ENV, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -67,11 +65,10 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tiny_dataset, tmp_path):
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout
-    assert_same_weights(ref / "last.pt", run / "last.pt")
+    assert_same_weights(one_process_reference / "last.pt", run / "last.pt")
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two_process_reference")
 def test_sigterm_two_processes_saves_and_resumes_exactly(tiny_dataset, tmp_path, two_process_reference):
     run = tmp_path / "run"
     args = [f"output_dir={run}", *TWO_PROCESS_RESUME, "data.num_workers=2", *data_overrides(tiny_dataset)]
@@ -107,7 +104,7 @@ def _fake_state(run: Path, step: int, accelerator) -> Path:
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    pos = {"epoch": 0, "batch": step, "step": step, "best": None, "wandb_id": None, "nonfinite_in_row": 0}
+    pos = RunState(epoch=0, batch=step, step=step, world_size=1, batch_size=4, grad_accum_steps=1)
     return checkpoint.save_state(run, accelerator, model, opt, sched, pos, keep=5)
 
 
@@ -195,7 +192,7 @@ def _objects(seed: int = 0):
 
 def _saved_run(run: Path, accelerator, trained_on: dict | None) -> Path:
     model, opt, sched = _objects(0)
-    pos = {"epoch": 1, "batch": 0, "step": 8, "best": 0.06, "wandb_id": None, "nonfinite_in_row": 0}
+    pos = RunState(epoch=1, batch=0, step=8, best=0.06, world_size=1, batch_size=4, grad_accum_steps=1)
     return checkpoint.save_state(run, accelerator, model, opt, sched, pos, keep=5, trained_on=trained_on)
 
 
@@ -239,7 +236,7 @@ def test_the_same_classes_under_other_category_ids_resume_with_a_warning(tmp_pat
     model, opt, sched = _objects(1)
     pos = checkpoint.resume("auto", tmp_path, cpu_accelerator, model, opt, sched, said.append,
                             trained_on={**SHAPES, "category_ids": [1, 2, 3]})  # fmt: skip
-    assert pos["step"] == 8
+    assert pos is not None and pos.step == 8
     assert any(m.startswith("warning: the classes' category ids changed") and "[3, 7, 12] -> [1, 2, 3]" in m
                for m in said), said  # fmt: skip
     said.clear()
@@ -363,10 +360,11 @@ def test_a_finished_runs_message_names_what_stopped_it(tmp_path):
     from tests.conftest import TINY
 
     cfg = load(TINY, ["train.epochs=6", "eval.early_stop_patience=2", "data.synthetic.enabled=true"])
-    early = finished_message({"epoch": 3, "evals_since_best": 2, "best": None}, cfg, tmp_path, early_stopped=True)
+    layout = {"world_size": 1, "batch_size": 4, "grad_accum_steps": 1}
+    early = finished_message(RunState(epoch=3, evals_since_best=2, **layout), cfg, tmp_path, early_stopped=True)
     assert "eval.early_stop_patience=2" in early and "raise eval.early_stop_patience" in early
     assert "train.epochs" not in early
-    done = finished_message({"epoch": 6, "evals_since_best": 0, "best": None}, cfg, tmp_path, early_stopped=False)
+    done = finished_message(RunState(epoch=6, **layout), cfg, tmp_path, early_stopped=False)
     assert "train.epochs=6 reached" in done and "raise train.epochs to train longer" in done
     assert "early_stop" not in done
 
@@ -380,9 +378,9 @@ def test_every_process_resumes_from_the_main_processs_state_or_all_refuse(tmp_pa
     import accelerate.utils
 
     model, opt, sched = _objects(0)
-    pos = {"epoch": 1, "batch": 0, "step": 8, "best": None, "wandb_id": None, "nonfinite_in_row": 0}
+    pos = RunState(epoch=1, batch=0, step=8, world_size=1, batch_size=4, grad_accum_steps=1)
     older = checkpoint.save_state(tmp_path, cpu_accelerator, model, opt, sched, pos, keep=5)
-    newer = checkpoint.save_state(tmp_path, cpu_accelerator, model, opt, sched, {**pos, "step": 16}, keep=5)
+    newer = checkpoint.save_state(tmp_path, cpu_accelerator, model, opt, sched, replace(pos, step=16), keep=5)
     rank1 = SimpleNamespace(num_processes=2, process_index=1)
     gathered = []
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda x: gathered.extend([None, *x]) or gathered)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import epoch_records, launch, step_records, train
+from tests.conftest import epoch_records, run_tool_in_process, step_records, train
 
 pytestmark = [
     pytest.mark.slow,
@@ -51,10 +51,11 @@ def evaluated(trained_run, tiny_dataset, tmp_path_factory) -> dict[str, Any]:
     """tools/evaluate.py --checkpoint best.pt on the run's val split, with the run's eval batch size."""
     ckpt = torch.load(trained_run / "best.pt", weights_only=True)
     out = tmp_path_factory.mktemp("evaluate") / "m.json"
-    res = launch("evaluate.py", ["--checkpoint", trained_run / "best.pt", "--annotations", tiny_dataset["val"],
-                                 "--images", tiny_dataset["root"] / "val", "--num-workers", "0", "--output", out,
-                                 "--batch-size", ckpt["config"]["eval"]["batch_size"]])  # fmt: skip
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    # in this process, on one thread like the training process (tiny.yaml's train.threads: 1)
+    code = run_tool_in_process("evaluate.py", "--checkpoint", trained_run / "best.pt", "--annotations",
+                               tiny_dataset["val"], "--images", tiny_dataset["root"] / "val", "--num-workers", "0",
+                               "--output", out, "--batch-size", ckpt["config"]["eval"]["batch_size"], threads=1)  # fmt: skip
+    assert code == 0
     record = next(r for r in epoch_records(trained_run) if r["epoch"] == ckpt["epoch"])
     return {"metrics": json.loads(out.read_text()), "record": record}
 

@@ -12,7 +12,17 @@ import torch
 from PIL import Image
 
 from detector.evaluation.cocoeval import STAT_NAMES
-from tests.conftest import ROOT, TINY, data_overrides, epoch_records, launch, launch_cmd, read_jsonl, tool_env
+from tests.conftest import (
+    ROOT,
+    TINY,
+    data_overrides,
+    epoch_records,
+    launch,
+    launch_cmd,
+    read_jsonl,
+    run_tool_in_process,
+    tool_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -45,15 +55,15 @@ def test_run_directory(trained_run):
 
 
 def _evaluate(ckpt, ds, nproc, out, batch_size):
-    res = launch(
-        "evaluate.py",
-        [
-            "--checkpoint", str(ckpt), "--annotations", str(ds["val"]), "--images", str(ds["root"] / "val"),
-            "--batch-size", str(batch_size), "--score-threshold", "0.001", "--num-workers", "0", "--output", str(out),
-        ],
-        nproc=nproc,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    args = [
+        "--checkpoint", str(ckpt), "--annotations", str(ds["val"]), "--images", str(ds["root"] / "val"),
+        "--batch-size", str(batch_size), "--score-threshold", "0.001", "--num-workers", "0", "--output", str(out),
+    ]  # fmt: skip
+    if nproc == 1:  # in this process, on one thread like a launched process: no launcher needed
+        assert run_tool_in_process("evaluate.py", *args, threads=1) == 0
+    else:
+        res = launch("evaluate.py", args, nproc=nproc)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return json.loads(out.read_text())
 
 
@@ -84,17 +94,11 @@ def test_two_process_shards_disjoint_and_complete(tiny_dataset, tmp_path):
     assert shards["epoch0"] != shards["epoch1"]  # reshuffled per epoch
 
 
-def test_two_process_training_run(tiny_dataset, tmp_path):
-    out = tmp_path / "run2"
-    res = launch(
-        "train.py",
-        ["--config", str(TINY), f"output_dir={out}", "train.epochs=1", *data_overrides(tiny_dataset)],
-        nproc=2,
-    )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+def test_two_process_training_run(two_process_run):
+    out = two_process_run["run"]  # 1 epoch on 2 processes (shared with test_edges and test_storage)
     rec = epoch_records(out)
     assert rec[-1]["val/images"] == 7
-    assert "global batch 4" in res.stdout  # 2 processes x batch 2
+    assert "global batch 4" in two_process_run["stdout"]  # 2 processes x batch 2
     for png in ("loss.png", "map.png"):  # a 1-epoch run has its curves (of one point)
         assert (out / "plots" / png).is_file(), png
     torch.load(out / "best.pt", weights_only=True)
