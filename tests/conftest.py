@@ -484,3 +484,29 @@ def vanishing_dataset(tiny_dataset: dict[str, Path], tmp_path: Path, split: str)
     gone.mkdir()
     env = {"VANISH": os.pathsep.join(str(root / split / n) for n in names), "VANISH_TO": str(gone)}
     return ds, names, gone, env
+
+
+def in_subprocess(
+    target: str, *args: Any, env: dict[str, str | None] | None = None, timeout: float = 600
+) -> tuple[Any, str]:
+    """Call ``module:function(*args)`` in a python process of its own: (its json result, what the
+    process printed). For tests that run the real wandb library: its service process and stream capture
+    must not live in a pytest-xdist worker, where one once ended the worker mid-session."""
+    module, _, func = target.partition(":")
+    code = (
+        "import json, sys; from importlib import import_module; "
+        f"print('\\n@@result ' + json.dumps(getattr(import_module({module!r}), {func!r})(*json.loads(sys.argv[1]))))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([str(a) if isinstance(a, Path) else a for a in args])],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=tool_env(env),
+    )
+    LAUNCHES[f"subprocess {target}"] += 1
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    printed, _, rest = res.stdout.rpartition("\n@@result ")
+    result, _, after = rest.partition("\n")  # wandb may still print as the process exits
+    return json.loads(result), printed + after + res.stderr

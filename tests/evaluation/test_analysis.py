@@ -188,24 +188,30 @@ def test_evaluate_tool_predictions_file_plots(tmp_path, capsys):
         assert_non_blank_png(tmp_path / "plots" / f"{name}.png")
 
 
-def test_wandb_gets_the_tables_and_pictures(tmp_path, monkeypatch):
-    """The real wandb library, offline, read back from its run file."""
+def log_analysis_to_offline_wandb(folder: str) -> None:
+    """The hand case's analysis logged to an offline W&B run in ``folder`` (run by in_subprocess)."""
+    import wandb
+
     from detector.config import WandbConfig
     from detector.evaluation.analysis import log_wandb
     from detector.runs.tracking import RunLogger
-    from tests.runs.test_tracking import _summarise
 
-    monkeypatch.delenv("WANDB_MODE", raising=False)
     gt, dets = hand_case()
     a = analyze(gt, dets)
-    paths = write_plots(a, tmp_path / "plots", None)
-    logger = RunLogger(tmp_path, enabled=True)
+    paths = write_plots(a, Path(folder) / "plots", None)
+    logger = RunLogger(Path(folder), enabled=True)
     logger.start_wandb(WandbConfig(enabled=True, mode="offline"), {}, None, print_fn=lambda m: None)
     log_wandb(logger, a, paths, step=3)
     logger.close()
-    import wandb
+    wandb.teardown()  # the service process flushes the run file before it exits
 
-    wandb.teardown()  # the service process flushes the run file before it exits (read here, in-process)
+
+def test_wandb_gets_the_tables_and_pictures(tmp_path):
+    """The real wandb library, offline (in a process of its own), read back from its run file."""
+    from tests.conftest import in_subprocess
+    from tests.runs.test_tracking import _summarise
+
+    in_subprocess("tests.evaluation.test_analysis:log_analysis_to_offline_wandb", tmp_path, env={"WANDB_MODE": None})
     history, _, _ = _summarise(next(tmp_path.glob("wandb/offline-run-*/*.wandb")))
     for key in ("val/confusion_matrix", "val/per_class_prf", "val/analysis"):
         assert any(k.startswith(key + "/") or k == key for k in history), (key, history)

@@ -123,49 +123,64 @@ def unanswering_server():
     srv.close()
 
 
-def test_wandb_online_without_an_answer_falls_back_to_offline_in_bounded_time(
-    unanswering_server, tmp_path, monkeypatch, capsys
-):
+def start_online_without_an_answer(folder: str) -> dict:
+    """An offline start (the baseline) and an online start against a server that never answers,
+    timed, in ``folder`` (run by in_subprocess: the real wandb service stays out of the pytest worker)."""
     import time
 
     from detector.config import WandbConfig
     from detector.runs.tracking import RunLogger
 
-    monkeypatch.setenv("WANDB_BASE_URL", unanswering_server)
-    monkeypatch.setenv("WANDB_API_KEY", SECRET)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    # the baseline, measured here (machines differ twice over): an offline start on this machine
-    (tmp_path / "baseline").mkdir()
-    baseline = RunLogger(tmp_path / "baseline", enabled=True)
+    folder_path = Path(folder)
+    (folder_path / "baseline").mkdir()
+    baseline = RunLogger(folder_path / "baseline", enabled=True)
     t0 = time.time()
     baseline.start_wandb(WandbConfig(enabled=True, mode="offline"), {"a": 1}, None, lambda m: None)
     offline_start = time.time() - t0
     baseline.close()
-    logger = RunLogger(tmp_path, enabled=True)
+    logger = RunLogger(folder_path, enabled=True)
     said: list[str] = []
     cfg = WandbConfig(enabled=True, mode="online", timeout_s=3)
     t0 = time.time()
     run_id = logger.start_wandb(cfg, {"a": 1}, None, said.append)
     started = time.time() - t0
-    # one bounded online attempt, then an offline start: not wandb's own 90 s wait, nor its retries.
-    # The failed attempt's teardown is not bounded by timeout_s (13 s was seen for timeout_s=3 on a
-    # loaded 2-core machine), so the bound is a third of wandb's 90 s, not a multiple of 3 s
-    assert run_id and started < 2 * offline_start + 10 * cfg.timeout_s, (started, offline_start)
-    assert any("logging offline instead" in s for s in said) and any("wandb sync" in s for s in said), said
     t0 = time.time()
     for step in range(1, 4):  # steps are not held up: none waits for the server
         logger.log({"train/loss": 1.0 / step}, "step", step)
-    assert time.time() - t0 < cfg.timeout_s
+    logged = time.time() - t0
     logger.close()
+    return {
+        "offline_start": offline_start,
+        "started": started,
+        "logged": logged,
+        "run_id": run_id,
+        "said": said,
+        "timeout_s": cfg.timeout_s,
+    }
+
+
+def test_wandb_online_without_an_answer_falls_back_to_offline_in_bounded_time(unanswering_server, tmp_path):
+    import time
+
+    from tests.conftest import in_subprocess
+
+    env = {"WANDB_BASE_URL": unanswering_server, "WANDB_API_KEY": SECRET, "WANDB_MODE": None}
+    got, printed = in_subprocess("tests.runs.test_tracking:start_online_without_an_answer", tmp_path, env=env)
+    started, offline_start, said, timeout_s = got["started"], got["offline_start"], got["said"], got["timeout_s"]
+    # one bounded online attempt, then an offline start: not wandb's own 90 s wait, nor its retries.
+    # The failed attempt's teardown is not bounded by timeout_s (13 s was seen for timeout_s=3 on a
+    # loaded 2-core machine), so the bound is a third of wandb's 90 s, not a multiple of 3 s
+    assert got["run_id"] and started < 2 * offline_start + 10 * timeout_s, (started, offline_start)
+    assert any("logging offline instead" in s for s in said) and any("wandb sync" in s for s in said), said
+    assert got["logged"] < timeout_s
     files = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, list(tmp_path.rglob("*"))
     deadline = time.time() + 300  # wandb's service writes the file out after finish() returns: wait for it
     while "train/loss" not in (summary := _summarise(files[0]))[0] and time.time() < deadline:
         time.sleep(0.2)
     history, _, logged_id = summary
-    assert "train/loss" in history and logged_id == run_id
-    out = capsys.readouterr()
-    assert SECRET not in out.out + out.err + "".join(said)
+    assert "train/loss" in history and logged_id == got["run_id"]
+    assert SECRET not in printed + "".join(said)
 
 
 def test_wandb_upload_that_never_ends_does_not_hold_the_run(capsys):
