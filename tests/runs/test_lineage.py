@@ -20,7 +20,7 @@ from detector import config
 from detector.runs import lineage
 from detector.runs.compare import runs_table, write_table
 from tests.conftest import ROOT, TINY, WANDB_RUN, copy_run, run_tool, run_tool_in_process
-from tests.runs.test_tracking import read_wandb_records
+from tests.runs.test_tracking import item_key, read_wandb_records, record_type
 
 pytestmark = [pytest.mark.xdist_group("lineage")]  # its module fixtures are built once, on one xdist worker
 
@@ -200,9 +200,10 @@ def test_lineage_in_run_files_and_best_pt(wandb_run, tiny_dataset):
     records = read_wandb_records(next(offline[0].glob("*.wandb")))
     config_items = {}
     for r in records:
-        kind = r.WhichOneof("record_type")
-        items = r.config.update if kind == "config" else r.run.config.update if kind == "run" else []
-        config_items.update({it.key or "/".join(it.nested_key): json.loads(it.value_json) for it in items})
+        kind = record_type(r)
+        items = r["config"].get("update", []) if kind == "config" else []
+        items = r["run"].get("config", {}).get("update", []) if kind == "run" else items
+        config_items.update({item_key(it): json.loads(it["value_json"]) for it in items})
     fp = config_items["lineage"]
     train = fp["dataset"]["train"]
     assert train["sha256"] == lineage.file_sha256(tiny_dataset["train"])
@@ -217,23 +218,23 @@ def test_lineage_in_run_files_and_best_pt(wandb_run, tiny_dataset):
     assert fp["versions"]["python"] == platform.python_version()
     assert fp["config_sha256"] == lineage.config_sha256(config.load(wandb_run / "config.yaml"))
 
-    logged = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
-    ours = [a for a in logged if a.type != "run_table"]  # run_table: W&B's own, one per wandb.Table logged
-    assert sorted(a.type for a in ours) == ["dataset", "model"]
-    artifacts = {a.type: a for a in ours}
+    logged = [r["artifact"] for r in records if record_type(r) == "artifact"]
+    ours = [a for a in logged if a["type"] != "run_table"]  # run_table: W&B's own, one per wandb.Table logged
+    assert sorted(a["type"] for a in ours) == ["dataset", "model"]
+    artifacts = {a["type"]: a for a in ours}
     ds = artifacts["dataset"]
-    assert ds.name == "tiny-shapes" and fp["dataset"]["artifact"] == {"name": "tiny-shapes", "type": "dataset",
-                                                                       "digest": ds.digest}  # fmt: skip
-    assert sorted(e.path for e in ds.manifest.contents) == ["train.json", "val.json"]
-    model_meta = json.loads(artifacts["model"].metadata)
-    assert model_meta["dataset_artifact"] == f"tiny-shapes@{ds.digest}"
+    want = {"name": "tiny-shapes", "type": "dataset", "digest": ds["digest"]}
+    assert ds["name"] == "tiny-shapes" and fp["dataset"]["artifact"] == want
+    assert sorted(e["path"] for e in ds["manifest"]["contents"]) == ["train.json", "val.json"]
+    model_meta = json.loads(artifacts["model"]["metadata"])
+    assert model_meta["dataset_artifact"] == f"tiny-shapes@{ds['digest']}"
     assert model_meta["lineage"] == fp
 
     best = torch.load(wandb_run / "best.pt", weights_only=True)
     assert best["lineage"] == fp == json.loads((wandb_run / "lineage.json").read_text())
-    run_id = next(r.run.run_id for r in records if r.WhichOneof("record_type") == "run")
+    run_id = next(r["run"]["run_id"] for r in records if record_type(r) == "run")
     assert best["wandb_run"]["id"] == run_id and best["wandb_run"]["mode"] == "offline"
-    assert artifacts["model"].run_id == run_id == artifacts["dataset"].run_id  # both logged by this run
+    assert artifacts["model"]["run_id"] == run_id == artifacts["dataset"]["run_id"]  # both logged by this run
 
 
 @pytest.mark.slow
@@ -250,8 +251,8 @@ def test_evaluate_logs_to_the_training_run(wandb_run, tiny_dataset, tmp_path):
     metrics = json.loads((tmp_path / "m.json").read_text())
     history: dict = {}
     for r in read_wandb_records(next(offline[1].glob("*.wandb"))):
-        if r.WhichOneof("record_type") == "history":
-            history.update({it.key or "/".join(it.nested_key): json.loads(it.value_json) for it in r.history.item})
+        if record_type(r) == "history":
+            history.update({item_key(it): json.loads(it["value_json"]) for it in r["history"].get("item", [])})
     for stat in ("mAP", "mAP50", "AR100", "loss", "AP/circle"):
         assert history[f"test/{stat}"] == pytest.approx(metrics[stat]), stat
     assert history["global_step"] == torch.load(best, weights_only=True)["step"]  # beside the training curves

@@ -14,11 +14,13 @@ pytestmark = pytest.mark.slow
 SECRET = WANDB_TEST_KEY
 
 
-def read_wandb_records(path: Path) -> list:
-    """Parse a .wandb run file (a LevelDB-style log of protobuf Records) with wandb's own protos."""
+def records_here(path: str) -> list[dict]:
+    """Parse a .wandb run file (a LevelDB-style log of protobuf Records) with wandb's own protos,
+    as plain dicts (field names as in the protos). Run by ``read_wandb_records`` in a process of its own."""
+    from google.protobuf.json_format import MessageToDict
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data = path.read_bytes()
+    data = Path(path).read_bytes()
     assert data[:4] == b":W&B"
     pos, block, records, buf = 7, 32768, [], b""
     while pos + 7 <= len(data):
@@ -39,21 +41,38 @@ def read_wandb_records(path: Path) -> list:
     for raw in records:
         r = pb.Record()
         r.ParseFromString(raw)
-        parsed.append(r)
+        parsed.append(MessageToDict(r, preserving_proto_field_name=True))
     return parsed
+
+
+def read_wandb_records(path: Path) -> list[dict]:
+    """The records of a .wandb run file as dicts. wandb's protos are parsed in a process of their
+    own: in a pytest worker that had run OpenVINO and ONNX Runtime exports, importing them segfaulted."""
+    from tests.conftest import in_subprocess
+
+    return in_subprocess("tests.runs.test_tracking:records_here", path)[0]
+
+
+def record_type(r: dict) -> str:
+    """The kind of a record (the protos' record_type oneof): history, config, run, ..."""
+    return next((k for k in r if k not in ("num", "uuid", "control", "info", "_info")), "")
+
+
+def item_key(item: dict) -> str:
+    return item.get("key") or "/".join(item.get("nested_key", []))
 
 
 def _summarise(run_file: Path) -> tuple[set, set, str]:
     history, config, run_id = set(), set(), ""
     for r in read_wandb_records(run_file):
-        kind = r.WhichOneof("record_type")
+        kind = record_type(r)
         if kind == "history":
-            history |= {it.key or "/".join(it.nested_key) for it in r.history.item}
+            history |= {item_key(it) for it in r["history"].get("item", [])}
         elif kind == "config":
-            config |= {it.key or "/".join(it.nested_key) for it in r.config.update}
+            config |= {item_key(it) for it in r["config"].get("update", [])}
         elif kind == "run":
-            run_id = r.run.run_id
-            config |= {it.key for it in r.run.config.update}
+            run_id = r["run"].get("run_id", "")
+            config |= {it["key"] for it in r["run"].get("config", {}).get("update", [])}
     return history, config, run_id
 
 
