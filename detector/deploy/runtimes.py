@@ -23,9 +23,12 @@ QuantizeLinear/DequantizeLinear pairs) runs as int8 in both runtimes.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib
 import importlib.util
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +187,37 @@ def repair_empty_branches(model: Any) -> int:
     return repaired
 
 
+class _SignalStack(ctypes.Structure):
+    """Linux's stack_t (sigaltstack(2))."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def keeping_signal_stack() -> Iterator[None]:
+    """Give the calling thread back the alternate signal stack it had before the block.
+
+    OpenVINO's CPU plugin (2026.4 on Linux) installs a signal stack of its own on the thread that
+    compiles a model and, when the model is freed, puts back the one it found; two compiled
+    models freed in the order they were made leave the thread on the first one's freed stack, and
+    the next signal the process gets (a child's exit, Ctrl-C) kills it with SIGSEGV. Compiling
+    inside this block keeps the thread's own stack (Python's faulthandler's, or none) whatever
+    order models are freed in; signals are then handled on it as in any Python program.
+    """
+    if not sys.platform.startswith("linux"):  # the struct's layout differs elsewhere
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    before = _SignalStack()
+    known = libc.sigaltstack(None, ctypes.byref(before)) == 0
+    try:
+        yield
+    finally:
+        if known:
+            before.ss_flags &= ~1  # SS_ONSTACK describes the running handler, it is not a setting
+            libc.sigaltstack(ctypes.byref(before), None)
+
+
 def openvino_runner(
     path: str | Path, threads: int | None = None, precision: str = "f32", hint: str = "LATENCY"
 ) -> Runner:
@@ -203,7 +237,8 @@ def openvino_runner(
     core = ov.Core()
     model = core.read_model(str(path))
     repair_empty_branches(model)  # an IR written before the repair, or an .onnx read here
-    compiled = core.compile_model(model, "CPU", config)
+    with keeping_signal_stack():
+        compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
     outputs = list(compiled.outputs)
     # an output has several names (its ONNX name and the tensor's); the graph's own come first
@@ -222,7 +257,8 @@ def runtime_layers(path: str | Path) -> dict[str, int]:
     precision for a model, e.g. {"Convolution:u8": 33, "FullyConnected:u8": 4}: shows whether an
     int8 model really runs as int8."""
     ov = require("openvino", "inspecting an OpenVINO model")
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    with keeping_signal_stack():
+        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     counts: dict[str, int] = {}
     for op in compiled.get_runtime_model().get_ops():
         info = op.get_rt_info()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -81,11 +82,54 @@ def test_openvino_ir_returns_no_rows_where_the_model_finds_nothing(trained_run, 
     xml = runtimes.export_openvino(onnx_path, tmp_path / "none.xml")
     out = runtimes.openvino_runner(xml, threads=1)(image)
     assert {k: v.shape[0] for k, v in out.items()} == {"boxes": 0, "scores": 0, "labels": 0}
-    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_NUM_THREADS": 1})  # the IR as written
+    with runtimes.keeping_signal_stack():  # see test_openvino_models_freed_in_any_order_leave_signals_working
+        compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_NUM_THREADS": 1})  # the IR as written
     result = compiled.create_infer_request().infer({0: image.numpy()})
     assert [result[o].shape[0] for o in compiled.outputs] == [0, 0, 0]
     # the ONNX graph read directly by the runner gets the same repair
     assert len(runtimes.openvino_runner(onnx_path, threads=1)(image)["scores"]) == 0
+
+
+def free_two_openvino_models_then_take_a_signal(folder: str) -> dict[str, bool]:
+    """Two OpenVINO runners of one tiny IR, freed in the order they were made, then a signal (run
+    by in_subprocess: without keeping_signal_stack the signal kills the process with SIGSEGV)."""
+    import gc
+    import os
+    import signal
+
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([1, 3, 4, 4], np.float32, name="x")
+    xml = Path(folder) / "relu.xml"
+    ov.save_model(ov.Model([ops.relu(x)], [x], "relu"), str(xml))
+
+    def stack() -> tuple[int | None, int, int]:
+        s = runtimes._SignalStack()
+        runtimes.ctypes.CDLL(None).sigaltstack(None, runtimes.ctypes.byref(s))
+        return s.ss_sp, s.ss_flags, s.ss_size
+
+    before = stack()
+    first, second = runtimes.openvino_runner(xml), runtimes.openvino_runner(xml)
+    ran = [float(out.min()) for out in first(np.ones((1, 3, 4, 4), np.float32)).values()] == [1.0]
+    del first, second
+    gc.collect()
+    handled = []
+    signal.signal(signal.SIGUSR1, lambda *_: handled.append(True))
+    os.kill(os.getpid(), signal.SIGUSR1)
+    return {"same_stack": stack() == before, "handled": handled == [True], "ran": ran}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sigaltstack's struct is Linux's here")
+def test_openvino_models_freed_in_any_order_leave_signals_working(tmp_path):
+    """OpenVINO's CPU plugin swaps the compiling thread's signal stack and restores it per model;
+    freed first-made-first, the thread was left on a freed stack and the next signal (here
+    SIGUSR1; in the suite a child process's exit) was a segmentation fault (rc -11)."""
+    from tests.conftest import in_subprocess
+
+    result, _ = in_subprocess("tests.deploy.test_runtimes:free_two_openvino_models_then_take_a_signal", tmp_path)
+    assert result == {"same_stack": True, "handled": True, "ran": True}
 
 
 def with_data(checkpoint: Path, out: Path, **splits: tuple[Path, Path]) -> Path:
