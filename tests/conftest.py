@@ -490,8 +490,10 @@ def in_subprocess(
     target: str, *args: Any, env: dict[str, str | None] | None = None, timeout: float = 600
 ) -> tuple[Any, str]:
     """Call ``module:function(*args)`` in a python process of its own: (its json result, what the
-    process printed). For tests that run the real wandb library: its service process and stream capture
-    must not live in a pytest-xdist worker, where one once ended the worker mid-session."""
+    process printed). For tests that run the real wandb library, which keeps its service process and
+    stream capture out of the pytest-xdist worker (a worker once died there; the cause turned out to
+    be OpenVINO's signal stack, see detector.deploy.runtimes.keeping_signal_stack), and for a test
+    whose failure would kill the process it runs in."""
     module, _, func = target.partition(":")
     code = (
         "import json, sys; from importlib import import_module; "

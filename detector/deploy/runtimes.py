@@ -204,18 +204,22 @@ def keeping_signal_stack() -> Iterator[None]:
     inside this block keeps the thread's own stack (Python's faulthandler's, or none) whatever
     order models are freed in; signals are then handled on it as in any Python program.
     """
-    if not sys.platform.startswith("linux"):  # the struct's layout differs elsewhere
-        yield
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    before = _SignalStack()
-    known = libc.sigaltstack(None, ctypes.byref(before)) == 0
+    before = signal_stack()
     try:
         yield
     finally:
-        if known:
+        if before is not None:
             before.ss_flags &= ~1  # SS_ONSTACK describes the running handler, it is not a setting
-            libc.sigaltstack(ctypes.byref(before), None)
+            ctypes.CDLL(None).sigaltstack(ctypes.byref(before), None)
+
+
+def signal_stack() -> _SignalStack | None:
+    """The calling thread's alternate signal stack (sigaltstack(2)), or None off Linux (where the
+    struct's layout differs) or when it cannot be read."""
+    if not sys.platform.startswith("linux"):
+        return None
+    current = _SignalStack()
+    return current if ctypes.CDLL(None).sigaltstack(None, ctypes.byref(current)) == 0 else None
 
 
 def openvino_runner(

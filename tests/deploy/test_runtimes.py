@@ -106,8 +106,8 @@ def free_two_openvino_models_then_take_a_signal(folder: str) -> dict[str, bool]:
     ov.save_model(ov.Model([ops.relu(x)], [x], "relu"), str(xml))
 
     def stack() -> tuple[int | None, int, int]:
-        s = runtimes._SignalStack()
-        runtimes.ctypes.CDLL(None).sigaltstack(None, runtimes.ctypes.byref(s))
+        s = runtimes.signal_stack()
+        assert s is not None
         return s.ss_sp, s.ss_flags, s.ss_size
 
     before = stack()

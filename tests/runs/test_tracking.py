@@ -47,7 +47,8 @@ def records_here(path: str) -> list[dict]:
 
 def read_wandb_records(path: Path) -> list[dict]:
     """The records of a .wandb run file as dicts. wandb's protos are parsed in a process of their
-    own: in a pytest worker that had run OpenVINO and ONNX Runtime exports, importing them segfaulted."""
+    own, away from the pytest worker (the worker that once died while they were read had been
+    killed by OpenVINO's signal stack: see detector.deploy.runtimes.keeping_signal_stack)."""
     from tests.conftest import in_subprocess
 
     return in_subprocess("tests.runs.test_tracking:records_here", path)[0]
