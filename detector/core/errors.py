@@ -105,8 +105,11 @@ def run_main(main) -> int:
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+# gloo raises a plain RuntimeError for these (NCCL's are DistErrors); "pair closure" is gloo's wording when
+# its own timeout closed the connection to a hung peer
 _PEER_SIGNS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
-               "collective operation timeout", "NCCL communicator was aborted")  # fmt: skip
+               "Application timeout caused pair closure", "collective operation timeout",
+               "NCCL communicator was aborted")  # fmt: skip
 
 
 def _peer_lost(exc: BaseException) -> bool:

@@ -108,6 +108,33 @@ def test_a_write_error_of_one_process_only_is_said_by_that_process(monkeypatch, 
     assert capsys.readouterr().err == ""  # rank 0 says it for everyone
 
 
+@pytest.mark.parametrize(
+    "gloo_error",
+    [
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:4242: Connection reset by peer",
+        "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 6000ms for send operation",
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:598] Connection closed by peer [127.0.0.1]:25496",
+        # what the survivor of a hung (SIGSTOPped) peer got in DDP's buffer broadcast on CI's loaded machine
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Application timeout caused pair closure",
+    ],
+)
+def test_every_gloo_error_of_a_lost_peer_is_said_in_one_line(monkeypatch, capsys, gloo_error):
+    """gloo raises a plain RuntimeError when a peer dies or hangs; each of its wordings must become
+    the one-line peer-lost message and exit code, not a stack trace."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+
+    def main() -> int:
+        raise RuntimeError(gloo_error)
+
+    assert errors.run_main(main) == errors.EXIT_PEER_LOST
+    err = capsys.readouterr().err
+    assert err.startswith("error: a collective operation with the other processes failed (")
+    assert "train.dist_timeout_minutes" in err and "third_party" not in err
+
+
 @pytest.mark.slow
 def test_resume_after_an_image_vanished_mid_window_is_exact(tiny_dataset, tmp_path):
     """The image of the second micro-batch of an accumulation window vanishes: the state saved at
