@@ -121,8 +121,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.write_sep("-", "launches (subprocesses and in-process tool calls)")
     trainings = {k: n for k, n in total.items() if k.split(" ")[-1] in TRAINERS}
     by_nproc: collections.Counter[str] = collections.Counter()
-    for kind, n in trainings.items():
-        by_nproc[kind.split(" ")[0] + (" " + kind.split(" ")[1] if kind.startswith("accelerate") else "")] += n
+    for kind, n in trainings.items():  # "accelerate x2", "python", "warm accelerate x1", "warm python", "bash"
+        by_nproc[" ".join(kind.split(" ")[:-1])] += n
     write(f"training runs: {sum(trainings.values())} (" + ", ".join(f"{k}: {n}" for k, n in sorted(by_nproc.items()))
           + ")")  # fmt: skip
     tools = sum(n for k, n in total.items() if k not in trainings and not k.startswith(("in-process", "other")))
@@ -222,26 +222,77 @@ def launch_cmd(script: str, args: list[str], nproc: int = 1) -> list[str]:
     return [*cmd, str(ROOT / "tools" / script), *map(str, args)]
 
 
+def _warm_argv(argv: list[str]) -> tuple[list[str], list[str] | None, int] | None:
+    """A command line that runs a python script: (the script and its arguments, the accelerate
+    launch options or None for plain python, the number of processes); None for anything else."""
+    if len(argv) > 1 and argv[0] == sys.executable and argv[1].endswith(".py"):
+        return argv[1:], None, 1
+    if argv[:3] == [sys.executable, "-m", "accelerate.commands.launch"]:
+        nproc = int(launch_kind(argv).split(" ")[1][1:])
+        i = next(i for i, a in enumerate(argv) if i > 2 and a.endswith(".py") and argv[i - 1] != "--config_file")
+        return argv[i:], argv[3:i], nproc
+    return None
+
+
+def popen(cmd: list[Any], env: dict[str, str] | None = None, cwd: Path = ROOT, start_new_session: bool = False,
+          stdout: Any = None, stderr: Any = None, warm: bool | None = None, **kw: Any) -> Any:  # fmt: skip
+    """subprocess.Popen(cmd, ...) for the tests' runs. A one-process run of a python script (plain
+    python, or accelerate launch of one process) is forked by the warm interpreter (tests/warm.py:
+    the same process without ~7 s of imports); with warm=True an accelerate launch of several
+    processes too (each forked in the environment torchrun would give it, no launcher process);
+    anything else, or warm=False, is a real subprocess. stdout=PIPE captures both streams (as
+    text); any other value, neither."""
+    from tests import warm as warm_runs
+
+    argv = [str(os.fspath(a)) for a in cmd]
+    found = _warm_argv(argv) if warm is not False else None
+    if found is None or (found[2] > 1 and not warm):
+        kw.setdefault("text", True)
+        return subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=start_new_session, stdout=stdout,
+                                stderr=stderr, **kw)  # fmt: skip
+    script, launch_args, nproc = found
+    env = dict(os.environ if env is None else env)
+    if launch_args is not None:
+        env = warm_runs.accelerate_env(launch_args, env)
+    LAUNCHES["warm " + launch_kind(argv)] += 1
+    capture = stdout == subprocess.PIPE
+    if nproc == 1:
+        return warm_runs.popen(script, env, cwd, start_new_session, capture=capture)
+    assert launch_args is not None and "--main_process_port" in launch_args, "a port for the processes to meet on"
+    port = int(launch_args[launch_args.index("--main_process_port") + 1])
+    return warm_runs.WarmRanks(script, warm_runs.torchrun_envs(env, nproc, port), cwd, capture)
+
+
+def run_cmd(cmd: list[Any], env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 600,
+        warm: bool | None = None, **kw: Any) -> subprocess.CompletedProcess:  # fmt: skip
+    """subprocess.run(cmd, capture_output=True, text=True, ...) through ``popen``."""
+    kw.pop("capture_output", None)
+    kw.pop("text", None)
+    proc = popen(cmd, env, cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, warm=warm, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def launch(
-    script: str, args: list[str], nproc: int = 1, timeout: float = 600, **kw: Any
+    script: str, args: list[str], nproc: int = 1, timeout: float = 600, warm: bool | None = None, **kw: Any
 ) -> subprocess.CompletedProcess:
-    """Run a tool under `accelerate launch` on CPU with nproc processes."""
+    """Run a tool under `accelerate launch` on CPU with nproc processes: one process is a warm
+    fork in the environment accelerate gives it, several are with warm=True (see ``popen``);
+    warm=False, the launcher itself."""
     env = tool_env(kw.pop("env", None))
-    return subprocess.run(
-        launch_cmd(script, args, nproc), capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, **kw
-    )
+    return run_cmd(launch_cmd(script, args, nproc), env=env, timeout=timeout, warm=warm, **kw)
 
 
-def run_tool(name: str, *args: Any, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
-    """Run tools/<name> with plain `python` (no accelerate)."""
-    return subprocess.run(
-        [sys.executable, str(ROOT / "tools" / name), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        env=tool_env(env),
-    )
+def run_tool(
+    name: str, *args: Any, env: dict[str, str | None] | None = None, warm: bool = True
+) -> subprocess.CompletedProcess:
+    """Run tools/<name> with plain `python` (no accelerate): a warm fork (see ``popen``)."""
+    return run_cmd([sys.executable, str(ROOT / "tools" / name), *map(str, args)], env=tool_env(env), warm=warm)
 
 
 def run_tool_in_process(name: str, *args: Any, threads: int | None = None) -> int:
@@ -310,6 +361,7 @@ def shared_run(
     *overrides: str,
     nproc: int = 1,
     env: dict[str, str | None] | None = None,
+    warm: bool | None = None,
 ) -> tuple[Path, str]:
     """A tiny training run (tiny.yaml + the dataset + overrides on nproc processes, in tool_env(env))
     trained once per session: (its run directory, its stdout). Under pytest-xdist, one run shared
@@ -318,7 +370,7 @@ def shared_run(
     holds only what training wrote; a test that changes it works on a copy."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):  # one process
         out = tmp_path_factory.mktemp(name)
-        return out, train(out, tiny_dataset, *overrides, nproc=nproc, env=env)
+        return out, train(out, tiny_dataset, *overrides, nproc=nproc, env=env, warm=warm)
     from filelock import FileLock
 
     shared = tmp_path_factory.getbasetemp().parent
@@ -326,7 +378,9 @@ def shared_run(
     with FileLock(str(shared / f"{name}.lock")):
         if not done.is_file():
             shutil.rmtree(out, ignore_errors=True)
-            stdout.write_text(train(out, _shared_dataset(tiny_dataset, shared), *overrides, nproc=nproc, env=env))
+            stdout.write_text(
+                train(out, _shared_dataset(tiny_dataset, shared), *overrides, nproc=nproc, env=env, warm=warm)
+            )
             done.touch()
     return out, stdout.read_text()
 
@@ -364,7 +418,7 @@ TWO_PROCESS_RUN = ["train.epochs=1", "eval.batch_size=2", "data.num_workers=0"]
 def two_process_run(tiny_dataset, tmp_path_factory) -> dict[str, Any]:
     """The 2-process run of TWO_PROCESS_RUN, trained once per session: {"run": its directory,
     "stdout": what training printed}."""
-    run, stdout = shared_run("two_process_run", tiny_dataset, tmp_path_factory, *TWO_PROCESS_RUN, nproc=2)
+    run, stdout = shared_run("two_process_run", tiny_dataset, tmp_path_factory, *TWO_PROCESS_RUN, nproc=2, warm=True)
     return {"run": run, "stdout": stdout}
 
 
@@ -378,7 +432,9 @@ TWO_PROCESS_RESUME = ["train.epochs=2", "train.checkpoint_every_steps=2", "loggi
 def two_process_reference(tiny_dataset, tmp_path_factory) -> Path:
     """An uninterrupted 2-process run of TWO_PROCESS_RESUME: the weights an interrupted and
     resumed run of it must end with, bitwise (trained once per session, see shared_run)."""
-    return shared_run("two_process_reference", tiny_dataset, tmp_path_factory, *TWO_PROCESS_RESUME, nproc=2)[0]
+    return shared_run("two_process_reference", tiny_dataset, tmp_path_factory, *TWO_PROCESS_RESUME, nproc=2, warm=True)[
+        0
+    ]
 
 
 # The configuration whose 1-process runs are killed (SIGKILL: test_resume) or preempted (SIGTERM to

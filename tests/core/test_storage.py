@@ -184,7 +184,7 @@ def test_two_process_training_from_s3_matches_the_local_folder(s3, two_process_r
     args = ["--config", str(TINY), f"output_dir={tmp_path / 's3'}", *data_overrides(_Remote(remote)),
             *(o for o in TWO_PROCESS_RUN if not o.startswith("data.num_workers=")), "logging.plots=false",
             "data.num_workers=1"]  # fmt: skip
-    res = launch("train.py", args, nproc=2, env=s3["env"])  # stdout and stderr both scanned below
+    res = launch("train.py", args, nproc=2, env=s3["env"], warm=True)  # stdout and stderr both scanned below
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out_local = two_process_run["stdout"]
     got, want = epoch_records(tmp_path / "s3")[-1], epoch_records(two_process_run["run"])[-1]

@@ -265,7 +265,7 @@ def test_evaluate_checkpoint_on_2_processes_gives_the_analysis_of_1(trained_run,
     common = ["--checkpoint", trained_run / "best.pt", "--annotations", tiny_dataset["val"],
               "--images", tiny_dataset["root"] / "val", "--workers", "0", "--confusion-score", "0.05"]  # fmt: skip
     out = tmp_path / "plots"
-    res = launch("evaluate.py", [*common, "--batch-size", "2", "--plots", out], nproc=2)
+    res = launch("evaluate.py", [*common, "--batch-size", "2", "--plots", out], nproc=2, warm=True)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "error analysis at IoU 0.5" in res.stdout
     assert run_tool_in_process("evaluate.py", *common, "--batch-size", "2", "--plots", tmp_path / "one") == 0

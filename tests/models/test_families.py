@@ -21,7 +21,7 @@ from detector.models import weights
 from detector.models.build import build_model, load_model
 from detector.models.zoo import all_models, check_keys, family_of, family_of_model, loss_and_detections
 from detector.train import checkpoint
-from tests.conftest import ROOT, data_overrides, launch, launch_cmd, read_jsonl, run_tool_in_process, tool_env
+from tests.conftest import ROOT, data_overrides, launch, launch_cmd, popen, read_jsonl, run_tool_in_process, tool_env
 from tests.deploy.test_deploy import exif_rotated_jpeg, exported_like_predictor, one_thread, shaped_images
 
 pytestmark = [pytest.mark.xdist_group("families")]  # its module fixtures are built once, on one xdist worker
@@ -276,7 +276,7 @@ def test_family_trains_evaluates_identically_on_two_processes_and_exports(family
         if n == 1:  # in this process, on one thread like a launched process: no launcher needed
             assert run_tool_in_process("evaluate.py", *args, threads=1) == 0
         else:
-            res = launch("evaluate.py", args, nproc=n)
+            res = launch("evaluate.py", args, nproc=n, warm=True)
             assert res.returncode == 0, res.stderr[-3000:]
         stats[n] = json.loads((tmp_path / f"{n}.json").read_text())
         rows[n] = json.loads((tmp_path / f"{n}_rows.json").read_text())
@@ -312,7 +312,7 @@ def test_family_sigkill_resume_is_exact_with_ema(family_run, tiny_dataset, tmp_p
     fam, ref = family_run
     common = _family_args(fam, tiny_dataset)
     run = tmp_path / "killed"
-    proc = subprocess.Popen(launch_cmd("train.py", [*common, f"output_dir={run}"]), env=tool_env(),
+    proc = popen(launch_cmd("train.py", [*common, f"output_dir={run}"]), env=tool_env(),
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 300
     # the first state of epoch 2 (step 9); the states up to the last step's are all mid-epoch

@@ -108,7 +108,11 @@ def test_bf16_boxes_are_float32_and_precise():
     from detector.models.zoo import loss_and_detections
 
     torch.manual_seed(0)
-    model = build_model(replace(_small(), min_size=640, max_size=800, box_score_thresh=0.0), 2).eval()
+    # the boxes are decoded by the R-CNN heads whatever the backbone: MobileNetV3's, 14x faster than
+    # ResNet-18's under CPU bf16 at 640x800 (4.8 s against 67 s on the 2-core machine)
+    cfg = ModelConfig(name="fasterrcnn_mobilenet_v3_large_320_fpn", weights=None, weights_backbone=None,
+                      min_size=640, max_size=800, box_score_thresh=0.0)  # fmt: skip
+    model = build_model(cfg, 2).eval()
     img = torch.rand(3, 640, 800)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     with torch.no_grad():

@@ -37,6 +37,7 @@ from tests.conftest import (
     launch,
     launch_cmd,
     read_jsonl,
+    run_cmd,
     run_tool_in_process,
     tool_env,
     write_coco,
@@ -335,7 +336,7 @@ def test_launcher_precision_and_plain_progress_off_a_terminal(tiny_dataset, tmp_
     """No train.mixed_precision in the run config: the launcher's bf16 is used. stderr is a pipe:
     plain progress lines, no carriage-return frames. The warmup resolved is printed."""
     run = tmp_path / "run"
-    res = subprocess.run(
+    res = run_cmd(
         [sys.executable, str(ROOT / "tools" / "train.py"), "--config", str(TINY), f"output_dir={run}",
          "train.epochs=1", "logging.plots=false", "logging.progress=true", "logging.progress_interval_s=0",
          "optim.warmup_steps=null", *data_overrides(tiny_dataset)],
@@ -462,7 +463,7 @@ def test_all_undecodable_batch_on_one_process_does_not_break_the_step(tiny_datas
     ds = {"root": root, "train": root / "train.json", "val": root / "val.json"}
     res = launch("train.py", ["--config", TINY, f"output_dir={tmp_path / 'run'}", "train.epochs=1",
                               "train.batch_size=1", "data.on_corrupt_image=skip", "logging.plots=false",
-                              *data_overrides(ds)], nproc=2, timeout=600)  # fmt: skip
+                              *data_overrides(ds)], nproc=2, timeout=600, warm=True)  # fmt: skip
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     epoch = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "epoch"][-1]
     # 16 images in 16 batches of 1, 8 per process (no padding): every image once

@@ -32,6 +32,8 @@ from tests.conftest import (
     epoch_records,
     launch,
     launch_cmd,
+    popen,
+    run_cmd,
     tool_env,
     vanishing_dataset,
     write_coco,
@@ -59,14 +61,14 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(
     process group is the trainer's); the uninterrupted reference is shared with test_resume."""
     common = ONE_PROCESS_RESUME  # two DataLoader workers, a state every 3 steps
     run = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(run, tiny_dataset, *common), env=tool_env(), start_new_session=True,
+    proc = popen(_train_cmd(run, tiny_dataset, *common), env=tool_env(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
     _wait_for_state(run)
     os.killpg(proc.pid, signal.SIGTERM)  # the process and its workers, as a scheduler does
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == errors.EXIT_PREEMPTED, err[-3000:]
     assert (run / "PREEMPTED").is_file() and "killed by signal" not in err
-    res = subprocess.run(_train_cmd(run, tiny_dataset, *common, "train.resume=auto"), env=tool_env(),
+    res = run_cmd(_train_cmd(run, tiny_dataset, *common, "train.resume=auto"), env=tool_env(),
                          capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_weights(one_process_reference / "last.pt", run / "last.pt")
@@ -77,7 +79,7 @@ def test_a_killed_worker_stops_the_run_with_its_own_message_and_code(tiny_datase
     import psutil
 
     run = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(run, tiny_dataset, "train.epochs=50", "data.num_workers=2"), env=tool_env(),
+    proc = popen(_train_cmd(run, tiny_dataset, "train.epochs=50", "data.num_workers=2"), env=tool_env(),
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT)  # fmt: skip
     _wait_for_state(run)
@@ -87,7 +89,7 @@ def test_a_killed_worker_stops_the_run_with_its_own_message_and_code(tiny_datase
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == errors.EXIT_WORKER_DIED, err[-3000:]
     assert "out-of-memory" in err and "data.num_workers" in err and "Traceback" not in err
-    res = subprocess.run(_train_cmd(run, tiny_dataset, "train.epochs=2", "train.resume=auto"), env=tool_env(),
+    res = run_cmd(_train_cmd(run, tiny_dataset, "train.epochs=2", "train.resume=auto"), env=tool_env(),
                          capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
     assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
 
@@ -101,7 +103,7 @@ def test_truncated_jpeg_in_a_worker_is_one_clean_line(tiny_dataset, tmp_path):
     name = json.loads(Path(tiny_dataset["train"]).read_text())["images"][0]["file_name"]
     raw = (root / name).read_bytes()
     (root / name).write_bytes(raw[: len(raw) * 6 // 10])  # its header still reads: training finds it
-    res = subprocess.run(_train_cmd(tmp_path / "run", tiny_dataset, "data.num_workers=1", f"data.train.images={root}"),
+    res = run_cmd(_train_cmd(tmp_path / "run", tiny_dataset, "data.num_workers=1", f"data.train.images={root}"),
                          env=tool_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
     assert res.returncode == 2
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
@@ -164,7 +166,7 @@ def test_negatives_only_validation_cannot_choose_best_by_map(tiny_dataset, tmp_p
     data = json.loads(Path(tiny_dataset["val"]).read_text())
     data["annotations"] = []
     val = write_coco(tmp_path / "neg.json", data["images"], [], data["categories"])
-    res = subprocess.run(_train_cmd(tmp_path / "run", tiny_dataset, f"data.val.annotations={val}"), env=tool_env(),
+    res = run_cmd(_train_cmd(tmp_path / "run", tiny_dataset, f"data.val.annotations={val}"), env=tool_env(),
                          capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
     assert res.returncode == 2 and "has no objects" in res.stderr and "eval.best_metric=val/loss" in res.stderr
     assert not (tmp_path / "run" / "best.pt").exists()
@@ -266,7 +268,7 @@ def test_one_of_two_training_processes_dies_or_hangs(tiny_dataset, tmp_path, fau
         return  # the resume after a lost peer is the same either way: shown once, below
     steps = json.loads((checkpoint.list_states(run)[-1] / checkpoint.COMPLETE).read_text())["step"]
     res = launch("train.py", ["--config", TINY, f"output_dir={run}", "logging.plots=false", "train.epochs=2",
-                              "train.resume=auto", *data_overrides(tiny_dataset)], nproc=2)  # fmt: skip
+                              "train.resume=auto", *data_overrides(tiny_dataset)], nproc=2, warm=True)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resumed from {run / checkpoint.STATE_DIR}" in res.stdout and f"step {steps}" in res.stdout, res.stdout
 
@@ -296,7 +298,7 @@ def test_disk_full_while_saving_keeps_the_previous_files(tiny_dataset, tmp_path,
     assert state["position"]["epoch"] >= 1
     best = weights.read(run / "best.pt")
     assert best["epoch"] == 1  # the first best.pt, whole: the second was never moved over it
-    res = launch("train.py", [*args, "train.resume=auto"], nproc=nproc)
+    res = launch("train.py", [*args, "train.resume=auto"], nproc=nproc, warm=True)
     assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
 
 
@@ -326,7 +328,7 @@ def test_images_vanishing_mid_run_stop_with_a_saved_state(vanishing_copy, tmp_pa
     assert state["position"]["epoch"] == 1, "the state saved at the failure is inside epoch 2"
     for n in names:  # the file system has them back
         (gone / n).rename(ds["root"] / "train" / n)
-    res = launch("train.py", [*args, "train.resume=auto"], nproc=2)
+    res = launch("train.py", [*args, "train.resume=auto"], nproc=2, warm=True)
     assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
 
 

@@ -145,10 +145,10 @@ def test_resume_after_an_image_vanished_mid_window_is_exact(tiny_dataset, tmp_pa
     from detector.config import load
     from detector.data.coco import CocoIndex
     from detector.data.loader import TrainBatchSampler
-    from tests.conftest import ROOT, TINY, assert_same_weights, data_overrides, tool_env
+    from tests.conftest import ROOT, TINY, assert_same_weights, data_overrides, run_cmd, tool_env
 
     def train(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(ROOT / script), *common, *args], env=tool_env(env), cwd=ROOT,
+        return run_cmd([sys.executable, str(ROOT / script), *common, *args], env=tool_env(env), cwd=ROOT,
                               capture_output=True, text=True, timeout=600)  # fmt: skip
 
     root = tmp_path / "data"
@@ -279,19 +279,19 @@ def test_a_validation_image_vanishing_in_the_last_epoch_is_validated_on_resume(t
     validate that epoch (and write last.pt, best.pt and its metrics), also when it is the last."""
     from detector.models import weights
     from detector.runs import tracking
-    from tests.conftest import ROOT, TINY, data_overrides, tool_env, vanishing_dataset
+    from tests.conftest import ROOT, TINY, data_overrides, run_cmd, tool_env, vanishing_dataset
 
     ds, names, gone, env = vanishing_dataset(tiny_dataset, tmp_path, "val")
     root = ds["root"]
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "tests" / "scripts" / "vanish.py"), "--config", str(TINY), f"output_dir={run}",
            "logging.plots=false", "train.epochs=1", "train.checkpoint_every_steps=2", *data_overrides(ds)]  # fmt: skip
-    res = subprocess.run(cmd, env=tool_env(env), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = run_cmd(cmd, env=tool_env(env), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "The state after epoch 1's training was saved" in res.stderr, res.stderr[-3000:]
     for n in names:
         (gone / n).rename(root / "val" / n)
     cmd[1] = str(ROOT / "tools" / "train.py")
-    res = subprocess.run([*cmd, "train.resume=auto"], env=tool_env(), cwd=ROOT, capture_output=True, text=True,
+    res = run_cmd([*cmd, "train.resume=auto"], env=tool_env(), cwd=ROOT, capture_output=True, text=True,
                          timeout=600)  # fmt: skip
     assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
     epochs = [r for r in tracking.read_metrics(run) if r["kind"] == "epoch"]

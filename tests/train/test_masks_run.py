@@ -41,7 +41,7 @@ def _evaluate(run: Path, ds: dict, out: Path, nproc: int) -> tuple[dict, list]:
     if nproc == 1:  # in this process, on one thread like each launched process (OMP_NUM_THREADS=1)
         assert run_tool_in_process("evaluate.py", *args, threads=1) == 0
     else:
-        res = launch("evaluate.py", args, nproc=nproc)
+        res = launch("evaluate.py", args, nproc=nproc, warm=True)
         assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((out / f"{nproc}.json").read_text()), json.loads((out / f"{nproc}_rows.json").read_text())
 

@@ -28,6 +28,8 @@ from tests.conftest import (
     data_overrides,
     dummy_batches,
     launch_cmd,
+    popen,
+    run_cmd,
     tool_env,
 )
 
@@ -47,7 +49,7 @@ def _states(run: Path) -> list[Path]:
 def test_sigkill_mid_epoch_then_resume_is_exact(tiny_dataset, tmp_path, one_process_reference):
     common = [*ONE_PROCESS_RESUME, *data_overrides(tiny_dataset)]  # the reference: shared with test_faults
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(1, [f"output_dir={run}", *common]), env=ENV, start_new_session=True,
+    proc = popen(_cmd(1, [f"output_dir={run}", *common]), env=ENV, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 600
     # 8 steps per epoch, a state every 3: kill hard at the first state of epoch 2 (step 9); the
@@ -61,7 +63,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tiny_dataset, tmp_path, one_proc
     position = json.loads((states[-1] / checkpoint.COMPLETE).read_text())
     assert 0 < position["batch"] < 8  # a mid-epoch state
 
-    res = subprocess.run(_cmd(1, [f"output_dir={run}", "train.resume=auto", *common]), env=ENV,
+    res = run_cmd(_cmd(1, [f"output_dir={run}", "train.resume=auto", *common]), env=ENV,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout
@@ -72,7 +74,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tiny_dataset, tmp_path, one_proc
 def test_sigterm_two_processes_saves_and_resumes_exactly(tiny_dataset, tmp_path, two_process_reference):
     run = tmp_path / "run"
     args = [f"output_dir={run}", *TWO_PROCESS_RESUME, "data.num_workers=2", *data_overrides(tiny_dataset)]
-    proc = subprocess.Popen(_cmd(2, args), env=ENV, start_new_session=True, stdout=subprocess.PIPE,
+    proc = popen(_cmd(2, args), env=ENV, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 600
     while time.time() < deadline and not _states(run) and proc.poll() is None:
@@ -93,7 +95,7 @@ def test_sigterm_two_processes_saves_and_resumes_exactly(tiny_dataset, tmp_path,
     assert meta["num_processes"] == 2 and meta["step"] < 8, meta
     assert {"rng_0.pt", "rng_1.pt", "state.pt"} <= set(meta["files"])
     assert "stopped by signal SIGTERM" in out
-    res = subprocess.run(_cmd(2, [*args, "train.resume=auto"]), env=ENV, capture_output=True, text=True, timeout=600)
+    res = run_cmd(_cmd(2, [*args, "train.resume=auto"]), env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resumed from {last}" in res.stdout
     assert not (run / "PREEMPTED").exists()
@@ -328,7 +330,7 @@ def test_rerunning_a_finished_run_or_its_folder_with_other_classes(trained_run, 
     best = (run / "best.pt").read_bytes()
 
     def train(ds: dict) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--config", str(TINY), f"output_dir={run}",
+        return run_cmd([sys.executable, str(ROOT / "tools" / "train.py"), "--config", str(TINY), f"output_dir={run}",
                                "train.epochs=6", "train.resume=auto", *data_overrides(ds)], env=ENV, cwd=ROOT,
                               capture_output=True, text=True, timeout=600)  # fmt: skip
 

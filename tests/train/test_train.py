@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from tests.conftest import (
     launch,
     launch_cmd,
     read_jsonl,
+    run_cmd,
     run_tool_in_process,
     tool_env,
 )
@@ -62,7 +62,7 @@ def _evaluate(ckpt, ds, nproc, out, batch_size):
     if nproc == 1:  # in this process, on one thread like a launched process: no launcher needed
         assert run_tool_in_process("evaluate.py", *args, threads=1) == 0
     else:
-        res = launch("evaluate.py", args, nproc=nproc)
+        res = launch("evaluate.py", args, nproc=nproc, warm=True)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -81,7 +81,7 @@ def test_one_and_two_processes_evaluate_identically(trained_run, tiny_dataset, t
 
 def test_two_process_shards_disjoint_and_complete(tiny_dataset, tmp_path):
     out = tmp_path / "shards.json"
-    res = launch("../tests/scripts/shards.py", [str(tiny_dataset["train"]), str(out)], nproc=2)
+    res = launch("../tests/scripts/shards.py", [str(tiny_dataset["train"]), str(out)], nproc=2, warm=True)
     assert res.returncode == 0, res.stderr[-3000:]
     shards = json.loads(out.read_text())
     first, second = shards["epoch0"]
@@ -109,7 +109,7 @@ def test_bad_config_is_one_clear_line(tmp_path):
     # CalledProcessError traceback, which repeats the message (25 lines for one)
     cmd = launch_cmd("train.py", ["--config", str(TINY), "train.epoch=3"])
     cmd.insert(cmd.index("accelerate.commands.launch") + 1, "-q")
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=tool_env(), cwd=ROOT)
+    res = run_cmd(cmd, timeout=600, env=tool_env(), cwd=ROOT, warm=False)  # the launcher's own output
     assert res.returncode != 0
     line = "error: override 'train.epoch=3': unknown config key 'train.epoch' (did you mean 'train.epochs'?)"
     assert res.stderr.count("train.epoch=3") == 1 and line in res.stderr, res.stderr
