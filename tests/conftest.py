@@ -410,7 +410,9 @@ def trained_run(tiny_dataset, tmp_path_factory) -> Path:
 # scoring the saved model (test_edges: evaluate.py --batch-size 2 must use the run's eval batches),
 # and the local twin of the run that reads the dataset from S3 (test_storage: the loader in the
 # main process). eval.batch_size=2 and data.num_workers=0 are tiny.yaml's own, said for the tests
-# that rely on them; the plots are drawn after the epoch's metrics and weights are written.
+# that rely on them; the plots are drawn after the epoch's metrics and weights are written. Both
+# processes are warm forks in torchrun's environment (see popen); the launcher's own paths are
+# tested by the fault tests, whose resumed runs must equal two_process_reference bitwise.
 TWO_PROCESS_RUN = ["train.epochs=1", "eval.batch_size=2", "data.num_workers=0"]
 
 

@@ -42,8 +42,9 @@ PRELOAD = (
 # -- the server: python -m tests.warm ----------------------------------------------------------------
 
 
-def _child(request: dict[str, Any]) -> None:
-    """In the forked child: become the requested process, run the script, exit with its code."""
+def _child(request: dict[str, Any], ready: int) -> None:
+    """In the forked child: become the requested process, say so on ``ready``, run the script,
+    exit with its code."""
     code = 1
     try:
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD, signal.SIGPIPE):
@@ -62,6 +63,8 @@ def _child(request: dict[str, Any]) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        os.write(ready, b"1")
+        os.close(ready)
         script = request["argv"][0]
         sys.argv = list(request["argv"])
         sys.path[0] = str(Path(script).resolve().parent)
@@ -116,9 +119,14 @@ def serve() -> None:
             while b"\n" in pending:
                 line, pending = pending.split(b"\n", 1)
                 request = json.loads(line)
+                ready_r, ready_w = os.pipe()
                 pid = os.fork()
                 if pid == 0:
-                    _child(request)
+                    os.close(ready_r)
+                    _child(request, ready_w)
+                os.close(ready_w)
+                os.read(ready_r, 1)  # as Popen returns: the child is in its session, its streams set
+                os.close(ready_r)
                 children.add(pid)
                 replies.write(f"started {request['id']} {pid}\n".encode())
                 replies.flush()
