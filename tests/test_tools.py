@@ -13,7 +13,7 @@ from PIL import Image
 from detector.data.coco import CocoIndex
 from detector.inference.predictor import Predictor
 
-from .conftest import run_tool_in_process
+from .conftest import ROOT, TINY, data_overrides, run_tool_in_process
 
 
 def test_evaluate_predictions_file(tiny_dataset, tmp_path, capsys):
@@ -40,7 +40,7 @@ def test_evaluate_checkpoint_writes_results(trained_run, tiny_dataset, tmp_path,
     capsys.readouterr()
     code = run_tool_in_process("evaluate.py", "--checkpoint", trained_run / "best.pt", "--annotations",
                                tiny_dataset["val"], "--images", tiny_dataset["root"] / "val", "--results",
-                               tmp_path / "res.json", "--output", tmp_path / "m.json", "--num-workers", "0")  # fmt: skip
+                               tmp_path / "res.json", "--output", tmp_path / "m.json", "--workers", "0")  # fmt: skip
     said = capsys.readouterr()
     assert code == 0, said.err[-2000:]
     assert "mAP50" in said.out and "triangle" in said.out
@@ -265,3 +265,50 @@ def test_evaluate_names_its_own_on_invalid_flag(trained_run, tiny_dataset, tmp_p
     err = capsys.readouterr().err
     assert code == 2 and "categories do not match" in err and "--on-invalid repair" in err
     assert "data.on_invalid" not in err
+
+
+def _gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "bench" / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_without_cuda_says_what_it_would_measure_and_exits_0(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_tool_in_process("bench/gpu_check.py", "--steps", "200") == 0
+    out = capsys.readouterr().out
+    assert "no CUDA device here" in out and "200 steps" in out
+    assert all(p in out for p in ("fp32", "fp16", "bf16", "images/s", "waiting for data", "peak memory"))
+
+
+def test_gpu_check_reports_a_precision_whose_loss_drifts():
+    rows = [
+        {"precision": "fp32", "first_loss": 2.0, "final_loss": 1.0, "finite": True},
+        {"precision": "fp16", "first_loss": 2.01, "final_loss": 1.3, "finite": True},  # final 30% off
+        {"precision": "bf16", "first_loss": 2.0, "final_loss": 1.0, "finite": False},
+    ]
+    problems = _gpu_check().agreement(rows, 0.02, 0.15)
+    assert len(problems) == 2
+    assert problems[0].startswith("fp16: final_loss 1.3000 is 30.0% from fp32's 1.0000")
+    assert problems[1] == "bf16: a loss was not finite"
+    assert _gpu_check().agreement(rows[:1], 0.02, 0.15) == []
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_three_precisions_on_a_cpu(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "check.json"
+    args = ["--device", "cpu", "--steps", "4", "--workers", "0", "--config", TINY, "--json", out]
+    rc = run_tool_in_process("bench/gpu_check.py", *args, *data_overrides(tiny_dataset))
+    report = json.loads(out.read_text())
+    assert [r["precision"] for r in report["rows"]] == ["fp32", "fp16", "bf16"]
+    for r in report["rows"]:
+        assert r["finite"] and r["images_per_s"] > 0 and 0 <= r["data_wait_share"] < 1 and r["peak_memory_mib"] > 0
+    assert rc == (1 if report["problems"] else 0)
+    printed = capsys.readouterr().out
+    assert printed.count("img/s") == 3 and ("the precisions agree" in printed) == (rc == 0)
