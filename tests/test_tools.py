@@ -312,3 +312,16 @@ def test_gpu_check_runs_its_three_precisions_on_a_cpu(tiny_dataset, tmp_path, ca
     assert rc == (1 if report["problems"] else 0)
     printed = capsys.readouterr().out
     assert printed.count("img/s") == 3 and ("the precisions agree" in printed) == (rc == 0)
+
+
+def test_bench_tta_holds_the_target_only_for_evaluations_in_a_row():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_tta", ROOT / "tools" / "bench" / "bench_tta.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    curve = [{"epoch": e + 1, "mAP50": v} for e, v in enumerate([0.5, 0.82, 0.79, 0.81, 0.85, 0.9, 0.7])]
+    assert bench.held(curve, 0.8, 3)["epoch"] == 4  # epoch 2 reaches it but falls back at epoch 3
+    assert bench.held(curve, 0.8, 4) is None
+    assert bench.held(curve, 0.95, 1) is None

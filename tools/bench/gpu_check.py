@@ -33,7 +33,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 def build_parser() -> argparse.ArgumentParser:
     ap = cli.parser(__doc__)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="YAML config (the demo's)")
+    ap.add_argument("--config", default=None, help="YAML config (default: the checkout's configs/demo.yaml)")
     ap.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu to run the same path on a CPU")
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps per precision")
     ap.add_argument("--batch-size", type=int, default=None, help="images per step (default: train.batch_size)")
@@ -135,6 +135,7 @@ def agreement(rows: list[dict], first_tol: float, final_tol: float) -> list[str]
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.config = args.config or str(ROOT / "configs" / "demo.yaml")
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
