@@ -115,6 +115,11 @@ class ModelConfig:
     returned_layers: list[int] | None = None  # ResNet stages fed to the FPN
     fpn_channels: int | None = None  # FPN width (256)
     representation_size: int | None = None  # R-CNN: width of the box head's two MLP layers (1024)
+    # D-FINE and RT-DETRv2 (detector[transformers]):
+    image_size: int | None = None  # the square side images are stretched to (a multiple of 32; 640)
+    num_queries: int | None = None  # object queries (300; dfine_tiny 50)
+    hidden_dim: int | None = None  # dfine_tiny only: encoder and decoder width (64)
+    decoder_layers: int | None = None  # dfine_tiny only: decoder layers (2)
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,8 @@ def build_model(
         n = cfg.trainable_backbone_layers
         log(f"note: model.trainable_backbone_layers={n} has no effect from scratch: every layer trains")
         cfg = dataclasses.replace(cfg, trainable_backbone_layers=None)
+    if fam.pretrained is not None and (pretrained or (from_file and Path(str(weights)).is_dir())):
+        return fam.pretrained(cfg, num_classes, log)  # the hub's checkpoint or a save_pretrained folder
     entry = None
     if pretrained:
         if weights_enum is None:

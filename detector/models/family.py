@@ -49,6 +49,9 @@ class Family:
         outputs: the keys of the model's detection dicts in their order (an exported graph's
             outputs come in this order and are named by it).
         masks: the family trains on instance masks and its detections carry ``masks``.
+        pretrained: for families whose pretrained weights are not torchvision's enums (the
+            Hugging Face hub): (ModelConfig, K, log) -> the model with its pretrained weights and
+            classification layers for K classes; None: torchvision's enums and ``replace_head``.
     """
 
     name: str
@@ -63,6 +66,7 @@ class Family:
     loss_and_detections: LossAndDetections
     outputs: tuple[str, ...] = ("boxes", "scores", "labels")
     masks: bool = False  # trains on instance masks (the data layer reads them only then)
+    pretrained: Callable[[ModelConfig, int, Callable[[str], None]], nn.Module] | None = None
 
 
 def loss_key(name: str) -> str:

@@ -16,10 +16,10 @@ from detector.models.family import COMMON_KEYS, Family
 
 
 def _families() -> tuple[Family, ...]:
-    from detector.models import fcos, maskrcnn, rcnn, retinanet, ssd
+    from detector.models import detr, fcos, maskrcnn, rcnn, retinanet, ssd
 
     # Mask R-CNN before Faster R-CNN: its models are FasterRCNN instances too
-    return (maskrcnn.FAMILY, rcnn.FAMILY, retinanet.FAMILY, fcos.FAMILY, ssd.FAMILY)
+    return (maskrcnn.FAMILY, rcnn.FAMILY, retinanet.FAMILY, fcos.FAMILY, ssd.FAMILY, detr.FAMILY)
 
 
 def all_models() -> dict[str, Family]:

@@ -1,0 +1,216 @@
+"""D-FINE and RT-DETRv2 from transformers behind the Family seam: our input policy, targets and
+post-processing against the models' own image processor, one forward for loss and detections,
+weights from a planted hub cache or a save_pretrained folder, the offline message, training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from detector.config import ModelConfig
+from detector.core.errors import WeightsError
+from detector.models import detr
+from detector.models.build import build_model, load_model, model_input_size
+from detector.models.zoo import family_of, loss_and_detections
+from tests.conftest import ROOT, data_overrides, launch, tool_env
+
+TINY = ModelConfig(name="dfine_tiny", weights=None, image_size=128)
+
+
+def _model(num_classes: int = 3, **kw) -> detr.DetrDetector:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(**{**TINY.__dict__, **kw}), num_classes)
+
+
+def test_targets_become_class_labels_from_0_and_normalised_centre_boxes():
+    targets = [
+        {"boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0], [0.0, 0.0, 200.0, 100.0]]), "labels": torch.tensor([2, 1])}
+    ]
+    out = detr.to_hf_targets(targets, [(100, 200)])  # an image 100 high, 200 wide
+    assert out[0]["class_labels"].tolist() == [1, 0]
+    torch.testing.assert_close(out[0]["boxes"], torch.tensor([[0.2, 0.3, 0.2, 0.4], [0.5, 0.5, 1.0, 1.0]]))
+
+
+def test_postprocess_takes_the_top_query_class_pairs_in_the_images_pixels():
+    logits = torch.tensor([[[2.0, -3.0], [-1.0, 1.0], [-4.0, -5.0]]])  # 3 queries, 2 classes
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.25, 0.75, 0.5, 0.5], [0.1, 0.1, 0.1, 0.1]]])
+    (out,) = detr.postprocess(logits, boxes, [(100, 200)], score_thresh=0.5, top_k=3)
+    assert out["labels"].tolist() == [1, 2]  # query 0 class 0 (0.88), query 1 class 1 (0.73); the rest < 0.5
+    torch.testing.assert_close(out["scores"], torch.sigmoid(torch.tensor([2.0, 1.0])))
+    torch.testing.assert_close(out["boxes"], torch.tensor([[80.0, 30.0, 120.0, 70.0], [0.0, 50.0, 100.0, 100.0]]))
+    (two,) = detr.postprocess(logits, boxes, [(100, 200)], score_thresh=0.0, top_k=2)
+    assert two["labels"].tolist() == [1, 2]  # the cap
+
+
+def test_preprocessing_and_postprocessing_match_the_models_own_image_processor():
+    """Our decode path + SquareResize against RTDetrImageProcessor (the processor of both model
+    families on the hub) on the same RGB arrays, and our post-processing against its
+    post_process_object_detection on the same outputs."""
+    processor = transformers.RTDetrImageProcessor(size={"height": 96, "width": 96})
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((120, 200), (75, 60), (96, 96))]
+    theirs = processor(images=arrays, return_tensors="pt")["pixel_values"]
+    ours = detr.SquareResize(96)([torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays])
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() <= 1.5 / 255  # the processor rounds its resized image to uint8
+
+    logits, boxes = torch.randn(3, 20, 4), torch.rand(3, 20, 4) * 0.5 + 0.25
+    sizes = [(a.shape[0], a.shape[1]) for a in arrays]
+    outputs = transformers.models.rt_detr.modeling_rt_detr.RTDetrObjectDetectionOutput(logits=logits, pred_boxes=boxes)
+    want = processor.post_process_object_detection(outputs, threshold=0.3, target_sizes=sizes)
+    got = detr.postprocess(logits, boxes, sizes, score_thresh=0.3, top_k=20)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g["scores"], w["scores"])
+        assert torch.equal(g["labels"], w["labels"] + 1)
+        torch.testing.assert_close(g["boxes"], w["boxes"])
+
+
+def test_loss_parts_sum_to_the_models_loss():
+    model = _model().train()
+    images = [torch.rand(3, 70, 90), torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 40.0, 30.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 64.0, 64.0]]), "labels": torch.tensor([3, 2])}]  # fmt: skip
+    torch.manual_seed(1)
+    out, _ = model.run(images, targets)
+    parts = detr.loss_parts(out.loss_dict)
+    assert {"loss_vfl", "loss_bbox", "loss_giou"} <= set(parts) and all(k.startswith("loss_") for k in parts)
+    torch.testing.assert_close(sum(parts.values()), out.loss)
+    assert all(torch.isfinite(v) for v in parts.values())
+
+
+def test_one_eval_pass_gives_the_loss_and_the_detections_of_the_model():
+    model = _model().eval()
+    images = [torch.rand(3, 70, 90), torch.rand(3, 50, 64)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 40.0, 30.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]  # fmt: skip
+    with torch.no_grad():
+        losses, dets = loss_and_detections(model, images, targets)
+        plain = model(images)
+    assert losses and all(torch.isfinite(v) for v in losses.values())
+    for d, p in zip(dets, plain):
+        assert set(d) == {"boxes", "scores", "labels"}
+        assert torch.equal(d["boxes"], p["boxes"]) and torch.equal(d["labels"], p["labels"])
+        assert d["labels"].min() >= 1 and d["labels"].max() <= 3
+    assert model_input_size(model) == (128, 1 << 30)  # a fixed square: decode at least that large
+    assert family_of("dfine_tiny") is detr.FAMILY
+
+
+def test_bf16_autocast_on_cpu_gives_float32_boxes():
+    model = _model().eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (out,) = model([torch.rand(3, 64, 64)])
+    assert out["boxes"].dtype == torch.float32 and torch.isfinite(out["boxes"]).all()
+
+
+def test_config_keys_of_other_families_are_refused():
+    with pytest.raises(WeightsError, match="min_size does not apply to dfine_tiny"):
+        build_model(ModelConfig(name="dfine_tiny", weights=None, min_size=64), 3)
+    with pytest.raises(WeightsError, match="multiple of 32"):
+        build_model(ModelConfig(name="dfine_tiny", weights=None, image_size=100), 3)
+    with pytest.raises(WeightsError, match="20 positions at strides \\[16, 32\\], fewer than the 50 queries"):
+        build_model(ModelConfig(name="dfine_tiny", weights=None, image_size=64), 3)
+    with pytest.raises(WeightsError, match="no pretrained weights"):
+        build_model(ModelConfig(name="dfine_tiny", weights="DEFAULT"), 3)
+
+
+def test_a_save_pretrained_folder_loads_with_new_classification_layers(tmp_path):
+    coco = _model(num_classes=5)
+    coco.model.save_pretrained(tmp_path / "ckpt")
+    said = []
+    model = build_model(
+        ModelConfig(name="dfine_tiny", weights=str(tmp_path / "ckpt"), image_size=128), 3, log=said.append
+    )
+    assert model.num_classes == 3
+    assert any("new classification layers for 3 classes" in s for s in said), said
+    heads = tuple(m + "." for m in family_of("dfine_tiny").head_modules(model))
+    theirs, ours = coco.state_dict(), model.state_dict()
+    kept = [k for k in ours if not k.startswith(heads) and ours[k].shape == theirs[k].shape]
+    assert len(kept) > 100 and all(torch.equal(ours[k], theirs[k]) for k in kept if "num_batches" not in k)
+    assert any(ours[k].shape != theirs[k].shape for k in ours if k.startswith(heads))
+
+
+# The hub's models in a process of their own: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE
+# when it is imported. A small D-FINE is planted in an empty cache as the hub's dfine_nano.
+HUB_CHILD = r"""
+import json, sys
+from pathlib import Path
+import torch
+from detector.config import ModelConfig
+from detector.core.errors import WeightsError
+from detector.models.build import build_model
+from detector.models import detr
+
+cache = Path(sys.argv[1])
+out = {}
+try:
+    build_model(ModelConfig(name="dfine_nano", weights="DEFAULT"), 3)
+except WeightsError as exc:
+    out["offline"] = str(exc)
+torch.manual_seed(0)
+coco = build_model(ModelConfig(name="dfine_tiny", weights=None, image_size=128), 80)
+snapshot = cache / "hub" / "models--ustc-community--dfine-nano-coco" / "snapshots" / "planted"
+coco.model.save_pretrained(snapshot)
+(snapshot.parent.parent / "refs").mkdir()
+(snapshot.parent.parent / "refs" / "main").write_text("planted")
+said = []
+model = build_model(ModelConfig(name="dfine_nano", weights="DEFAULT", image_size=128), 3, log=said.append)
+theirs, ours = coco.model.state_dict(), model.model.state_dict()
+out["said"] = said
+out["num_classes"] = model.num_classes
+out["same_backbone"] = all(torch.equal(ours[k], theirs[k]) for k in ours if "backbone" in k)
+fresh = build_model(ModelConfig(name="dfine_nano", weights=None, image_size=128), 3)
+out["null_num_classes"] = fresh.num_classes
+print(json.dumps(out))
+"""
+
+
+def test_hub_weights_offline_say_what_to_do_and_load_from_a_planted_cache(tmp_path):
+    env = tool_env({"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    res = subprocess.run([sys.executable, "-c", HUB_CHILD, str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=ROOT)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    offline = out["offline"]
+    assert "ustc-community/dfine-nano-coco" in offline and "HF_HOME" in offline and "model.name=dfine_tiny" in offline
+    assert "\n  Fix one of" in offline and "Traceback" not in offline
+    assert out["num_classes"] == 3 and out["same_backbone"]
+    assert any("new classification layers for 3 classes" in s for s in out["said"]), out["said"]
+    assert out["null_num_classes"] == 3  # null: the hub's architecture (from the cache), random weights
+
+
+@pytest.mark.slow
+def test_dfine_tiny_trains_and_its_best_pt_is_rebuilt_as_trained(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    config = ROOT / "tests" / "configs" / "tiny_dfine.yaml"
+    args = ["--config", str(config), f"output_dir={run}", *data_overrides(tiny_dataset), "logging.plots=false"]
+    res = launch("train.py", args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(epochs) == 2 and all(0 <= e["val/mAP50"] <= 1 and np.isfinite(e["val/loss"]) for e in epochs)
+    assert {"train/loss_vfl", "train/loss_bbox", "train/loss_giou"} <= set(epochs[-1])
+    model, label_map, _ = load_model(run / "best.pt")  # weights_only=True, rebuilt offline
+    assert isinstance(model, detr.DetrDetector) and model.num_classes == label_map.num_classes
+    with torch.no_grad():
+        (out,) = model([torch.rand(3, 80, 100)])
+    assert set(out) == {"boxes", "scores", "labels"}
+
+
+def test_transformers_stays_out_of_the_torchvision_families():
+    code = ("import sys; from detector.models.build import build_model; from detector.config import ModelConfig; "
+            "build_model(ModelConfig(name='fasterrcnn_resnet18_fpn', weights=None, min_size=64, max_size=96), 2); "
+            "print('transformers' in sys.modules)")  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=tool_env())
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr[-2000:]
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(WeightsError, match=r"pip install 'detector\[transformers\]'"):
+        build_model(TINY, 3)
