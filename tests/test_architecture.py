@@ -243,3 +243,12 @@ def test_no_two_modules_have_names_a_letter_apart():
     twice = sorted({s for s in stems if stems.count(s) > 1} - set(LAYERS))
     assert twice == [], f"module names used in two packages: {twice}"
     assert [(a, b) for i, a in enumerate(names) for b in names[i + 1 :] if near(a, b)] == []
+
+
+def test_the_training_script_shows_the_run_on_one_screen():
+    """tools/train.py's main reads top to bottom as the run (issue 23): at most 60 lines and no
+    lines kept past the formatter."""
+    source = (ROOT / "tools" / "train.py").read_text()
+    main = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    assert main.end_lineno - main.lineno + 1 <= 60, f"tools/train.py main is {main.end_lineno - main.lineno + 1} lines"
+    assert "fmt: skip" not in source and "fmt: off" not in source
