@@ -123,6 +123,10 @@ def build_model(
         cfg = dataclasses.replace(cfg, trainable_backbone_layers=None)
     if fam.pretrained is not None and (pretrained or (from_file and Path(str(weights)).is_dir())):
         return fam.pretrained(cfg, num_classes, log)  # the hub's checkpoint or a save_pretrained folder
+    if from_file and fam.rebuild is not None and "architecture" in (data := read(str(weights))):
+        model = fam.rebuild(data["architecture"], cfg, num_classes + 1)  # as the file records it
+        _load_file(model, str(weights), num_classes, class_names, log)
+        return model
     entry = None
     if pretrained:
         if weights_enum is None:
@@ -189,7 +193,11 @@ def load_model(path: str | Path, **model_overrides: Any):
     label_map = LabelMap.from_dict(data["label_map"])
     cfg = applicable(from_dict({"model": data.get("model_config", {})}).model)
     cfg = dataclasses.replace(cfg, weights=None, weights_backbone=None, **model_overrides)
-    model = build_model(cfg, label_map.num_classes, list(label_map.names))
+    fam = family_of(cfg.name)
+    if fam.rebuild is not None and "architecture" in data:
+        model = fam.rebuild(data["architecture"], cfg, label_map.num_classes + 1)
+    else:
+        model = build_model(cfg, label_map.num_classes, list(label_map.names))
     if "structure" in data:
         apply_structure(model, data["structure"])
     model.load_state_dict(data["model"])

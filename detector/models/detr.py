@@ -160,6 +160,12 @@ class DetrDetector(nn.Module):
     def detections(self, out: Any, sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
         return postprocess(out.logits, out.pred_boxes, sizes, self.score_thresh, self.detections_per_img)
 
+    def architecture(self) -> dict[str, Any]:
+        """The transformers config as plain data (our weights file keeps it: ``rebuild``)."""
+        import json
+
+        return {"transformers_config": json.loads(self.model.config.to_json_string())}
+
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
         if self.training:
             if targets is None:
@@ -280,6 +286,19 @@ def build(cfg: ModelConfig, weights: Any, weights_backbone: Any, num_outputs: in
     return _wrap(_model_class(transformers, config)(config), cfg)
 
 
+def rebuild(architecture: dict[str, Any], cfg: ModelConfig, num_outputs: int) -> nn.Module:
+    """The model a weights file of ours records (its transformers config), random weights, no
+    network; num_outputs = K + 1."""
+    transformers = transformers_module()
+    saved = dict(architecture["transformers_config"])
+    config = transformers.AutoConfig.for_model(saved.pop("model_type"), **saved)
+    num_labels = num_outputs - 1
+    config.num_labels = num_labels
+    config.id2label = {i: str(i) for i in range(num_labels)}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    return _wrap(_model_class(transformers, config)(config), cfg)
+
+
 def head_modules(model: nn.Module) -> list[str]:
     """The classification layers: the decoder's class heads and the encoder's score head."""
     names = [
@@ -315,4 +334,5 @@ FAMILY = Family(
     replace_head=replace_head,
     loss_and_detections=loss_and_detections,
     pretrained=pretrained,
+    rebuild=rebuild,
 )

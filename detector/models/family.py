@@ -52,6 +52,9 @@ class Family:
         pretrained: for families whose pretrained weights are not torchvision's enums (the
             Hugging Face hub): (ModelConfig, K, log) -> the model with its pretrained weights and
             classification layers for K classes; None: torchvision's enums and ``replace_head``.
+        rebuild: for families whose architecture a weights file records (``architecture()`` of
+            the model, plain data): (that record, ModelConfig, number of outputs) -> the model
+            with random weights, without the network.
     """
 
     name: str
@@ -67,6 +70,7 @@ class Family:
     outputs: tuple[str, ...] = ("boxes", "scores", "labels")
     masks: bool = False  # trains on instance masks (the data layer reads them only then)
     pretrained: Callable[[ModelConfig, int, Callable[[str], None]], nn.Module] | None = None
+    rebuild: Callable[[dict[str, Any], ModelConfig, int], nn.Module] | None = None
 
 
 def loss_key(name: str) -> str:

@@ -95,6 +95,9 @@ def payload(
         "epoch": int(epoch),
         "step": int(step),
         "versions": versions(),
+        # the architecture where model.name alone does not give it (a hub model's config): a
+        # rebuild then needs no network
+        **({"architecture": model.architecture()} if hasattr(model, "architecture") else {}),
         **(extra or {}),
     }
 

@@ -166,6 +166,22 @@ out["num_classes"] = model.num_classes
 out["same_backbone"] = all(torch.equal(ours[k], theirs[k]) for k in ours if "backbone" in k)
 fresh = build_model(ModelConfig(name="dfine_nano", weights=None, image_size=128), 3)
 out["null_num_classes"] = fresh.num_classes
+# our weights file of a hub model records its architecture: rebuilt with the cache gone
+import shutil
+from detector.config import Config, to_dict
+from detector.core.labels import LabelMap
+from detector.models import weights
+from detector.models.build import load_model
+config = to_dict(Config(model=ModelConfig(name="dfine_nano", weights="DEFAULT", image_size=128)))
+labels = LabelMap((1, 2, 3), ("a", "b", "c"))
+weights.save(weights.payload(model, config, labels.to_dict(), {}, 1, 1), cache / "best.pt")
+shutil.rmtree(cache / "hub")
+again, _, _ = load_model(cache / "best.pt")
+image = [torch.rand(3, 90, 120)]
+model.eval()
+with torch.no_grad():
+    a, b = model(image)[0], again(image)[0]
+out["rebuilt_equal"] = torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
 print(json.dumps(out))
 """
 
@@ -182,6 +198,7 @@ def test_hub_weights_offline_say_what_to_do_and_load_from_a_planted_cache(tmp_pa
     assert out["num_classes"] == 3 and out["same_backbone"]
     assert any("new classification layers for 3 classes" in s for s in out["said"]), out["said"]
     assert out["null_num_classes"] == 3  # null: the hub's architecture (from the cache), random weights
+    assert out["rebuilt_equal"]  # our best.pt of a hub model is rebuilt offline, from what it records
 
 
 @pytest.mark.slow
