@@ -5,8 +5,12 @@ weights from a planted hub cache or a save_pretrained folder, the offline messag
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +22,8 @@ from detector.core.errors import WeightsError
 from detector.models import detr
 from detector.models.build import build_model, load_model, model_input_size
 from detector.models.zoo import family_of, loss_and_detections
-from tests.conftest import ROOT, data_overrides, launch, tool_env
+from detector.train import checkpoint
+from tests.conftest import ROOT, data_overrides, launch, launch_cmd, popen, run_tool_in_process, tool_env
 
 TINY = ModelConfig(name="dfine_tiny", weights=None, image_size=128)
 
@@ -201,22 +206,82 @@ def test_hub_weights_offline_say_what_to_do_and_load_from_a_planted_cache(tmp_pa
     assert out["rebuilt_equal"]  # our best.pt of a hub model is rebuilt offline, from what it records
 
 
+# dfine_tiny runs: 2 epochs of 8 steps (16 images, batch 2), weight EMA, a state every 3 steps
+DFINE_ARGS = ["--config", str(ROOT / "tests" / "configs" / "tiny_dfine.yaml"), "train.ema=true",
+              "train.checkpoint_every_steps=3", "train.keep_checkpoints=10", "model.box_score_thresh=0.01",
+              "logging.plots=false"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dfine_run(tiny_dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dfine_run")
+    res = launch("train.py", [*DFINE_ARGS, *data_overrides(tiny_dataset), f"output_dir={out}"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out
+
+
 @pytest.mark.slow
-def test_dfine_tiny_trains_and_its_best_pt_is_rebuilt_as_trained(tiny_dataset, tmp_path):
-    run = tmp_path / "run"
-    config = ROOT / "tests" / "configs" / "tiny_dfine.yaml"
-    args = ["--config", str(config), f"output_dir={run}", *data_overrides(tiny_dataset), "logging.plots=false"]
-    res = launch("train.py", args)
-    assert res.returncode == 0, res.stderr[-3000:]
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+@pytest.mark.xdist_group("detr")
+def test_dfine_tiny_trains_and_its_best_pt_is_rebuilt_as_trained(dfine_run):
+    records = [json.loads(line) for line in (dfine_run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert len(epochs) == 2 and all(0 <= e["val/mAP50"] <= 1 and np.isfinite(e["val/loss"]) for e in epochs)
-    assert {"train/loss_vfl", "train/loss_bbox", "train/loss_giou"} <= set(epochs[-1])
-    model, label_map, _ = load_model(run / "best.pt")  # weights_only=True, rebuilt offline
-    assert isinstance(model, detr.DetrDetector) and model.num_classes == label_map.num_classes
+    assert {"train/loss_vfl", "train/loss_bbox", "train/loss_giou", "val/loss_vfl"} <= set(epochs[-1])
+    model, label_map, data = load_model(dfine_run / "best.pt")  # weights_only=True, rebuilt offline
+    assert isinstance(model, detr.DetrDetector) and model.num_classes == label_map.num_classes == 3
+    assert data["ema"] is True and "transformers_config" in data["architecture"]
     with torch.no_grad():
         (out,) = model([torch.rand(3, 80, 100)])
     assert set(out) == {"boxes", "scores", "labels"}
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("detr")
+def test_dfine_evaluates_identically_on_one_and_two_processes(dfine_run, tiny_dataset, tmp_path):
+    """7 validation images in batches of 2 over 2 processes: one process has a batch more (and
+    one image has no objects): no collective inside the model's loss may wait for the other."""
+    stats, rows = {}, {}
+    for n in (1, 2):
+        args = ["--checkpoint", dfine_run / "best.pt", "--annotations", tiny_dataset["val"], "--images",
+                tiny_dataset["root"] / "val", "--batch-size", "2", "--workers", "0", "--output",
+                tmp_path / f"{n}.json", "--results", tmp_path / f"{n}_rows.json"]  # fmt: skip
+        if n == 1:
+            assert run_tool_in_process("evaluate.py", *args, threads=1) == 0
+        else:
+            res = launch("evaluate.py", args, nproc=2, warm=True)
+            assert res.returncode == 0, res.stderr[-3000:]
+        stats[n] = json.loads((tmp_path / f"{n}.json").read_text())
+        rows[n] = json.loads((tmp_path / f"{n}_rows.json").read_text())
+    assert len(rows[1]) > 0 and stats[1]["loss"] > 0
+    assert rows[1] == rows[2]
+    for k in stats[1]:
+        assert stats[1][k] == pytest.approx(stats[2][k], abs=1e-9), k
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("detr")
+def test_dfine_sigkill_resume_is_exact_with_ema(dfine_run, tiny_dataset, tmp_path):
+    """SIGKILL mid-epoch 2, resume: bitwise the weights of the uninterrupted run (EMA's too):
+    the denoising queries' random draws and the matcher are restored with the RNGs."""
+    run = tmp_path / "killed"
+    common = [*DFINE_ARGS, *data_overrides(tiny_dataset), f"output_dir={run}"]
+    proc = popen(launch_cmd("train.py", common), env=tool_env(), start_new_session=True,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(s.name >= "step_00000009" for s in checkpoint.list_states(run)):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    states = checkpoint.list_states(run)
+    assert states and states[-1].name < "step_00000016", "the run finished before it was killed"
+    res = launch("train.py", [*common, "train.resume=auto"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(dfine_run / name, weights_only=True)
+        b = torch.load(run / name, weights_only=True)
+        assert a["ema"] is True and a["epoch"] == b["epoch"]
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), f"{name}: {k} differs after resume"
 
 
 def test_transformers_stays_out_of_the_torchvision_families():
