@@ -140,6 +140,34 @@ def test_a_save_pretrained_folder_loads_with_new_classification_layers(tmp_path)
     assert any(ours[k].shape != theirs[k].shape for k in ours if k.startswith(heads))
 
 
+def test_rtdetr_v2_from_a_save_pretrained_folder_trains_and_detects(tmp_path):
+    """RT-DETRv2 through the same seam: a small one (ResNet-18-like, 32 wide) saved for 80
+    classes, loaded as rtdetr_v2_r18 with new classification layers for 3, one training step's
+    losses and the one-pass detections."""
+    backbone = transformers.RTDetrResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                                               layer_type="basic", out_indices=[2, 3, 4])  # fmt: skip
+    config = transformers.RTDetrV2Config(
+        backbone_config=backbone, num_labels=80, freeze_backbone_batch_norms=False, encoder_in_channels=[32, 64, 128],
+        d_model=32, encoder_hidden_dim=32, decoder_in_channels=[32, 32, 32], encoder_ffn_dim=64, decoder_ffn_dim=64,
+        encoder_attention_heads=4, decoder_attention_heads=4, decoder_layers=2, num_queries=30, num_denoising=10,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.RTDetrV2ForObjectDetection(config).save_pretrained(tmp_path / "rtdetr")
+    said = []
+    cfg = ModelConfig(name="rtdetr_v2_r18", weights=str(tmp_path / "rtdetr"), image_size=128)
+    model = build_model(cfg, 3, log=said.append)
+    assert type(model.model).__name__ == "RTDetrV2ForObjectDetection" and model.num_classes == 3
+    assert any("new classification layers for 3 classes" in x for x in said), said
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 40.0, 30.0]]), "labels": torch.tensor([2])}]
+    losses = model.train()([torch.rand(3, 70, 90)], targets)
+    assert {"loss_vfl", "loss_bbox", "loss_giou"} == set(losses) and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        val_losses, dets = loss_and_detections(model, [torch.rand(3, 70, 90)], targets)
+    assert set(val_losses) == set(losses) and len(dets[0]["boxes"]) == 30 * 3  # every (query, class) pair above 0
+
+
 # The hub's models in a process of their own: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE
 # when it is imported. A small D-FINE is planted in an empty cache as the hub's dfine_nano.
 HUB_CHILD = r"""
