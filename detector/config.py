@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -133,6 +134,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     norm_weight_decay: float = 0.0  # norm layers and biases
+    backbone_lr_factor: float = 1.0  # the backbone's lr is this times optim.lr (0.1 in the DETR recipes)
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
     # Linear warmup: a number of optimizer steps, or null for warmup_fraction of the run's steps
     # capped at warmup_max_steps (so a short fine-tune is not mostly warmup).
@@ -257,12 +259,29 @@ def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: bad value for '{key}': {msg}")
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def _dotted(node: Any, prefix: str = "") -> set[str]:
+    """Every dotted key a YAML tree sets (its leaves and the paths to them)."""
+    if not isinstance(node, dict):
+        return {prefix} if prefix else set()
+    keys = {prefix} if prefix else set()
+    for k, v in node.items():
+        keys |= _dotted(v, f"{prefix}.{k}" if prefix else str(k))
+    return keys
+
+
+def load(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    recipe: Callable[[str], dict[str, Any]] | None = None,
+) -> Config:
     """Build the run's configuration.
 
     Args:
         path: a YAML file, or None for the defaults.
         overrides: ``key=value`` strings (dotted keys) applied after the file.
+        recipe: model.name -> the family's training defaults (dotted keys -> values), which
+            replace the schema's defaults for the keys neither the file nor an override sets
+            (``detector.models.zoo.recipe``; tools/train.py passes it).
 
     Returns:
         The frozen, validated Config. Which ``model.*`` keys a model takes is its family's to say:
@@ -287,13 +306,23 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as exc:
             raise _explain(exc, str(path)) from None
+    user = _dotted(OmegaConf.to_container(loaded)) if path is not None else set()
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            given = OmegaConf.from_dotlist([item])
+            merged = OmegaConf.merge(merged, given)
         except OmegaConfBaseException as exc:
             raise _explain(exc, f"override '{item}'") from None
+        user |= _dotted(OmegaConf.to_container(given))
+    for key, value in (recipe(str(merged.model.name)) if recipe else {}).items():
+        if key not in user:
+            *parents, leaf = key.split(".")
+            node: dict[str, Any] = {leaf: value}
+            for part in reversed(parents):
+                node = {part: node}
+            merged = OmegaConf.merge(merged, node)
     try:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
@@ -314,6 +343,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
         (cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.optim.backbone_lr_factor > 0, "optim.backbone_lr_factor must be > 0"),
         (cfg.optim.reference_batch_size >= 1, "optim.reference_batch_size must be >= 1"),
         (cfg.optim.warmup_steps is None or cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0 or null"),
         (0 <= cfg.optim.warmup_fraction < 1, "optim.warmup_fraction must be in [0, 1)"),

@@ -26,6 +26,7 @@ if __name__ == "__main__":
     build_parser().parse_args()  # --help and a mistyped flag answer before torch is imported
 
 from detector import config, data
+from detector.models.zoo import recipe
 from detector.train import checkpoint, engine, loop
 from detector.train import process as runtime
 from detector.train.job import build_job, resume, start_fresh, start_logging
@@ -34,7 +35,7 @@ from detector.train.state import RunState
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = config.load(args.config, args.overrides)
+    cfg = config.load(args.config, args.overrides, recipe)  # the family's defaults for the keys left unset
     job = build_job(cfg)  # model keys, accelerator, run directory, data, model, optimizer, weight average
     log, epochs, patience = job.log, cfg.train.epochs, cfg.eval.early_stop_patience
 

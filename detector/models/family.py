@@ -52,6 +52,9 @@ class Family:
         pretrained: for families whose pretrained weights are not torchvision's enums (the
             Hugging Face hub): (ModelConfig, K, log) -> the model with its pretrained weights and
             classification layers for K classes; None: torchvision's enums and ``replace_head``.
+        recipe: model.name -> the training defaults of the family (dotted config keys -> values)
+            for the keys a config leaves unset (``config.load(recipe=zoo.recipe)``); None: the
+            schema's defaults.
         rebuild: for families whose architecture a weights file records (``architecture()`` of
             the model, plain data): (that record, ModelConfig, number of outputs) -> the model
             with random weights, without the network.
@@ -71,6 +74,7 @@ class Family:
     masks: bool = False  # trains on instance masks (the data layer reads them only then)
     pretrained: Callable[[ModelConfig, int, Callable[[str], None]], nn.Module] | None = None
     rebuild: Callable[[dict[str, Any], ModelConfig, int], nn.Module] | None = None
+    recipe: Callable[[str], dict[str, Any]] | None = None
 
 
 def loss_key(name: str) -> str:

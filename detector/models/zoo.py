@@ -99,3 +99,26 @@ def loss_and_detections(
 
     fam = family_of_model(model)
     return fam.loss_and_detections(model, images, targets, autocast or contextlib.nullcontext)
+
+
+def recipe(name: str) -> dict[str, Any]:
+    """The training defaults of model.name's family (dotted keys -> values; {} for none, or for
+    an unknown name, which check_keys then reports)."""
+    fam = all_models().get(name)
+    return dict(fam.recipe(name)) if fam is not None and fam.recipe is not None else {}
+
+
+def recipe_line(cfg: Any) -> str | None:
+    """The start-up line with the family recipe as this run resolved it (None: no recipe)."""
+    keys = recipe(cfg.model.name)
+    if not keys:
+        return None
+
+    def value(key: str) -> Any:
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
+    said = ", ".join(f"{k}={value(k)}" + (" (yours)" if value(k) != v else "") for k, v in keys.items())
+    return f"recipe of {family_of(cfg.model.name).name} (for the keys your config leaves unset): {said}"

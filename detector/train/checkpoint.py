@@ -412,11 +412,11 @@ def adapt_position(
                 f"whole number of accumulation windows of {layout['grad_accum_steps']} ({what}); {fix}"
             )
     sched_step = int(position.epoch) * steps_per_epoch + -(-batch // layout["grad_accum_steps"])
-    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    scheduler.base_lrs = [lr * g.get("lr_factor", 1.0) for g in optimizer.param_groups]
     scheduler.last_epoch = sched_step
-    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group["initial_lr"] = lr
-        group["lr"] = lr * factor(sched_step)
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(sched_step)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     log(
         f"resumed with another layout ({what}): continuing epoch {position.epoch + 1} after {consumed} "

@@ -20,7 +20,7 @@ from detector.config import Config
 from detector.core.labels import LabelMap
 from detector.data.loader import EvalBatchSampler, TrainBatchSampler, build_loader, cap_workers, steps_per_epoch
 from detector.models.build import build_model, model_input_size
-from detector.models.zoo import check_keys
+from detector.models.zoo import check_keys, recipe_line
 from detector.runs import lineage
 from detector.runs.tracking import RunLogger
 from detector.train import checkpoint, optim
@@ -107,6 +107,8 @@ def build_job(cfg: Config) -> Job:
             "use a validation set with objects, or eval.best_metric=val/loss"
         )
     model = build_model(cfg.model, label_map.num_classes, list(label_map.names), log)
+    if line := recipe_line(cfg):
+        log(line)
     train_ds, val_ds = data.build_datasets(splits, cfg.data, model_input_size(model))
     ratios = splits.train.aspect_ratios()
     if cfg.data.tile.size:  # the training items are tiles (data/tiles.py)

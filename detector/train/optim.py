@@ -23,25 +23,46 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr * global_batch / cfg.reference_batch_size if cfg.scale_lr else cfg.lr
 
 
-def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float) -> list[dict]:
-    """Two groups: weights with decay; norm-layer parameters and biases with norm_weight_decay."""
-    decay, no_decay, seen = [], [], set()
-    for module in model.modules():
+def is_backbone(module_name: str) -> bool:
+    """A module of the backbone: torchvision's ``backbone.body``, a transformers model's ``model.backbone``."""
+    return "backbone" in module_name.split(".")
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, norm_weight_decay: float, backbone_lr_factor: float = 1.0
+) -> list[dict]:
+    """Two groups: weights with decay; norm-layer parameters and biases with norm_weight_decay.
+    With a backbone_lr_factor other than 1, the backbone's two come after them with
+    ``lr_factor`` (their lr is that times the peak lr, through warmup, schedule and resume)."""
+    groups: dict[tuple[bool, bool], list] = {(b, n): [] for b in (False, True) for n in (False, True)}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
             is_norm = isinstance(module, _NORMS) or "FrozenBatchNorm" in type(module).__name__
-            (no_decay if is_norm or name == "bias" else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": norm_weight_decay},
+            backbone = backbone_lr_factor != 1.0 and is_backbone(module_name)
+            groups[(backbone, is_norm or name == "bias")].append(p)
+    out = [
+        {"params": groups[(False, False)], "weight_decay": weight_decay},
+        {"params": groups[(False, True)], "weight_decay": norm_weight_decay},
     ]
+    if backbone_lr_factor != 1.0:
+        out += [
+            {"params": groups[(True, False)], "weight_decay": weight_decay, "lr_factor": backbone_lr_factor},
+            {"params": groups[(True, True)], "weight_decay": norm_weight_decay, "lr_factor": backbone_lr_factor},
+        ]
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """SGD (momentum, nesterov) or AdamW over the model's trainable parameters."""
-    groups = param_groups(model, cfg.weight_decay, cfg.norm_weight_decay)
+    """SGD (momentum, nesterov) or AdamW over the model's trainable parameters; a group with an
+    ``lr_factor`` (the backbone's) starts at that times lr."""
+    groups = param_groups(model, cfg.weight_decay, cfg.norm_weight_decay, cfg.backbone_lr_factor)
+    for g in groups:
+        if "lr_factor" in g:
+            g["lr"] = lr * g["lr_factor"]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.betas[0], cfg.betas[1]))

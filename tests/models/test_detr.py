@@ -245,6 +245,7 @@ def dfine_run(tiny_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dfine_run")
     res = launch("train.py", [*DFINE_ARGS, *data_overrides(tiny_dataset), f"output_dir={out}"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (out.parent / f"{out.name}.printed").write_text(res.stdout)
     return out
 
 
@@ -255,6 +256,9 @@ def test_dfine_tiny_trains_and_its_best_pt_is_rebuilt_as_trained(dfine_run):
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert len(epochs) == 2 and all(0 <= e["val/mAP50"] <= 1 and np.isfinite(e["val/loss"]) for e in epochs)
     assert {"train/loss_vfl", "train/loss_bbox", "train/loss_giou", "val/loss_vfl"} <= set(epochs[-1])
+    printed = (dfine_run.parent / f"{dfine_run.name}.printed").read_text()
+    assert "recipe of DETR (D-FINE, RT-DETRv2) (for the keys your config leaves unset): optim.name=adamw" in printed
+    assert "train.ema=True," in printed  # the tests' config says false; the run's arguments say true
     model, label_map, data = load_model(dfine_run / "best.pt")  # weights_only=True, rebuilt offline
     assert isinstance(model, detr.DetrDetector) and model.num_classes == label_map.num_classes == 3
     assert data["ema"] is True and "transformers_config" in data["architecture"]
@@ -324,3 +328,66 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     with pytest.raises(WeightsError, match=r"pip install 'detector\[transformers\]'"):
         build_model(TINY, 3)
+
+
+def test_the_family_recipe_fills_only_the_keys_a_config_leaves_unset(tmp_path):
+    from detector import config
+    from detector.models.zoo import recipe, recipe_line
+
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text(
+        "model: {name: dfine_small}\ntrain: {ema: false}\ndata: {train: {annotations: a.json, images: i}, val: {annotations: v.json, images: i}}\n"
+    )
+    cfg = config.load(yaml, ["optim.weight_decay=0.05"], recipe)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.reference_batch_size, cfg.optim.backbone_lr_factor) == (
+        "adamw",
+        1e-4,
+        16,
+        0.1,
+    )
+    assert cfg.train.clip_grad_norm == 0.1 and cfg.data.aspect_ratio_grouping is False
+    assert cfg.train.ema is False and cfg.optim.weight_decay == 0.05  # the file's and the override's win
+    line = recipe_line(cfg)
+    assert line.startswith("recipe of DETR") and "optim.backbone_lr_factor=0.1," in line
+    assert "train.ema=False (yours)" in line and "optim.weight_decay=0.05 (yours)" in line
+    # the torchvision families have none: their configs load as before
+    demo = ROOT / "configs" / "demo.yaml"
+    assert config.load(demo, [], recipe) == config.load(demo, []) and recipe_line(config.load(demo)) is None
+
+
+def test_the_backbone_trains_at_its_lr_factor_through_warmup_schedule_and_a_resume_on_fewer_processes():
+    from detector import config
+    from detector.train import checkpoint, optim
+    from detector.train.state import RunState
+
+    model = _model()
+    cfg = config.load(None, ["model.name=dfine_small", "data.train.annotations=a", "data.train.images=i", "data.val.annotations=v", "data.val.images=i"],
+                      detr.FAMILY.recipe).optim  # fmt: skip
+    opt = optim.build_optimizer(model, cfg, 1e-4)
+    backbone = {id(p) for n, p in model.named_parameters() if ".backbone." in f".{n}"}
+    for g in opt.param_groups:
+        inside = {id(p) for p in g["params"]} <= backbone
+        assert g.get("lr_factor", 1.0) == (0.1 if inside else 1.0) and (
+            inside or not {id(p) for p in g["params"]} & backbone
+        )
+    assert sum(len(g["params"]) for g in opt.param_groups if "lr_factor" in g) == len(backbone) > 0
+    sched = optim.build_scheduler(opt, cfg, 100)
+    for _ in range(30):
+        opt.step()
+        sched.step()
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert lrs[2] == pytest.approx(0.1 * lrs[0]) and lrs[0] > 0
+    # a state of 2 processes resumed on 1: the new global batch's lr, the backbone still at a tenth
+    pos = RunState(epoch=1, batch=0, step=30, world_size=2, batch_size=4, grad_accum_steps=1)
+    checkpoint.adapt_position(pos, {"world_size": 1, "batch_size": 4, "grad_accum_steps": 1}, 15, 5e-5, opt, sched,
+                              log=lambda s: None)  # fmt: skip
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert lrs[2] == pytest.approx(0.1 * lrs[0]) and lrs[0] < 5e-5
+
+
+def test_torchvision_models_keep_their_two_parameter_groups():
+    from detector.train import optim
+
+    model = build_model(ModelConfig(name="fasterrcnn_resnet18_fpn", weights=None, min_size=64, max_size=96), 2)
+    groups = optim.param_groups(model, 1e-4, 0.0)
+    assert len(groups) == 2 and not any("lr_factor" in g for g in groups)
