@@ -27,10 +27,10 @@ RECIPE = ["train.epochs=2", "train.checkpoint_every_steps=1", "train.keep_checkp
 
 def agent_cmd(port: int, host: bool, args: list[str]) -> list[str]:
     """One node's torchrun agent: one process, 1 to 2 nodes, one restart, c10d rendezvous at port.
-    The first agent hosts the rendezvous store. A rendezvous closes at once when both nodes have
-    joined, else 10 s after the first (last_call_timeout; 30 s by default): time for the second
-    agent to start, and what the restart with the one node left waits."""
-    conf = f"is_host={int(host)},last_call_timeout=10,join_timeout=300"
+    One agent hosts the rendezvous store. A rendezvous closes at once when both nodes have
+    joined, else 3 s after the first (last_call_timeout; 30 s by default): what the restart with
+    the one node left waits."""
+    conf = f"is_host={int(host)},last_call_timeout=3,join_timeout=300"
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1",
             "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
             "--rdzv-id", "elastic-test", "--rdzv-conf", conf, "--monitor-interval", "0.5",
@@ -56,10 +56,13 @@ def test_a_node_lost_mid_epoch_restarts_with_the_survivor_and_resumes_at_the_sam
     port = _free_port()
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "env": tool_env(), "cwd": ROOT,
              "start_new_session": True}  # fmt: skip
-    survivor = subprocess.Popen(agent_cmd(port, True, args), **popen)
-    lost = None
+    # the node to lose starts first: it imports torch and then waits for the store, so it joins
+    # the moment the other agent (the store's host) has started it, well within last_call_timeout
+    lost = subprocess.Popen(agent_cmd(port, False, args), **popen)
+    survivor = None
     try:
-        lost = subprocess.Popen(agent_cmd(port, False, args), **popen)  # joins within last_call_timeout
+        time.sleep(1.0)
+        survivor = subprocess.Popen(agent_cmd(port, True, args), **popen)
         deadline = time.time() + 300
         while time.time() < deadline and not checkpoint.list_states(run) and survivor.poll() is None:
             time.sleep(0.02)
