@@ -259,6 +259,11 @@ def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: bad value for '{key}': {msg}")
 
 
+# Keys a family recipe fills together or not at all: one of them set by the user keeps all of
+# them at the schema's defaults (an optim.lr is meant for its optimizer and reference batch).
+RECIPE_UNITS = ({"optim.name", "optim.lr", "optim.reference_batch_size"},)
+
+
 def _dotted(node: Any, prefix: str = "") -> set[str]:
     """Every dotted key a YAML tree sets (its leaves and the paths to them)."""
     if not isinstance(node, dict):
@@ -316,7 +321,11 @@ def load(
         except OmegaConfBaseException as exc:
             raise _explain(exc, f"override '{item}'") from None
         user |= _dotted(OmegaConf.to_container(given))
-    for key, value in (recipe(str(merged.model.name)) if recipe else {}).items():
+    fills = recipe(str(merged.model.name)) if recipe else {}
+    for group in RECIPE_UNITS:  # set together or not at all: an lr is given for a reference batch and an optimizer
+        if user & group:
+            fills = {k: v for k, v in fills.items() if k not in group}
+    for key, value in fills.items():
         if key not in user:
             *parents, leaf = key.split(".")
             node: dict[str, Any] = {leaf: value}

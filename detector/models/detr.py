@@ -24,6 +24,7 @@ package imports it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -146,6 +147,9 @@ class DetrDetector(nn.Module):
         self.transform = SquareResize(image_size)
         self.score_thresh = score_thresh
         self.detections_per_img = detections_per_img
+        # training's loss parts (the keys of a step whose boxes were not finite)
+        fine = getattr(model.config, "model_type", "") == "d_fine"
+        self.loss_keys = ("loss_vfl", "loss_bbox", "loss_giou", *(("loss_fgl", "loss_ddf") if fine else ()))
 
     @property
     def num_classes(self) -> int:
@@ -166,12 +170,31 @@ class DetrDetector(nn.Module):
 
         return {"transformers_config": json.loads(self.model.config.to_json_string())}
 
+    def train_losses(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict:
+        """Training's loss parts. A batch without objects builds no denoising queries, so their
+        class embedding gets no gradient: it is added times 0, as DistributedDataParallel needs
+        every parameter in every step. Non-finite predicted boxes (HF's GIoU refuses them) give
+        non-finite losses with the usual keys, which the loop skips like any other."""
+        try:
+            out, _ = self.run(images, targets)
+        except ValueError as exc:
+            if "[x0, y0, x1, y1]" not in str(exc):
+                raise
+            nan = torch.full((), float("nan"), device=images[0].device, requires_grad=True)
+            return {k: nan * 1.0 for k in self.loss_keys}
+        parts = loss_parts(out.loss_dict)
+        unused = getattr(self.model.model, "denoising_class_embed", None)
+        if out.denoising_meta_values is None and unused is not None:
+            first = next(iter(parts))
+            parts[first] = parts[first] + 0.0 * unused.weight.sum()
+        self.loss_keys = tuple(parts)
+        return parts
+
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):
         if self.training:
             if targets is None:
                 raise ValueError("targets are needed in training mode")
-            out, _ = self.run(images, targets)
-            return loss_parts(out.loss_dict)
+            return self.train_losses(images, targets)
         out, sizes = self.run(images, None)
         return self.detections(out, sizes)
 
@@ -183,6 +206,10 @@ def _tiny_dfine_config(transformers: Any, num_labels: int, cfg: ModelConfig) -> 
     """Our narrow D-FINE for CPUs: a 4-stage HGNetV2 of 32-256 channels feeding strides 16 and 32,
     a 64-wide encoder and 2 decoder layers, 50 queries. Its BatchNorm trains (from scratch)."""
     width = cfg.hidden_dim or 64
+    if width % 4 or width < 16:
+        raise WeightsError(f"model.hidden_dim={width}: a multiple of 4 (its attention heads), at least 16")
+    if cfg.decoder_layers is not None and cfg.decoder_layers < 2:
+        raise WeightsError(f"model.decoder_layers={cfg.decoder_layers}: at least 2 (D-FINE refines from layer 2 on)")
     backbone = transformers.HGNetV2Config(
         stem_channels=[3, 16, 16], stage_in_channels=[16, 32, 64, 128], stage_mid_channels=[16, 16, 32, 32],
         stage_out_channels=[32, 64, 128, 256], stage_num_blocks=[1, 1, 1, 1], stage_numb_of_layers=[2, 2, 2, 2],
@@ -221,6 +248,34 @@ def _model_class(transformers: Any, config: Any) -> Any:
     return transformers.AutoModelForObjectDetection._model_mapping[type(config)]
 
 
+MODEL_TYPES = {"dfine": "d_fine", "rtdetr_v2": "rt_detr_v2"}  # model.name prefix -> transformers model_type
+
+
+def _prepare(config: Any, cfg: ModelConfig, num_labels: int, source: str) -> Any:
+    """A transformers config made ours: checked against model.name, num_labels classes, the
+    anchors and positional embeddings computed for model.image_size (a config's fixed
+    anchor_image_size or eval_size would break any other size in eval), model.num_queries."""
+    want = next(t for prefix, t in MODEL_TYPES.items() if cfg.name.startswith(prefix))
+    got = getattr(config, "model_type", None)
+    if got != want:
+        raise WeightsError(f"{source} holds a '{got}' model, not the '{want}' of model.name={cfg.name}")
+    if cfg.trainable_backbone_layers is not None:
+        raise WeightsError(f"model.trainable_backbone_layers does not apply to {cfg.name}: its backbone trains "
+                           "at optim.backbone_lr_factor times the lr")  # fmt: skip
+    if cfg.name not in OWN or source != "dfine_tiny":
+        given = [k for k in OWN_KEYS if getattr(cfg, k) is not None]
+        if given:
+            raise WeightsError(f"model.{given[0]} shapes dfine_tiny built from scratch; {source} fixes it")
+    config.num_labels = num_labels
+    config.id2label = {i: str(i) for i in range(num_labels)}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    config.anchor_image_size = None
+    config.eval_size = None
+    if cfg.num_queries:  # the queries are picked among the encoder's positions: no weight depends on their number
+        config.num_queries = cfg.num_queries
+    return config
+
+
 def pretrained(cfg: ModelConfig, num_classes: int, log: Callable[[str], None]) -> nn.Module:
     """model.weights=DEFAULT (the hub's COCO checkpoint of model.name) or the folder of a
     save_pretrained checkpoint: loaded with new classification layers for num_classes; the
@@ -230,10 +285,7 @@ def pretrained(cfg: ModelConfig, num_classes: int, log: Callable[[str], None]) -
     if source is None:
         raise WeightsError(f"{cfg.name} has no pretrained weights; use model.weights=null")
     try:
-        config = transformers.AutoConfig.from_pretrained(source)
-        config.num_labels = num_classes
-        config.id2label = {i: str(i) for i in range(num_classes)}
-        config.label2id = {v: k for k, v in config.id2label.items()}
+        config = _prepare(transformers.AutoConfig.from_pretrained(source), cfg, num_classes, source)
         model, info = _model_class(transformers, config).from_pretrained(
             source, config=config, ignore_mismatched_sizes=True, output_loading_info=True
         )
@@ -241,10 +293,20 @@ def pretrained(cfg: ModelConfig, num_classes: int, log: Callable[[str], None]) -
         if cfg.weights is not None and cfg.weights.upper() != "DEFAULT":
             raise WeightsError(f"model.weights={cfg.weights}: cannot load it ({exc})") from None
         raise _offline(cfg.name, exc) from None
+    heads = tuple(f"{m}." for m in head_modules(model))
     replaced = sorted({k for k, *_ in info.get("mismatched_keys", [])} | set(info.get("missing_keys", [])))
-    if replaced:
-        log(f"{source}: new classification layers for {num_classes} classes ({len(replaced)} tensors: "
-            f"{', '.join(replaced[:4])}{', ...' if len(replaced) > 4 else ''})")  # fmt: skip
+    if any(not k.startswith(heads) for k in replaced):
+        bad = [k for k in replaced if not k.startswith(heads)]
+        raise WeightsError(f"{source}: weights do not fit {cfg.name} (missing or other shapes: {bad[:4]})")
+    if not replaced:  # as many classes as the checkpoint's: its heads still name its classes, not ours
+        fresh = _model_class(transformers, config)(config).state_dict()
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                if k.startswith(heads):
+                    v.copy_(fresh[k])
+                    replaced.append(k)
+    log(f"{source}: new classification layers for {num_classes} classes ({len(replaced)} tensors: "
+        f"{', '.join(replaced[:4])}{', ...' if len(replaced) > 4 else ''})")  # fmt: skip
     return _wrap(model, cfg)
 
 
@@ -269,20 +331,15 @@ def build(cfg: ModelConfig, weights: Any, weights_backbone: Any, num_outputs: in
     background, which these models do not predict: K labels)."""
     transformers = transformers_module()
     num_labels = num_outputs - 1
-    if cfg.name in OWN:
-        config = _tiny_dfine_config(transformers, num_labels, cfg)
-    else:
-        try:
-            config = transformers.AutoConfig.from_pretrained(HUB[cfg.name])
-        except _hub_errors(transformers) as exc:
-            raise _offline(cfg.name, exc) from None
-        config.num_labels = num_labels
-        if cfg.num_queries:
-            config.num_queries = cfg.num_queries
     if weights_backbone is not None:
         raise WeightsError(f"model.weights_backbone does not apply to {cfg.name}: use model.weights=DEFAULT")
-    config.id2label = {i: str(i) for i in range(num_labels)}
-    config.label2id = {v: k for k, v in config.id2label.items()}
+    if cfg.name in OWN:
+        config = _prepare(_tiny_dfine_config(transformers, num_labels, cfg), cfg, num_labels, cfg.name)
+    else:
+        try:
+            config = _prepare(transformers.AutoConfig.from_pretrained(HUB[cfg.name]), cfg, num_labels, HUB[cfg.name])
+        except _hub_errors(transformers) as exc:
+            raise _offline(cfg.name, exc) from None
     return _wrap(_model_class(transformers, config)(config), cfg)
 
 
@@ -292,10 +349,9 @@ def rebuild(architecture: dict[str, Any], cfg: ModelConfig, num_outputs: int) ->
     transformers = transformers_module()
     saved = dict(architecture["transformers_config"])
     config = transformers.AutoConfig.for_model(saved.pop("model_type"), **saved)
-    num_labels = num_outputs - 1
-    config.num_labels = num_labels
-    config.id2label = {i: str(i) for i in range(num_labels)}
-    config.label2id = {v: k for k, v in config.id2label.items()}
+    # the file's own architecture: its from-scratch keys are in it already
+    cfg = dataclasses.replace(cfg, **{k: None for k in OWN_KEYS})
+    config = _prepare(config, cfg, num_outputs - 1, "the weights file")
     return _wrap(_model_class(transformers, config)(config), cfg)
 
 

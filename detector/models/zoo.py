@@ -120,5 +120,5 @@ def recipe_line(cfg: Any) -> str | None:
             node = getattr(node, part)
         return node
 
-    said = ", ".join(f"{k}={value(k)}" + (" (yours)" if value(k) != v else "") for k, v in keys.items())
+    said = ", ".join(f"{k}={value(k)}" + (" (not the recipe's)" if value(k) != v else "") for k, v in keys.items())
     return f"recipe of {family_of(cfg.model.name).name} (for the keys your config leaves unset): {said}"

@@ -24,8 +24,14 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def is_backbone(module_name: str) -> bool:
-    """A module of the backbone: torchvision's ``backbone.body``, a transformers model's ``model.backbone``."""
-    return "backbone" in module_name.split(".")
+    """A module of the feature extractor: under torchvision's ``backbone.body`` (or SSD's
+    ``backbone.features``), or a transformers model's ``model.backbone``; not an FPN or SSD's
+    extra layers, which start from scratch."""
+    parts = module_name.split(".")
+    if "backbone" not in parts:
+        return False
+    below = parts[parts.index("backbone") + 1 : parts.index("backbone") + 2]
+    return below not in (["fpn"], ["extra"])
 
 
 def param_groups(

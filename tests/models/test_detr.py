@@ -349,7 +349,7 @@ def test_the_family_recipe_fills_only_the_keys_a_config_leaves_unset(tmp_path):
     assert cfg.train.ema is False and cfg.optim.weight_decay == 0.05  # the file's and the override's win
     line = recipe_line(cfg)
     assert line.startswith("recipe of DETR") and "optim.backbone_lr_factor=0.1," in line
-    assert "train.ema=False (yours)" in line and "optim.weight_decay=0.05 (yours)" in line
+    assert "train.ema=False (not the recipe's)" in line and "optim.weight_decay=0.05 (not the recipe's)" in line
     # the torchvision families have none: their configs load as before
     demo = ROOT / "configs" / "demo.yaml"
     assert config.load(demo, [], recipe) == config.load(demo, []) and recipe_line(config.load(demo)) is None
@@ -391,3 +391,91 @@ def test_torchvision_models_keep_their_two_parameter_groups():
     model = build_model(ModelConfig(name="fasterrcnn_resnet18_fpn", weights=None, min_size=64, max_size=96), 2)
     groups = optim.param_groups(model, 1e-4, 0.0)
     assert len(groups) == 2 and not any("lr_factor" in g for g in groups)
+
+
+def test_a_batch_without_objects_trains_under_distributed_data_parallel(tmp_path):
+    """No objects: no denoising queries, so their class embedding would get no gradient and DDP
+    (find_unused_parameters off) would fail at the next step. One gloo process, in a child."""
+    code = f"""
+import os, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{_port()}")
+dist.init_process_group("gloo", rank=0, world_size=1)
+from detector.config import ModelConfig
+from detector.models.build import build_model
+torch.manual_seed(0)
+model = torch.nn.parallel.DistributedDataParallel(build_model(ModelConfig(name="dfine_tiny", weights=None, image_size=128), 3))
+opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+empty = {{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}}
+some = {{"boxes": torch.tensor([[5.0, 5.0, 40.0, 30.0]]), "labels": torch.tensor([1])}}
+for targets in ([empty, empty], [some, empty], [empty, empty]):
+    loss = sum(model([torch.rand(3, 64, 64), torch.rand(3, 64, 64)], targets).values())
+    opt.zero_grad(); loss.backward(); opt.step()
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=tool_env({"PYTHONPATH": str(ROOT)}), timeout=300)  # fmt: skip
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def _port() -> int:
+    from tests.conftest import _free_port
+
+    return _free_port()
+
+
+def test_non_finite_predicted_boxes_give_non_finite_losses_the_loop_skips():
+    model = _model().train()
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "encoder_input_proj" in n).fill_(float("nan"))
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 40.0, 30.0]]), "labels": torch.tensor([1])}]
+    losses = model([torch.rand(3, 64, 64)], targets)  # HF's GIoU raised on the NaN boxes
+    assert set(losses) == {"loss_vfl", "loss_bbox", "loss_giou", "loss_fgl", "loss_ddf"}
+    assert not torch.isfinite(sum(losses.values()))
+
+
+def test_a_folder_is_checked_and_made_ours(tmp_path):
+    coco = _model(num_classes=3)
+    coco.model.config.anchor_image_size = [128, 128]  # a fixed anchor grid would break another size in eval
+    coco.model.save_pretrained(tmp_path / "ckpt")
+    said: list[str] = []
+    cfg = ModelConfig(name="dfine_tiny", weights=str(tmp_path / "ckpt"), image_size=160, num_queries=30)
+    model = build_model(cfg, 3, log=said.append).eval()  # as many classes as the checkpoint: heads re-created
+    assert model.model.config.num_queries == 30 and model.model.config.anchor_image_size is None
+    with torch.no_grad():
+        (out,) = model([torch.rand(3, 100, 120)])
+    assert len(out["boxes"]) == 90  # 30 queries x 3 classes
+    assert said and "new classification layers for 3 classes" in said[0]
+    heads = tuple(m + "." for m in family_of("dfine_tiny").head_modules(model))
+    theirs = coco.state_dict()
+    assert all(
+        not torch.equal(v, theirs[k]) for k, v in model.state_dict().items() if k.startswith(heads) and "weight" in k
+    )
+    with pytest.raises(WeightsError, match="holds a 'd_fine' model, not the 'rt_detr_v2' of model.name=rtdetr_v2_r18"):
+        build_model(ModelConfig(name="rtdetr_v2_r18", weights=str(tmp_path / "ckpt"), image_size=128), 3)
+    with pytest.raises(WeightsError, match="hidden_dim shapes dfine_tiny built from scratch"):
+        build_model(ModelConfig(name="dfine_tiny", weights=str(tmp_path / "ckpt"), image_size=128, hidden_dim=32), 3)
+    with pytest.raises(WeightsError, match="trainable_backbone_layers does not apply"):
+        build_model(ModelConfig(name="dfine_tiny", weights=None, image_size=128, trainable_backbone_layers=2), 3)
+    with pytest.raises(WeightsError, match="hidden_dim=30: a multiple of 4"):
+        build_model(ModelConfig(name="dfine_tiny", weights=None, image_size=128, hidden_dim=30), 3)
+    with pytest.raises(WeightsError, match="decoder_layers=1: at least 2"):
+        build_model(ModelConfig(name="dfine_tiny", weights=None, image_size=128, decoder_layers=1), 3)
+
+
+def test_an_lr_given_without_the_recipes_optimizer_and_batch_keeps_its_own_reference(tmp_path):
+    from detector import config
+    from detector.models.zoo import recipe
+
+    data = ["data.train.annotations=a", "data.train.images=i", "data.val.annotations=v", "data.val.images=i"]
+    cfg = config.load(None, ["model.name=dfine_tiny", "optim.name=sgd", "optim.lr=0.02", *data], recipe)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.reference_batch_size) == ("sgd", 0.02, 16)  # the schema's 16
+    assert cfg.train.clip_grad_norm == 0.1  # the rest of the recipe still applies
+
+
+def test_only_the_feature_extractor_is_the_backbone():
+    from detector.train.optim import is_backbone
+
+    assert is_backbone("backbone.body.layer1.0") and is_backbone("model.model.backbone.model.embedder")
+    assert is_backbone("backbone.features.3")  # SSD's VGG
+    assert not is_backbone("backbone.fpn.inner_blocks.0") and not is_backbone("backbone.extra.0")
+    assert not is_backbone("roi_heads.box_head") and not is_backbone("model.model.encoder")

@@ -36,12 +36,9 @@ from detector import cli
 
 def build_parser() -> argparse.ArgumentParser:
     ap = cli.parser(__doc__)
-    ap.add_argument(
-        "--data",
-        type=Path,
-        default=Path("../shared/data/rbc_roboflow"),
-        help="a Roboflow-style export: train/ and valid/ with jsons (relative: to the checkout)",
-    )
+    ap.add_argument("--data", type=Path, default=None,
+                    help="a Roboflow-style export: train/ and valid/ with their jsons "
+                         "(default: ../shared/data/rbc_roboflow beside the checkout)")  # fmt: skip
     ap.add_argument("--recipe", default=None, help="our config (default: the checkout's configs/demo.yaml)")
     ap.add_argument("--epochs", type=int, default=24)
     ap.add_argument("--size", type=int, default=416, help="min_size = max_size of both models")

@@ -147,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from detector import config, data
     from detector.models.build import build_model
+    from detector.models.zoo import recipe
 
     device = torch.device(args.device)
     overrides = [*args.overrides, *([f"train.batch_size={args.batch_size}"] if args.batch_size else [])]
-    cfg = config.load(args.config, overrides)
+    cfg = config.load(args.config, overrides, recipe)  # as tools/train.py loads it
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     splits = data.load_splits(cfg, log=lambda s: None)
