@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 
 from detector.config import ModelConfig
 from detector.core.errors import WeightsError
@@ -479,3 +480,26 @@ def test_only_the_feature_extractor_is_the_backbone():
     assert is_backbone("backbone.features.3")  # SSD's VGG
     assert not is_backbone("backbone.fpn.inner_blocks.0") and not is_backbone("backbone.extra.0")
     assert not is_backbone("roi_heads.box_head") and not is_backbone("model.model.encoder")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("detr")
+def test_dfine_through_the_predictor_and_infer(dfine_run, tiny_dataset, tmp_path):
+    """The user's tools on a D-FINE best.pt: infer.py writes the dataset's category ids and as
+    many detections as the Predictor finds, boxes within the images."""
+    from detector.inference.predictor import Predictor
+
+    out = tmp_path / "pred"
+    code = run_tool_in_process("infer.py", "--checkpoint", dfine_run / "best.pt", "--score-threshold", "0.05",
+                               "--output", out, "--annotations", tiny_dataset["val"], tiny_dataset["root"] / "val")  # fmt: skip
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert rows and {r["category_id"] for r in rows} <= {3, 7, 12}  # the dataset's category ids
+    files = sorted((tiny_dataset["root"] / "val").glob("*.jpg"))
+    p = Predictor.from_checkpoint(dfine_run / "best.pt", device="cpu", score_threshold=0.05, batch_size=4)
+    dets = p.predict(files)
+    assert sum(len(d.boxes) for d in dets) == len(rows)
+    for d, f in zip(dets, files):
+        w, h = Image.open(f).size
+        boxes = np.asarray(d.boxes).reshape(-1, 4)
+        assert (boxes[:, 2:] <= np.array([w, h]) + 1).all() and (boxes[:, :2] >= -1).all()
