@@ -220,6 +220,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # a python process of its own that trains or builds several models
 def test_hub_weights_offline_say_what_to_do_and_load_from_a_planted_cache(tmp_path):
     env = tool_env({"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     res = subprocess.run([sys.executable, "-c", HUB_CHILD, str(tmp_path)], capture_output=True, text=True, env=env,
@@ -394,6 +395,7 @@ def test_torchvision_models_keep_their_two_parameter_groups():
     assert len(groups) == 2 and not any("lr_factor" in g for g in groups)
 
 
+@pytest.mark.slow  # a python process of its own that trains or builds several models
 def test_a_batch_without_objects_trains_under_distributed_data_parallel(tmp_path):
     """No objects: no denoising queries, so their class embedding would get no gradient and DDP
     (find_unused_parameters off) would fail at the next step. One gloo process, in a child."""
