@@ -307,6 +307,14 @@ def restore(state: dict[str, Any], rng: dict[str, Any], accelerator: Any, model,
         if state.get("ema") is None:
             raise CheckpointError("the state has no weight average (it was saved with train.ema=false)")
         ema.load_state_dict(state["ema"])
+    saved_groups = state["optimizer"]["param_groups"]
+    was = next((float(g["lr_factor"]) for g in saved_groups if "lr_factor" in g), 1.0)
+    now = next((float(g["lr_factor"]) for g in optimizer.param_groups if "lr_factor" in g), 1.0)
+    if was != now or len(saved_groups) != len(optimizer.param_groups):
+        raise CheckpointError(
+            f"its optimizer was saved with optim.backbone_lr_factor={was:g} ({len(saved_groups)} parameter groups) and "
+            f"this run sets {now:g} ({len(optimizer.param_groups)}); resume with optim.backbone_lr_factor={was:g}"
+        )
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler = getattr(accelerator, "scaler", None)

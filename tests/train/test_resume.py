@@ -403,3 +403,28 @@ def test_every_process_resumes_from_the_main_processs_state_or_all_refuse(tmp_pa
     gathered.clear()
     with pytest.raises(checkpoint.CheckpointError, match="process 1: .*step_00000016: unreadable.*train.resume=PATH"):
         checkpoint.agreed_resumable(tmp_path, rank1, print)
+
+
+def test_a_state_saved_with_another_backbone_lr_factor_is_refused_naming_it(tmp_path, cpu_accelerator):
+    """optim.backbone_lr_factor splits the optimizer's parameter groups: a resume with another
+    factor would fail in torch (another number of groups) or keep the saved factor silently."""
+    from detector.config import OptimConfig
+    from detector.train import optim
+
+    def objects(factor: float):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential()
+        model.add_module("backbone", torch.nn.Linear(2, 2))
+        model.add_module("head", torch.nn.Linear(2, 2))
+        opt = optim.build_optimizer(model, OptimConfig(backbone_lr_factor=factor), 0.1)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    pos = RunState(epoch=1, batch=0, step=8, world_size=1, batch_size=4, grad_accum_steps=1)
+    saved = checkpoint.save_state(tmp_path, cpu_accelerator, *objects(0.1), pos, keep=5)
+    state, rng = checkpoint.load_state_files(saved, 0)
+    checkpoint.restore(state, rng, cpu_accelerator, *objects(0.1))  # the same factor resumes
+    for factor in (1.0, 0.5):  # 2 groups instead of 4; 4 groups of another factor
+        with pytest.raises(
+            checkpoint.CheckpointError, match=r"saved with optim.backbone_lr_factor=0.1 \(4 parameter groups\)"
+        ):
+            checkpoint.restore(state, rng, cpu_accelerator, *objects(factor))
