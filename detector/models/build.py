@@ -48,10 +48,13 @@ def _offline_message(entry: WeightsEnum, what: str, exc: BaseException) -> str:
     )
 
 
-def _load_file(model: nn.Module, path: str, num_classes: int, class_names: list[str] | None, log) -> None:
-    """Load a weights file into a built model: ours (rebuilt frozen where it was frozen) or a
-    plain state dict; classification layers for other classes are re-initialised, with a warning."""
-    data = read(path)
+def _load_file(
+    model: nn.Module, path: str, num_classes: int, class_names: list[str] | None, log, data: dict | None = None
+) -> None:
+    """Load a weights file (or its ``data``, already read) into a built model: ours (rebuilt
+    frozen where it was frozen) or a plain state dict; classification layers for other classes
+    are re-initialised, with a warning."""
+    data = read(path) if data is None else data
     if isinstance(data.get("structure"), dict):
         apply_structure(model, data["structure"])
         log(f"{path}: frozen layers and BatchNorm as in the run that trained it")
@@ -125,7 +128,7 @@ def build_model(
         return fam.pretrained(cfg, num_classes, log)  # the hub's checkpoint or a save_pretrained folder
     if from_file and fam.rebuild is not None and "architecture" in (data := read(str(weights))):
         model = fam.rebuild(data["architecture"], cfg, num_classes + 1)  # as the file records it
-        _load_file(model, str(weights), num_classes, class_names, log)
+        _load_file(model, str(weights), num_classes, class_names, log, data)
         return model
     entry = None
     if pretrained:

@@ -106,7 +106,7 @@ def postprocess(
     """Per image: the top_k (query, class) pairs by sigmoid score above score_thresh, boxes
     (normalised cxcywh) -> xyxy in the pixels of the image of size (h, w), labels 1..K."""
     logits, boxes = logits.float(), boxes.float()
-    n, q, c = logits.shape
+    _, q, c = logits.shape
     scores, index = torch.sigmoid(logits).flatten(1).topk(min(top_k, q * c), dim=1)
     labels, query = index % c, index // c
     results = []
@@ -357,10 +357,7 @@ def rebuild(architecture: dict[str, Any], cfg: ModelConfig, num_outputs: int) ->
 
 def head_modules(model: nn.Module) -> list[str]:
     """The classification layers: the decoder's class heads and the encoder's score head."""
-    names = [
-        n for n, _ in model.named_modules() if re.search(r"(class_embed|enc_score_head|denoising_class_embed)$", n)
-    ]
-    return names
+    return [n for n, _ in model.named_modules() if re.search(r"(class_embed|enc_score_head|denoising_class_embed)$", n)]
 
 
 def replace_head(model: nn.Module, num_classes: int) -> None:  # pretrained() loads with new heads already

@@ -120,5 +120,8 @@ def recipe_line(cfg: Any) -> str | None:
             node = getattr(node, part)
         return node
 
-    said = ", ".join(f"{k}={value(k)}" + (" (not the recipe's)" if value(k) != v else "") for k, v in keys.items())
+    resolved = {k: value(k) for k in keys}
+    said = ", ".join(
+        f"{k}={resolved[k]}" + (" (not the recipe's)" if resolved[k] != v else "") for k, v in keys.items()
+    )
     return f"recipe of {family_of(cfg.model.name).name} (for the keys your config leaves unset): {said}"

@@ -30,8 +30,8 @@ def is_backbone(module_name: str) -> bool:
     parts = module_name.split(".")
     if "backbone" not in parts:
         return False
-    below = parts[parts.index("backbone") + 1 : parts.index("backbone") + 2]
-    return below not in (["fpn"], ["extra"])
+    at = parts.index("backbone")
+    return parts[at + 1 : at + 2] not in (["fpn"], ["extra"])
 
 
 def param_groups(
