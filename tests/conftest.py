@@ -9,8 +9,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -344,6 +346,31 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"{k} differs between {a} and {b}"
+
+
+def killed_mid_run_then_resumed(args: list, run: Path, reference: Path, kill_from: int, end: int) -> None:
+    """A 1-process run of ``args`` into ``run`` SIGKILLed once a state of step ``kill_from`` or
+    later exists (before the run's last state, of step ``end``), then resumed with
+    train.resume=auto: its best.pt and last.pt must hold the weight average (train.ema=true) of
+    the same epoch as ``reference``'s, bitwise."""
+    from detector.train import checkpoint
+
+    proc = popen(launch_cmd("train.py", [*args, f"output_dir={run}"]), env=tool_env(), start_new_session=True,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(s.name >= f"step_{kill_from:08d}" for s in checkpoint.list_states(run)):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    states = checkpoint.list_states(run)
+    assert states and states[-1].name < f"step_{end:08d}", "the run finished before it was killed"
+    res = launch("train.py", [*args, f"output_dir={run}", "train.resume=auto"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(reference / name, weights_only=True)
+        b = torch.load(run / name, weights_only=True)
+        assert a["ema"] is True and a["epoch"] == b["epoch"]
+        assert_same_weights(reference / name, run / name)
 
 
 def _free_port() -> int:

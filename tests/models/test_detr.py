@@ -5,11 +5,8 @@ weights from a planted hub cache or a save_pretrained folder, the offline messag
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +21,7 @@ from detector.models import detr
 from detector.models.build import build_model, load_model, model_input_size
 from detector.models.zoo import family_of, loss_and_detections
 from detector.train import checkpoint
-from tests.conftest import ROOT, data_overrides, launch, launch_cmd, popen, run_tool_in_process, tool_env
+from tests.conftest import ROOT, data_overrides, killed_mid_run_then_resumed, launch, run_tool_in_process, tool_env
 
 TINY = ModelConfig(name="dfine_tiny", weights=None, image_size=128)
 
@@ -297,25 +294,8 @@ def test_dfine_evaluates_identically_on_one_and_two_processes(dfine_run, tiny_da
 def test_dfine_sigkill_resume_is_exact_with_ema(dfine_run, tiny_dataset, tmp_path):
     """SIGKILL mid-epoch 2, resume: bitwise the weights of the uninterrupted run (EMA's too):
     the denoising queries' random draws and the matcher are restored with the RNGs."""
-    run = tmp_path / "killed"
-    common = [*DFINE_ARGS, *data_overrides(tiny_dataset), f"output_dir={run}"]
-    proc = popen(launch_cmd("train.py", common), env=tool_env(), start_new_session=True,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(s.name >= "step_00000009" for s in checkpoint.list_states(run)):
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    states = checkpoint.list_states(run)
-    assert states and states[-1].name < "step_00000016", "the run finished before it was killed"
-    res = launch("train.py", [*common, "train.resume=auto"])
-    assert res.returncode == 0, res.stderr[-3000:]
-    for name in ("last.pt", "best.pt"):
-        a = torch.load(dfine_run / name, weights_only=True)
-        b = torch.load(run / name, weights_only=True)
-        assert a["ema"] is True and a["epoch"] == b["epoch"]
-        for k in a["model"]:
-            assert torch.equal(a["model"][k], b["model"][k]), f"{name}: {k} differs after resume"
+    # 2 epochs of 8 steps: killed from the first state of epoch 2 (step 9), before the last (16)
+    killed_mid_run_then_resumed([*DFINE_ARGS, *data_overrides(tiny_dataset)], tmp_path / "killed", dfine_run, 9, 16)
 
 
 def test_transformers_stays_out_of_the_torchvision_families():
@@ -359,7 +339,7 @@ def test_the_family_recipe_fills_only_the_keys_a_config_leaves_unset(tmp_path):
 
 def test_the_backbone_trains_at_its_lr_factor_through_warmup_schedule_and_a_resume_on_fewer_processes():
     from detector import config
-    from detector.train import checkpoint, optim
+    from detector.train import optim
     from detector.train.state import RunState
 
     model = _model()

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import pytest
@@ -21,7 +18,14 @@ from detector.models import weights
 from detector.models.build import build_model, load_model
 from detector.models.zoo import all_models, check_keys, family_of, family_of_model, loss_and_detections
 from detector.train import checkpoint
-from tests.conftest import ROOT, data_overrides, launch, launch_cmd, popen, read_jsonl, run_tool_in_process, tool_env
+from tests.conftest import (
+    ROOT,
+    data_overrides,
+    killed_mid_run_then_resumed,
+    launch,
+    read_jsonl,
+    run_tool_in_process,
+)
 from tests.deploy.test_deploy import exif_rotated_jpeg, exported_like_predictor, one_thread, shaped_images
 
 pytestmark = [pytest.mark.xdist_group("families")]  # its module fixtures are built once, on one xdist worker
@@ -311,26 +315,8 @@ def test_family_sigkill_resume_is_exact_with_ema(family_run, tiny_dataset, tmp_p
     """SIGKILL mid-epoch, resume: bitwise the weights of the uninterrupted run (raw and EMA)."""
     fam, ref = family_run
     common = _family_args(fam, tiny_dataset)
-    run = tmp_path / "killed"
-    proc = popen(launch_cmd("train.py", [*common, f"output_dir={run}"]), env=tool_env(),
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    # the first state of epoch 2 (step 9); the states up to the last step's are all mid-epoch
-    while time.time() < deadline and not any(s.name >= "step_00000009" for s in checkpoint.list_states(run)):
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    states = checkpoint.list_states(run)
-    end = f"step_{FAMILY_EPOCHS * STEPS_PER_EPOCH:08d}"  # the state at the end of the run
-    assert states and states[-1].name < end, "the run finished before it was killed"
-    res = launch("train.py", [*common, f"output_dir={run}", "train.resume=auto"])
-    assert res.returncode == 0, res.stderr[-3000:]
-    for name in ("last.pt", "best.pt"):
-        a = torch.load(ref / name, weights_only=True)
-        b = torch.load(run / name, weights_only=True)
-        assert a["ema"] is True and a["epoch"] == b["epoch"]
-        for k in a["model"]:
-            assert torch.equal(a["model"][k], b["model"][k]), f"{name}: {k} differs after resume"
+    # killed from the first state of epoch 2 (step 9); the states up to the last step's are all mid-epoch
+    killed_mid_run_then_resumed(common, tmp_path / "killed", ref, 9, FAMILY_EPOCHS * STEPS_PER_EPOCH)
     state = torch.load(checkpoint.list_states(ref)[-1] / "state.pt", weights_only=True)
     raw, avg = state["model"], state["ema"]
     last = torch.load(ref / "last.pt", weights_only=True)["model"]
